@@ -1,0 +1,68 @@
+"""Names in one place: topics, Redis keys, Kafka header names, defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_TOPIC_PREFIX = "saga"
+DEFAULT_KEY_PREFIX = "saga"
+DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+ENV_BOOTSTRAP_SERVERS = "KAFKA_BOOTSTRAP_SERVERS"
+ENV_REDIS_URL = "REDIS_URL"
+
+SCHEMA_VERSION = "1.0"
+SCHEMA_MAJOR = 1
+
+# Kafka headers.
+HEADER_TRACEPARENT = "traceparent"
+HEADER_TRACESTATE = "tracestate"
+HEADER_DLQ_REASON = "dlq.reason"
+HEADER_DLQ_DETAIL = "dlq.detail"
+HEADER_DLQ_TOPIC = "dlq.source.topic"
+HEADER_DLQ_PARTITION = "dlq.source.partition"
+HEADER_DLQ_OFFSET = "dlq.source.offset"
+
+# Consumer groups (prefixed by the topic prefix).
+ORCHESTRATOR_GROUP = "orchestrator"
+WORKER_GROUP = "worker"
+
+# How long a processed event id is remembered for dedupe: well past any redelivery window.
+DEDUPE_TTL_SECONDS = 7 * 24 * 3600
+# How long a claimed timer is leased before another orchestrator may fire it again.
+TIMER_LEASE_SECONDS = 30.0
+# Largest message accepted off the wire.
+MAX_MESSAGE_BYTES = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topic names of DESIGN section 5 under one prefix."""
+
+    prefix: str = DEFAULT_TOPIC_PREFIX
+
+    @property
+    def start(self) -> str:
+        return f"{self.prefix}.start"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.dlq"
+
+    def commands(self, worker_name: str) -> str:
+        return f"{self.prefix}.commands.{worker_name}"
+
+    def compensations(self, worker_name: str) -> str:
+        return f"{self.prefix}.compensations.{worker_name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.prefix}.{name}"

@@ -1,0 +1,509 @@
+"""The saga state machine: ``decide(definition, saga, event, now) -> Transition``.
+
+Pure: no I/O, no asyncio, no clock of its own. Every rule of DESIGN section 4 lives here: sequential,
+conditional and parallel steps; retries as durable timers; step timeouts; compensation order;
+cancellation; duplicate, stale and late results. The orchestrator persists what it returns atomically
+and publishes its commands and audit events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from .constants import Topics
+from .context import SagaContext, StepRuntime, StepStatus, WorkflowState
+from .models import (
+    CancelSaga,
+    CommandBody,
+    SagaEvent,
+    StartSaga,
+    StepCommand,
+    StepResult,
+    TransitionBody,
+    derived_event_id,
+)
+from .ports import Timer
+from .workflow import WorkflowDefinition, WorkflowStep
+
+Phase = Literal["execute", "compensate"]
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    """A durable timer came due."""
+
+    timer: Timer
+
+    @property
+    def event_id(self) -> str:
+        return f"timer:{self.timer.timer_id}"
+
+
+Event = StartSaga | CancelSaga | StepResult | TimerFired
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """What one event does to one saga.
+
+    ``saga`` is the state after the event (the input object when ``changed`` is false). ``rejected``
+    says why a request (a cancel) was refused. ``note`` says why an event changed nothing.
+    """
+
+    saga: SagaContext | None
+    changed: bool
+    commands: tuple[tuple[str, StepCommand], ...] = ()
+    timers: tuple[Timer, ...] = ()
+    cancel_timers: tuple[str, ...] = ()
+    audit: tuple[SagaEvent, ...] = ()
+    note: str = ""
+    rejected: str | None = None
+
+
+_AWAITING_EXECUTE = (StepStatus.RUNNING, StepStatus.RETRY_WAIT)
+
+
+def decide(
+    definition: WorkflowDefinition,
+    saga: SagaContext | None,
+    event: Event,
+    now: datetime,
+    topics: Topics | None = None,
+) -> Transition:
+    """The transition ``event`` makes on ``saga`` at ``now``. Never raises for any event or state."""
+    if isinstance(event, StartSaga):
+        if saga is not None:
+            return Transition(saga, False, note="already started")
+        return _Run(definition, _new_saga(event, now), now, topics).start()
+    if saga is None:
+        return Transition(None, False, note="unknown saga")
+    run = _Run(definition, saga.model_copy(deep=True), now, topics)
+    if isinstance(event, CancelSaga):
+        return run.cancel(event.body.reason)
+    if isinstance(event, StepResult):
+        return run.result(event)
+    return run.timer(event.timer)
+
+
+def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
+    return SagaContext(
+        transaction_id=event.transaction_id,
+        workflow_id=event.workflow_id,
+        state=WorkflowState.PENDING,
+        data=dict(event.body.context),
+        created_at=now,
+        updated_at=now,
+        version=0,
+    )
+
+
+def command_id(transaction_id: str, step: str, phase: Phase, attempt: int | str) -> str:
+    """The id of a command: unique per saga, step, phase and attempt."""
+    return f"{transaction_id}:{step}:{phase}:{attempt}"
+
+
+@dataclass
+class _Run:
+    """One decision in progress: a working copy of the saga and what the event produced."""
+
+    d: WorkflowDefinition
+    s: SagaContext
+    now: datetime
+    topics: Topics | None
+    commands: list[tuple[str, StepCommand]] = field(default_factory=list)
+    timers: list[Timer] = field(default_factory=list)
+    cancel_timers: list[str] = field(default_factory=list)
+    audit: list[SagaEvent] = field(default_factory=list)
+    from_version: int = 0
+
+    def __post_init__(self) -> None:
+        self.topics = self.topics or Topics()
+        self.from_version = self.s.version
+
+    # ---------------------------------------------------------------- output
+
+    def done(self) -> Transition:
+        self.s.version = self.from_version + 1
+        self.s.updated_at = self.now
+        for i, event in enumerate(self.audit):
+            # The version is known only now; audit ids are derived so a re-published outbox keeps them.
+            body = event.body.model_copy(update={"version": self.s.version})
+            self.audit[i] = event.model_copy(
+                update={
+                    "body": body,
+                    "event_id": derived_event_id(self.s.transaction_id, self.s.version, i),
+                }
+            )
+        return Transition(
+            self.s,
+            True,
+            tuple(self.commands),
+            tuple(self.timers),
+            tuple(self.cancel_timers),
+            tuple(self.audit),
+        )
+
+    def unchanged(self, note: str, rejected: str | None = None) -> Transition:
+        return Transition(self.s, False, note=note, rejected=rejected)
+
+    def record(
+        self,
+        action: str,
+        *,
+        step: str | None = None,
+        kind: Phase | None = None,
+        attempt: int | None = None,
+        error: str | None = None,
+        from_state: WorkflowState | None = None,
+    ) -> None:
+        self.audit.append(
+            SagaEvent(
+                event_id="pending",
+                transaction_id=self.s.transaction_id,
+                workflow_id=self.s.workflow_id,
+                occurred_at=self.now,
+                body=TransitionBody(
+                    action=action,
+                    from_state=(from_state or self.s.state).value if action != "saga_created" else None,
+                    to_state=self.s.state.value,
+                    step=step,
+                    kind=kind,
+                    attempt=attempt,
+                    error=error,
+                    version=0,
+                ),
+            )
+        )
+
+    def set_state(self, state: WorkflowState, action: str, error: str | None = None) -> None:
+        before = self.s.state
+        self.s.state = state
+        if state.is_final:
+            self.s.current_step = None
+        self.record(action, from_state=before, error=error)
+
+    # ---------------------------------------------------------------- start and stages
+
+    def start(self) -> Transition:
+        self.from_version = 0
+        self.record("saga_created")
+        self.enter_stage(0)
+        return self.done()
+
+    def enter_stage(self, index: int) -> None:
+        stages = self.d.stages
+        while index < len(stages):
+            self.s.stage = index
+            to_run: list[WorkflowStep] = []
+            for step in stages[index]:
+                if step.condition is not None:
+                    try:
+                        holds = bool(step.condition(self.s))
+                    except Exception as exc:  # noqa: BLE001 - a user's condition must not crash the engine
+                        error = f"condition of step {step.name!r} raised {type(exc).__name__}: {exc}"
+                        self.s.step(step.name).status = StepStatus.FAILED
+                        self.s.step(step.name).error = error
+                        self.record("condition_failed", step=step.name, error=error)
+                        self.rollback(error)
+                        return
+                    if not holds:
+                        self.s.step(step.name).status = StepStatus.SKIPPED
+                        self.record("step_skipped", step=step.name)
+                        continue
+                to_run.append(step)
+            if to_run:
+                if self.s.state is WorkflowState.PENDING:
+                    self.set_state(WorkflowState.RUNNING, "saga_started")
+                for step in to_run:
+                    self.dispatch(step, "execute", 1)
+                self.s.current_step = ",".join(step.name for step in to_run)
+                return
+            index += 1
+        self.set_state(WorkflowState.COMPLETED, "saga_completed")
+
+    def stage_steps(self) -> list[WorkflowStep]:
+        return [
+            step
+            for step in self.d.stages[self.s.stage]
+            if self.s.step(step.name).status is not StepStatus.SKIPPED
+        ]
+
+    # ---------------------------------------------------------------- commands and timers
+
+    def dispatch(self, step: WorkflowStep, phase: Phase, attempt: int) -> None:
+        rt = self.s.step(step.name)
+        cid = command_id(self.s.transaction_id, step.name, phase, attempt)
+        if phase == "execute":
+            rt.status, rt.attempt = StepStatus.RUNNING, attempt
+            worker = step.worker_name
+            assert self.topics is not None
+            topic = self.topics.commands(worker)
+        else:
+            assert step.compensation is not None and self.topics is not None
+            rt.status, rt.compensation_attempt = StepStatus.COMPENSATING, attempt
+            worker = step.compensation
+            topic = self.topics.compensations(worker)
+        rt.command_id = cid
+        rt.timer_id = None
+        self.send(cid, step, phase, attempt, worker, topic)
+        if step.timeout is not None:
+            rt.timer_id = f"{cid}:timeout"
+            self.timers.append(
+                Timer(
+                    rt.timer_id,
+                    self.s.transaction_id,
+                    self.now.timestamp() + step.timeout,
+                    "timeout",
+                    step.name,
+                    phase,
+                    attempt,
+                    cid,
+                )
+            )
+        action = "step_dispatched" if phase == "execute" else "compensation_dispatched"
+        self.record(action, step=step.name, kind=phase, attempt=attempt)
+
+    def send(self, cid: str, step: WorkflowStep, phase: Phase, attempt: int, worker: str, topic: str) -> None:
+        self.commands.append((
+            topic,
+            StepCommand(
+                event_id=derived_event_id(cid),
+                transaction_id=self.s.transaction_id,
+                workflow_id=self.s.workflow_id,
+                occurred_at=self.now,
+                body=CommandBody(
+                    command_id=cid,
+                    step=step.name,
+                    worker_name=worker,
+                    kind=phase,
+                    attempt=attempt,
+                    data=dict(self.s.data),
+                    timeout=step.timeout,
+                ),
+            ),
+        ))
+
+    def drop_timer(self, rt: StepRuntime) -> None:
+        if rt.timer_id is not None:
+            self.cancel_timers.append(rt.timer_id)
+            rt.timer_id = None
+
+    def schedule_retry(self, step: WorkflowStep, phase: Phase, attempt: int) -> None:
+        """Wait before dispatching ``attempt`` (the next one) of ``phase``."""
+        rt = self.s.step(step.name)
+        delay = self.d.retry_for(step).delay(attempt - 1)
+        rt.status = StepStatus.RETRY_WAIT if phase == "execute" else StepStatus.COMPENSATION_RETRY_WAIT
+        rt.timer_id = f"{command_id(self.s.transaction_id, step.name, phase, attempt)}:retry"
+        rt.command_id = None
+        self.timers.append(
+            Timer(
+                rt.timer_id,
+                self.s.transaction_id,
+                self.now.timestamp() + delay,
+                "retry",
+                step.name,
+                phase,
+                attempt,
+            )
+        )
+        self.record("retry_scheduled", step=step.name, kind=phase, attempt=attempt, error=rt.error)
+
+    # ---------------------------------------------------------------- events
+
+    def result(self, event: StepResult) -> Transition:
+        body = event.body
+        step = self.d.step(body.step)
+        if step is None:
+            return self.unchanged(f"workflow {self.d.get_id()!r} has no step {body.step!r}")
+        rt = self.s.step(step.name)
+        awaited = rt.command_id == body.command_id and (
+            (body.kind == "execute" and rt.status is StepStatus.RUNNING)
+            or (body.kind == "compensate" and rt.status is StepStatus.COMPENSATING)
+        )
+        if not awaited:
+            return self.late(step, rt, event)
+        self.drop_timer(rt)
+        if body.status == "succeeded":
+            if body.kind == "execute":
+                self.step_succeeded(step, rt, body.result or {})
+            else:
+                rt.status = StepStatus.COMPENSATED
+                rt.command_id = None
+                self.record("compensation_succeeded", step=step.name, kind="compensate", attempt=body.attempt)
+                self.next_compensation()
+            return self.done()
+        error = body.error
+        message = f"{error.type}: {error.message}" if error else "failed without an error"
+        self.attempt_failed(step, rt, body.kind, message, retryable=error.retryable if error else True)
+        return self.done()
+
+    def late(self, step: WorkflowStep, rt: StepRuntime, event: StepResult) -> Transition:
+        body = event.body
+        if body.kind != "execute" or body.status != "succeeded":
+            return self.unchanged("stale result")
+        if rt.status in _AWAITING_EXECUTE and self.s.state is WorkflowState.RUNNING:
+            # An earlier attempt succeeded after all while the step still waits: take its success.
+            self.drop_timer(rt)
+            self.step_succeeded(step, rt, body.result or {})
+            return self.done()
+        if rt.status is StepStatus.SUCCEEDED or rt.succeeded_command == body.command_id:
+            return self.unchanged("duplicate result")
+        if step.compensation is None or body.command_id in self.s.late_compensations:
+            return self.unchanged("stale result")
+        if rt.status is StepStatus.FAILED and self.s.state is WorkflowState.COMPENSATING:
+            # Its own compensation is still to come in the rollback; that undoes this success too.
+            return self.unchanged("compensation pending")
+        # A success of an attempt the saga gave up on: undo it so no side effect is left behind.
+        self.s.late_compensations.append(body.command_id)
+        assert self.topics is not None
+        cid = command_id(self.s.transaction_id, step.name, "compensate", f"late-{body.attempt}")
+        self.send(cid, step, "compensate", 1, step.compensation, self.topics.compensations(step.compensation))
+        self.record("late_success_compensated", step=step.name, kind="compensate", attempt=body.attempt)
+        return self.done()
+
+    def step_succeeded(self, step: WorkflowStep, rt: StepRuntime, result: dict[str, object]) -> None:
+        rt.status = StepStatus.SUCCEEDED
+        rt.succeeded_command = rt.command_id = rt.command_id or command_id(
+            self.s.transaction_id, step.name, "execute", rt.attempt
+        )
+        rt.error = None
+        self.s.step_results[step.name] = dict(result)
+        self.s.data.update(result)
+        self.s.completed.append(step.name)
+        self.record("step_succeeded", step=step.name, kind="execute", attempt=rt.attempt)
+        self.stage_progress()
+
+    def stage_progress(self) -> None:
+        """After a step of the current stage settled: move on, or start compensating once it is still."""
+        steps = self.stage_steps()
+        settled = all(
+            self.s.step(s.name).status in (StepStatus.SUCCEEDED, StepStatus.FAILED) for s in steps
+        )
+        if not settled:
+            return
+        if self.s.state is WorkflowState.RUNNING:
+            self.enter_stage(self.s.stage + 1)
+        elif self.s.state is WorkflowState.COMPENSATING and not self.s.compensation_queue:
+            self.start_compensations()
+
+    def attempt_failed(
+        self, step: WorkflowStep, rt: StepRuntime, phase: Phase, error: str, *, retryable: bool
+    ) -> None:
+        rt.error = error
+        attempt = rt.attempt if phase == "execute" else rt.compensation_attempt
+        self.record(
+            "step_failed" if phase == "execute" else "compensation_failed_attempt",
+            step=step.name,
+            kind=phase,
+            attempt=attempt,
+            error=error,
+        )
+        may_retry = retryable and attempt <= self.d.retry_for(step).max_retries
+        if phase == "compensate":
+            if may_retry:
+                self.schedule_retry(step, phase, attempt + 1)
+                return
+            rt.status = StepStatus.COMPENSATION_FAILED
+            self.s.error = f"compensation of step {step.name!r} failed: {error}"
+            self.set_state(WorkflowState.FAILED, "saga_failed", error=self.s.error)
+            return
+        if may_retry and self.s.state is WorkflowState.RUNNING:
+            self.schedule_retry(step, phase, attempt + 1)
+            return
+        rt.status = StepStatus.FAILED
+        rt.command_id = None
+        if self.s.state is WorkflowState.RUNNING:
+            self.rollback(f"step {step.name!r} failed: {error}")
+        else:
+            self.stage_progress()
+
+    def timer(self, timer: Timer) -> Transition:
+        step = self.d.step(timer.step)
+        if step is None or self.s.state.is_final:
+            return self.unchanged("stale timer")
+        rt = self.s.step(step.name)
+        if rt.timer_id != timer.timer_id:
+            return self.unchanged("stale timer")
+        rt.timer_id = None
+        if timer.kind == "retry":
+            self.dispatch(step, timer.phase, timer.attempt)
+        else:
+            assert step.timeout is not None
+            self.record("step_timed_out", step=step.name, kind=timer.phase, attempt=timer.attempt)
+            self.attempt_failed(
+                step, rt, timer.phase, f"timed out after {step.timeout:g}s", retryable=True
+            )
+        return self.done()
+
+    # ---------------------------------------------------------------- rolling back
+
+    def rollback(self, reason: str) -> None:
+        """A step failed for good: stop every retry in the current stage, wait for the branches
+        still in flight, then compensate."""
+        self.s.error = reason
+        self.set_state(WorkflowState.COMPENSATING, "compensation_started", error=reason)
+        for step in self.stage_steps():
+            rt = self.s.step(step.name)
+            if rt.status is StepStatus.RETRY_WAIT:
+                self.drop_timer(rt)
+                rt.status = StepStatus.FAILED
+        self.stage_progress()
+
+    def cancel(self, reason: str | None) -> Transition:
+        if self.s.state not in (WorkflowState.PENDING, WorkflowState.RUNNING):
+            return self.unchanged(
+                "cancel refused", rejected=f"a saga in state {self.s.state.value!r} cannot be cancelled"
+            )
+        self.s.cancel_requested = True
+        self.s.error = reason or "cancelled by request"
+        self.set_state(WorkflowState.COMPENSATING, "cancel_requested", error=self.s.error)
+        for step in self.stage_steps():
+            rt = self.s.step(step.name)
+            if rt.status in _AWAITING_EXECUTE:
+                # In flight or waiting to retry: its outcome is unknown, so it is compensated first.
+                self.drop_timer(rt)
+                rt.status = StepStatus.FAILED
+                rt.command_id = None
+        self.start_compensations()
+        return self.done()
+
+    def start_compensations(self) -> None:
+        failed = [
+            step.name
+            for step in reversed(self.stage_steps())
+            if self.s.step(step.name).status is StepStatus.FAILED
+        ]
+        self.s.compensation_queue = [
+            name for name in failed + list(reversed(self.s.completed)) if self._compensable(name)
+        ]
+        if not self.s.compensation_queue:
+            self.finish_rollback()
+            return
+        self.dispatch_compensation()
+
+    def _compensable(self, name: str) -> bool:
+        step = self.d.step(name)
+        return step is not None and step.compensation is not None
+
+    def dispatch_compensation(self) -> None:
+        name = self.s.compensation_queue[0]
+        step = self.d.step(name)
+        assert step is not None
+        self.s.current_step = name
+        self.dispatch(step, "compensate", 1)
+
+    def next_compensation(self) -> None:
+        if self.s.compensation_queue:
+            self.s.compensation_queue.pop(0)
+        if self.s.compensation_queue:
+            self.dispatch_compensation()
+        else:
+            self.finish_rollback()
+
+    def finish_rollback(self) -> None:
+        if self.s.cancel_requested:
+            self.set_state(WorkflowState.CANCELLED, "saga_cancelled", error=self.s.error)
+        else:
+            self.set_state(WorkflowState.COMPENSATED, "saga_compensated", error=self.s.error)

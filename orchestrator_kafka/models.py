@@ -1,0 +1,133 @@
+"""The wire contract: one pydantic model per message, the source of ``schemas/``.
+
+Every message is a JSON envelope with ``schema_version``, ``event_id``, ``event_type``,
+``transaction_id``, ``workflow_id``, ``occurred_at`` and a typed ``body``. Models are frozen and refuse
+unknown fields, so a typo in a hand-written message is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from .constants import SCHEMA_VERSION
+
+Identifier = Annotated[str, Field(min_length=1, max_length=200)]
+StepKind = Literal["execute", "compensate"]
+_NAMESPACE = uuid.UUID("6f1c2b1e-0a53-4d8e-9a0e-5b7f4c1d2e3f")
+
+
+def derived_event_id(*parts: str | int) -> str:
+    """A deterministic event id, so a message re-published from an outbox keeps its id."""
+    return str(uuid.uuid5(_NAMESPACE, ":".join(str(p) for p in parts)))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Envelope(_Frozen):
+    """The fields every message carries."""
+
+    schema_version: str = Field(default=SCHEMA_VERSION, pattern=r"^\d+\.\d+$")
+    event_id: Identifier
+    transaction_id: Identifier
+    workflow_id: Identifier
+    occurred_at: datetime
+
+
+class StartBody(_Frozen):
+    context: dict[str, Any] = Field(default_factory=dict, description="The saga's initial data.")
+
+
+class StartSaga(Envelope):
+    """A request to start a saga (topic ``<prefix>.start``). Starting a known id again starts nothing."""
+
+    event_type: Literal["saga.start"] = "saga.start"
+    body: StartBody = Field(default_factory=StartBody)
+
+
+class CancelBody(_Frozen):
+    reason: str | None = None
+
+
+class CancelSaga(Envelope):
+    """A request to cancel a pending or running saga (topic ``<prefix>.start``)."""
+
+    event_type: Literal["saga.cancel"] = "saga.cancel"
+    body: CancelBody = Field(default_factory=CancelBody)
+
+
+class CommandBody(_Frozen):
+    command_id: Identifier = Field(description="Unique per command; workers deduplicate on it.")
+    step: Identifier
+    worker_name: Identifier
+    kind: StepKind
+    attempt: int = Field(ge=1)
+    data: dict[str, Any] = Field(default_factory=dict, description="The saga's data at dispatch.")
+    timeout: float | None = Field(default=None, gt=0)
+
+
+class StepCommand(Envelope):
+    """Orchestrator to worker: run a step (``<prefix>.commands.<worker>``) or its compensation
+    (``<prefix>.compensations.<worker>``)."""
+
+    event_type: Literal["step.command"] = "step.command"
+    body: CommandBody
+
+
+class ErrorInfo(_Frozen):
+    type: str = Field(max_length=500)
+    message: str = Field(max_length=10_000)
+    retryable: bool = True
+
+
+class ResultBody(_Frozen):
+    command_id: Identifier
+    step: Identifier
+    kind: StepKind
+    attempt: int = Field(ge=1)
+    status: Literal["succeeded", "failed"]
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+class StepResult(Envelope):
+    """Worker to orchestrator: the outcome of one command (``<prefix>.results``)."""
+
+    event_type: Literal["step.result"] = "step.result"
+    body: ResultBody
+
+
+class TransitionBody(_Frozen):
+    action: str = Field(description="What happened, e.g. step_succeeded, compensation_dispatched.")
+    from_state: str | None = None
+    to_state: str
+    step: str | None = None
+    kind: StepKind | None = None
+    attempt: int | None = None
+    error: str | None = None
+    version: int
+
+
+class SagaEvent(Envelope):
+    """Orchestrator to operators: one audit record of a saga transition (``<prefix>.events``)."""
+
+    event_type: Literal["saga.transition"] = "saga.transition"
+    body: TransitionBody
+
+
+Message = StartSaga | CancelSaga | StepCommand | StepResult | SagaEvent
+MESSAGE_TYPES: dict[str, type[Envelope]] = {
+    "saga.start": StartSaga,
+    "saga.cancel": CancelSaga,
+    "step.command": StepCommand,
+    "step.result": StepResult,
+    "saga.transition": SagaEvent,
+}
+MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(
+    Annotated[Message, Field(discriminator="event_type")]
+)

@@ -1,0 +1,267 @@
+"""The interfaces (ports) and the values that cross them.
+
+``IOrchestrator``, ``IWorkflowDefinition``, ``IStateStore``, ``IEventBus`` and ``ILogger`` are ABCs or
+runtime-checkable protocols, so ``isinstance`` works. Every method of ``IStateStore`` and ``IEventBus``
+is a coroutine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .context import SagaContext
+    from .workflow import WorkflowStep
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+# ---------------------------------------------------------------- the orchestrator and workflows
+
+
+class IOrchestrator(ABC):
+    """Starts, inspects and cancels sagas."""
+
+    @abstractmethod
+    async def execute_workflow(
+        self, workflow_id: str, initial_context: dict[str, Any], *, transaction_id: str | None = None
+    ) -> str:
+        """Start a saga and return its transaction id."""
+
+    @abstractmethod
+    async def get_status(self, transaction_id: str) -> dict[str, Any]:
+        """The saga's status dict."""
+
+    @abstractmethod
+    async def cancel_workflow(self, transaction_id: str) -> bool:
+        """Cancel a pending or running saga."""
+
+
+class IWorkflowDefinition(ABC):
+    """A workflow definition, as the API reference describes it."""
+
+    @abstractmethod
+    def get_id(self) -> str:
+        """The workflow id."""
+
+    @abstractmethod
+    def get_steps(self) -> list[WorkflowStep]:
+        """Every step, in definition order."""
+
+    @abstractmethod
+    def get_initial_step(self) -> WorkflowStep | None:
+        """The first step, or None for an empty workflow."""
+
+    @abstractmethod
+    def get_next_step(self, current_step: str, context: SagaContext) -> WorkflowStep | None:
+        """The step after ``current_step`` on ``context``, or None when the workflow is done."""
+
+
+@runtime_checkable
+class ILogger(Protocol):
+    """The logging calls the library makes; a :class:`logging.Logger` satisfies it."""
+
+    def debug(self, msg: str, *args: Any, **kwargs: Any) -> None: ...
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None: ...
+    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None: ...
+    def error(self, msg: str, *args: Any, **kwargs: Any) -> None: ...
+    def exception(self, msg: str, *args: Any, **kwargs: Any) -> None: ...
+
+
+# ---------------------------------------------------------------- the state store
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A message a transition must publish; kept in the saga's outbox until it is published."""
+
+    topic: str
+    key: str
+    value: bytes
+    headers: Headers = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """A durable timer: a retry to dispatch or a timeout to check, due at ``due_at`` (epoch seconds)."""
+
+    timer_id: str
+    transaction_id: str
+    due_at: float
+    kind: Literal["retry", "timeout"]
+    step: str
+    phase: Literal["execute", "compensate"]
+    attempt: int
+    command_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionWrite:
+    """One event's effect, applied atomically by :meth:`IStateStore.apply`.
+
+    ``saga`` is the new state (its ``version`` is ``expected_version + 1``), or None when the event
+    changes nothing and only the version check applies. ``expected_version`` 0 means the saga must not
+    exist yet.
+    """
+
+    event_id: str
+    transaction_id: str
+    expected_version: int
+    saga: SagaContext | None = None
+    outbox: tuple[OutboxMessage, ...] = ()
+    timers: tuple[Timer, ...] = ()
+    cancel_timers: tuple[str, ...] = ()
+
+
+ApplyStatus = Literal["applied", "duplicate", "conflict", "unchanged"]
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What :meth:`IStateStore.apply` did with one write.
+
+    ``applied``: written; ``unchanged``: the version matched and there was nothing to write;
+    ``duplicate``: the event id was processed before and nothing was written; ``conflict``: the saga's
+    version was not the expected one and nothing was written. ``outbox`` holds the saga's unpublished
+    messages after the write (for ``applied`` and ``duplicate``), with ``outbox_id`` to acknowledge them.
+    """
+
+    status: ApplyStatus
+    transaction_id: str
+    outbox_id: int = 0
+    outbox: tuple[OutboxMessage, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class PendingOutbox:
+    """A saga's unpublished messages, found by the recovery sweep."""
+
+    transaction_id: str
+    outbox_id: int
+    messages: tuple[OutboxMessage, ...]
+
+
+class IStateStore(ABC):
+    """Persists sagas. Beyond the API reference's four methods, it applies the engine's transitions
+    atomically (dedupe, version check, new state, outbox, timers, indexes in one step)."""
+
+    @abstractmethod
+    async def save_context(self, context: SagaContext) -> None:
+        """Save or overwrite a saga as it is (an operator's repair); indexes follow."""
+
+    @abstractmethod
+    async def load_context(self, transaction_id: str) -> SagaContext | None:
+        """The saga, or None."""
+
+    @abstractmethod
+    async def load_contexts(self, transaction_ids: Sequence[str]) -> dict[str, SagaContext]:
+        """The sagas that exist among ``transaction_ids``, in one round trip."""
+
+    @abstractmethod
+    async def delete_context(self, transaction_id: str) -> bool:
+        """Delete a saga, its outbox and its timers; True if it existed."""
+
+    @abstractmethod
+    async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
+        """Transaction ids of the sagas of ``workflow_id`` in ``state`` (None matches any), sorted."""
+
+    @abstractmethod
+    async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
+        """Apply each write atomically, in order, in one round trip; a result per write."""
+
+    @abstractmethod
+    async def ack_outbox(self, acks: Sequence[tuple[str, int]]) -> None:
+        """Forget the outbox messages up to ``outbox_id`` of each ``(transaction_id, outbox_id)``."""
+
+    @abstractmethod
+    async def pending_outboxes(self, limit: int = 1000) -> list[PendingOutbox]:
+        """Sagas whose outbox is not empty: what a crash left unpublished."""
+
+    @abstractmethod
+    async def claim_due_timers(self, now: float, limit: int, lease: float) -> list[Timer]:
+        """Claim up to ``limit`` timers due by ``now``: each is hidden from other claims for ``lease``
+        seconds and deleted by the write that handles it (``cancel_timers``)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections; idempotent."""
+
+
+# ---------------------------------------------------------------- the event bus
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A consumed message, with where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = ()
+
+
+BatchHandler = Callable[[Sequence[InboundMessage]], Awaitable[None]]
+
+
+class Subscription(ABC):
+    """A running consumer; ``stop`` ends it after the batch in hand."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop consuming; idempotent."""
+
+
+class IEventBus(ABC):
+    """Topics with keys and consumer groups, at-least-once.
+
+    A subscriber's handler gets batches; the bus commits their offsets only after the handler returns,
+    and redelivers the batch when it raises.
+    """
+
+    topic_prefix: str
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect; idempotent."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop every subscription and disconnect; idempotent."""
+
+    @abstractmethod
+    async def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        """Publish messages and return once every one is acknowledged.
+
+        Raises:
+            EventBusError: a message could not be published.
+        """
+
+    @abstractmethod
+    async def subscribe(
+        self,
+        topics: Sequence[str],
+        group: str,
+        handler: BatchHandler,
+        *,
+        max_batch: int = 500,
+    ) -> Subscription:
+        """Consume ``topics`` as a member of consumer group ``group``; returns once partitions are
+        assigned, so a message published afterwards is never missed."""
+
+    @abstractmethod
+    async def ensure_topics(self, topics: Sequence[str]) -> None:
+        """Create the topics that do not exist yet."""
+
+
+def header(headers: Headers | Mapping[str, bytes], name: str) -> bytes | None:
+    """The value of header ``name``, or None."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for key, value in items:
+        if key == name:
+            return value
+    return None
