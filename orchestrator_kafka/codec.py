@@ -56,11 +56,11 @@ def decode(value: bytes | None, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Messag
     if event_type not in MESSAGE_TYPES:
         raise DecodeError(UNKNOWN_EVENT_TYPE, f"unknown event_type {event_type!r}")
     version = raw.get("schema_version", "1.0")
-    if isinstance(version, str) and version.split(".", 1)[0].isdigit():
-        if int(version.split(".", 1)[0]) > SCHEMA_MAJOR:
-            raise DecodeError(
-                UNSUPPORTED_SCHEMA_VERSION, f"schema_version {version} is newer than {SCHEMA_MAJOR}.x"
-            )
+    major = version.split(".", 1)[0] if isinstance(version, str) else ""
+    if major.isdigit() and int(major) > SCHEMA_MAJOR:
+        raise DecodeError(
+            UNSUPPORTED_SCHEMA_VERSION, f"schema_version {version} is newer than {SCHEMA_MAJOR}.x"
+        )
     try:
         return MESSAGE_ADAPTER.validate_python(raw)
     except pydantic.ValidationError as exc:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class WorkflowState(str, Enum):
+class WorkflowState(StrEnum):
     """The states of a saga. ``compensating`` is the one state beyond the API reference's six."""
 
     PENDING = "pending"
@@ -24,9 +24,6 @@ class WorkflowState(str, Enum):
     def is_final(self) -> bool:
         return self in _FINAL
 
-    def __str__(self) -> str:
-        return self.value
-
 
 _FINAL = frozenset(
     {WorkflowState.COMPLETED, WorkflowState.COMPENSATED, WorkflowState.FAILED, WorkflowState.CANCELLED}
@@ -34,7 +31,7 @@ _FINAL = frozenset(
 FINAL_STATES: frozenset[WorkflowState] = _FINAL
 
 
-class StepStatus(str, Enum):
+class StepStatus(StrEnum):
     """Where one step of one saga stands."""
 
     PENDING = "pending"

@@ -157,6 +157,7 @@ class _Run:
         attempt: int | None = None,
         error: str | None = None,
         from_state: WorkflowState | None = None,
+        worker: str | None = None,
     ) -> None:
         self.audit.append(
             SagaEvent(
@@ -169,6 +170,7 @@ class _Run:
                     from_state=(from_state or self.s.state).value if action != "saga_created" else None,
                     to_state=self.s.state.value,
                     step=step,
+                    worker_name=worker,
                     kind=kind,
                     attempt=attempt,
                     error=error,
@@ -263,27 +265,29 @@ class _Run:
                 )
             )
         action = "step_dispatched" if phase == "execute" else "compensation_dispatched"
-        self.record(action, step=step.name, kind=phase, attempt=attempt)
+        self.record(action, step=step.name, kind=phase, attempt=attempt, worker=worker)
 
     def send(self, cid: str, step: WorkflowStep, phase: Phase, attempt: int, worker: str, topic: str) -> None:
-        self.commands.append((
-            topic,
-            StepCommand(
-                event_id=derived_event_id(cid),
-                transaction_id=self.s.transaction_id,
-                workflow_id=self.s.workflow_id,
-                occurred_at=self.now,
-                body=CommandBody(
-                    command_id=cid,
-                    step=step.name,
-                    worker_name=worker,
-                    kind=phase,
-                    attempt=attempt,
-                    data=dict(self.s.data),
-                    timeout=step.timeout,
+        self.commands.append(
+            (
+                topic,
+                StepCommand(
+                    event_id=derived_event_id(cid),
+                    transaction_id=self.s.transaction_id,
+                    workflow_id=self.s.workflow_id,
+                    occurred_at=self.now,
+                    body=CommandBody(
+                        command_id=cid,
+                        step=step.name,
+                        worker_name=worker,
+                        kind=phase,
+                        attempt=attempt,
+                        data=dict(self.s.data),
+                        timeout=step.timeout,
+                    ),
                 ),
-            ),
-        ))
+            )
+        )
 
     def drop_timer(self, rt: StepRuntime) -> None:
         if rt.timer_id is not None:
@@ -360,7 +364,13 @@ class _Run:
         assert self.topics is not None
         cid = command_id(self.s.transaction_id, step.name, "compensate", f"late-{body.attempt}")
         self.send(cid, step, "compensate", 1, step.compensation, self.topics.compensations(step.compensation))
-        self.record("late_success_compensated", step=step.name, kind="compensate", attempt=body.attempt)
+        self.record(
+            "late_success_compensated",
+            step=step.name,
+            kind="compensate",
+            attempt=body.attempt,
+            worker=step.compensation,
+        )
         return self.done()
 
     def step_succeeded(self, step: WorkflowStep, rt: StepRuntime, result: dict[str, object]) -> None:
@@ -378,9 +388,7 @@ class _Run:
     def stage_progress(self) -> None:
         """After a step of the current stage settled: move on, or start compensating once it is still."""
         steps = self.stage_steps()
-        settled = all(
-            self.s.step(s.name).status in (StepStatus.SUCCEEDED, StepStatus.FAILED) for s in steps
-        )
+        settled = all(self.s.step(s.name).status in (StepStatus.SUCCEEDED, StepStatus.FAILED) for s in steps)
         if not settled:
             return
         if self.s.state is WorkflowState.RUNNING:
@@ -432,9 +440,7 @@ class _Run:
         else:
             assert step.timeout is not None
             self.record("step_timed_out", step=step.name, kind=timer.phase, attempt=timer.attempt)
-            self.attempt_failed(
-                step, rt, timer.phase, f"timed out after {step.timeout:g}s", retryable=True
-            )
+            self.attempt_failed(step, rt, timer.phase, f"timed out after {step.timeout:g}s", retryable=True)
         return self.done()
 
     # ---------------------------------------------------------------- rolling back

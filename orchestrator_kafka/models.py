@@ -107,6 +107,7 @@ class TransitionBody(_Frozen):
     from_state: str | None = None
     to_state: str
     step: str | None = None
+    worker_name: str | None = Field(default=None, description="The worker a dispatched command went to.")
     kind: StepKind | None = None
     attempt: int | None = None
     error: str | None = None
@@ -128,6 +129,4 @@ MESSAGE_TYPES: dict[str, type[Envelope]] = {
     "step.result": StepResult,
     "saga.transition": SagaEvent,
 }
-MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(
-    Annotated[Message, Field(discriminator="event_type")]
-)
+MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Annotated[Message, Field(discriminator="event_type")])

@@ -1,0 +1,5 @@
+"""``python -m orchestrator_kafka``: the command line."""
+
+from .cli import main
+
+main()

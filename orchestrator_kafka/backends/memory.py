@@ -1,0 +1,327 @@
+"""In-process backends: :class:`InMemoryEventBus` and :class:`InMemoryStateStore`.
+
+They are real, supported backends (the embedded default for demos, users' unit tests and single-process
+use) with the semantics of the Kafka and Redis ones: topics with partitions chosen by key, consumer
+groups with committed offsets and at-least-once redelivery; versioned atomic transitions, event dedupe,
+outboxes, durable timers and indexes. Every operation is atomic with respect to other coroutines of the
+event loop, because none awaits inside its critical section.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..constants import DEFAULT_TOPIC_PREFIX
+from ..context import SagaContext
+from ..errors import EventBusError
+from ..ports import (
+    ApplyResult,
+    BatchHandler,
+    IEventBus,
+    InboundMessage,
+    IStateStore,
+    OutboxMessage,
+    PendingOutbox,
+    Subscription,
+    Timer,
+    TransitionWrite,
+)
+
+_log = logging.getLogger("orchestrator_kafka.memory")
+
+
+# ---------------------------------------------------------------- the state store
+
+
+@dataclass(slots=True)
+class _Record:
+    # Stored as JSON so no caller ever holds a reference into the store's state.
+    json: str
+    version: int
+    workflow_id: str
+    state: str
+
+
+class InMemoryStateStore(IStateStore):
+    """A state store in this process's memory, with the atomic-transition semantics of the Redis one."""
+
+    def __init__(self) -> None:
+        self._sagas: dict[str, _Record] = {}
+        self._processed: set[str] = set()
+        self._outbox: dict[str, list[tuple[int, tuple[OutboxMessage, ...]]]] = {}
+        self._timers: dict[str, tuple[Timer, float]] = {}
+        self._due: list[tuple[float, str]] = []
+        self._by_workflow: dict[str, set[str]] = defaultdict(set)
+        self._by_state: dict[str, set[str]] = defaultdict(set)
+
+    def _put(self, ctx: SagaContext) -> None:
+        self._unindex(ctx.transaction_id)
+        self._sagas[ctx.transaction_id] = _Record(
+            ctx.model_dump_json(), ctx.version, ctx.workflow_id, ctx.state.value
+        )
+        self._by_workflow[ctx.workflow_id].add(ctx.transaction_id)
+        self._by_state[ctx.state.value].add(ctx.transaction_id)
+
+    def _unindex(self, tx: str) -> None:
+        old = self._sagas.get(tx)
+        if old is not None:
+            self._by_workflow[old.workflow_id].discard(tx)
+            self._by_state[old.state].discard(tx)
+
+    async def save_context(self, context: SagaContext) -> None:
+        self._put(context)
+
+    async def load_context(self, transaction_id: str) -> SagaContext | None:
+        record = self._sagas.get(transaction_id)
+        return None if record is None else SagaContext.model_validate_json(record.json)
+
+    async def load_contexts(self, transaction_ids: Sequence[str]) -> dict[str, SagaContext]:
+        return {
+            tx: SagaContext.model_validate_json(record.json)
+            for tx in transaction_ids
+            if (record := self._sagas.get(tx)) is not None
+        }
+
+    async def delete_context(self, transaction_id: str) -> bool:
+        if transaction_id not in self._sagas:
+            return False
+        self._unindex(transaction_id)
+        del self._sagas[transaction_id]
+        self._outbox.pop(transaction_id, None)
+        for timer_id in [
+            t for t, (timer, _) in self._timers.items() if timer.transaction_id == transaction_id
+        ]:
+            del self._timers[timer_id]
+        return True
+
+    async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
+        found = set(self._sagas)
+        if workflow_id is not None:
+            found &= self._by_workflow.get(workflow_id, set())
+        if state is not None:
+            found &= self._by_state.get(str(state), set())
+        return sorted(found)
+
+    async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
+        results: list[ApplyResult] = []
+        conflicted: set[str] = set()
+        for w in writes:
+            tx = w.transaction_id
+            if w.event_id in self._processed:
+                results.append(self._with_outbox("duplicate", tx))
+                continue
+            record = self._sagas.get(tx)
+            version = 0 if record is None else record.version
+            if tx in conflicted or version != w.expected_version:
+                conflicted.add(tx)
+                results.append(ApplyResult("conflict", tx))
+                continue
+            for timer_id in w.cancel_timers:
+                self._timers.pop(timer_id, None)
+            if w.saga is None:
+                results.append(ApplyResult("unchanged", tx))
+                continue
+            if w.saga.version != w.expected_version + 1 or w.saga.transaction_id != tx:
+                raise ValueError(f"write for {tx!r} does not carry version {w.expected_version + 1}")
+            self._put(w.saga)
+            if w.outbox:
+                self._outbox.setdefault(tx, []).append((w.saga.version, w.outbox))
+            for timer in w.timers:
+                self._timers[timer.timer_id] = (timer, timer.due_at)
+                heapq.heappush(self._due, (timer.due_at, timer.timer_id))
+            self._processed.add(w.event_id)
+            results.append(self._with_outbox("applied", tx))
+        return results
+
+    def _with_outbox(self, status: str, tx: str) -> ApplyResult:
+        entries = self._outbox.get(tx, [])
+        if not entries:
+            return ApplyResult(status, tx)  # type: ignore[arg-type]
+        messages = tuple(m for _, batch in entries for m in batch)
+        return ApplyResult(status, tx, entries[-1][0], messages)  # type: ignore[arg-type]
+
+    async def ack_outbox(self, acks: Sequence[tuple[str, int]]) -> None:
+        for tx, outbox_id in acks:
+            entries = [e for e in self._outbox.get(tx, []) if e[0] > outbox_id]
+            if entries:
+                self._outbox[tx] = entries
+            else:
+                self._outbox.pop(tx, None)
+
+    async def pending_outboxes(self, limit: int = 1000) -> list[PendingOutbox]:
+        found = []
+        for tx, entries in list(self._outbox.items())[:limit]:
+            found.append(PendingOutbox(tx, entries[-1][0], tuple(m for _, b in entries for m in b)))
+        return found
+
+    async def claim_due_timers(self, now: float, limit: int, lease: float) -> list[Timer]:
+        claimed: list[Timer] = []
+        while self._due and self._due[0][0] <= now and len(claimed) < limit:
+            due, timer_id = heapq.heappop(self._due)
+            entry = self._timers.get(timer_id)
+            if entry is None or entry[1] != due:
+                continue  # cancelled, or re-leased: a newer heap entry stands for it
+            timer = entry[0]
+            self._timers[timer_id] = (timer, now + lease)
+            heapq.heappush(self._due, (now + lease, timer_id))
+            claimed.append(timer)
+        return claimed
+
+    async def close(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------- the event bus
+
+
+@dataclass(eq=False)
+class _Member(Subscription):
+    bus: InMemoryEventBus
+    topics: tuple[str, ...]
+    group: str
+    handler: BatchHandler
+    max_batch: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    assigned: list[tuple[str, int]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self.bus._leave(self)
+
+    async def run(self) -> None:
+        backoff = self.bus.redelivery_delay
+        while True:
+            batch = self.bus._fetch(self)
+            if not batch:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            try:
+                await self.handler(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a failing handler gets its batch again, as on Kafka
+                _log.exception("handler of group %s failed; redelivering %d messages", self.group, len(batch))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = self.bus.redelivery_delay
+            self.bus._commit(self.group, batch)
+
+
+class InMemoryEventBus(IEventBus):
+    """Topics, partitions by key, consumer groups and committed offsets, in this process.
+
+    Delivery is at least once: a handler that raises gets the same messages again after
+    ``redelivery_delay`` (doubling up to 2 s), and offsets are committed only after it returns.
+    """
+
+    def __init__(
+        self, *, topic_prefix: str = DEFAULT_TOPIC_PREFIX, partitions: int = 4, redelivery_delay: float = 0.05
+    ) -> None:
+        self.topic_prefix = topic_prefix
+        self.partitions = partitions
+        self.redelivery_delay = redelivery_delay
+        self._logs: dict[str, list[list[InboundMessage]]] = {}
+        self._committed: dict[tuple[str, str, int], int] = defaultdict(int)
+        self._members: dict[str, list[_Member]] = defaultdict(list)
+        self._started = False
+
+    async def start(self) -> None:
+        self._started = True
+
+    async def stop(self) -> None:
+        for members in list(self._members.values()):
+            for member in list(members):
+                await member.stop()
+        self._started = False
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise EventBusError("the event bus is not started: call 'await bus.start()' first")
+
+    def _log(self, topic: str) -> list[list[InboundMessage]]:
+        log = self._logs.get(topic)
+        if log is None:
+            log = self._logs[topic] = [[] for _ in range(self.partitions)]
+        return log
+
+    async def ensure_topics(self, topics: Sequence[str]) -> None:
+        self._require_started()
+        for topic in topics:
+            self._log(topic)
+
+    async def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        self._require_started()
+        touched: set[str] = set()
+        for m in messages:
+            key = m.key.encode()
+            partition = zlib.crc32(key) % self.partitions
+            log = self._log(m.topic)[partition]
+            log.append(InboundMessage(m.topic, partition, len(log), key, m.value, tuple(m.headers)))
+            touched.add(m.topic)
+        for members in self._members.values():
+            for member in members:
+                if touched.intersection(member.topics):
+                    member.wake.set()
+
+    async def subscribe(
+        self, topics: Sequence[str], group: str, handler: BatchHandler, *, max_batch: int = 500
+    ) -> Subscription:
+        self._require_started()
+        member = _Member(self, tuple(topics), group, handler, max_batch)
+        for topic in topics:
+            self._log(topic)
+        self._members[group].append(member)
+        self._rebalance(group)
+        member.task = asyncio.get_running_loop().create_task(member.run(), name=f"memory-bus:{group}")
+        return member
+
+    def _leave(self, member: _Member) -> None:
+        members = self._members[member.group]
+        if member in members:
+            members.remove(member)
+            self._rebalance(member.group)
+
+    def _rebalance(self, group: str) -> None:
+        members = self._members[group]
+        for member in members:
+            member.assigned = []
+        for topic in sorted({t for m in members for t in m.topics}):
+            takers = [m for m in members if topic in m.topics]
+            for partition in range(self.partitions):
+                takers[partition % len(takers)].assigned.append((topic, partition))
+        for member in members:
+            member.wake.set()
+
+    def _fetch(self, member: _Member) -> list[InboundMessage]:
+        batch: list[InboundMessage] = []
+        for topic, partition in member.assigned:
+            start = self._committed[(member.group, topic, partition)]
+            log = self._logs[topic][partition]
+            batch.extend(log[start : start + member.max_batch - len(batch)])
+            if len(batch) >= member.max_batch:
+                break
+        return batch
+
+    def _commit(self, group: str, batch: Sequence[InboundMessage]) -> None:
+        for m in batch:
+            key = (group, m.topic, m.partition)
+            self._committed[key] = max(self._committed[key], m.offset + 1)
+
+    def messages(self, topic: str) -> list[InboundMessage]:
+        """Every message published to ``topic`` so far, partition by partition (for audits and tests)."""
+        return [m for log in self._logs.get(topic, []) for m in log]

@@ -1,0 +1,483 @@
+"""The :class:`Orchestrator`: the I/O loop around the pure engine.
+
+Per consumed batch: decode every message (the undecodable go to the dead-letter topic), load the batch's
+sagas in one round trip, decide every event with :func:`engine.decide`, apply every transition in one
+atomic store call (dedupe, version check, state, outbox, timers), publish the outboxes together, and
+only then let the bus commit the offsets. A crash anywhere in between is safe: DESIGN section 6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from . import codec
+from .constants import (
+    HEADER_DLQ_DETAIL,
+    HEADER_DLQ_OFFSET,
+    HEADER_DLQ_PARTITION,
+    HEADER_DLQ_REASON,
+    HEADER_DLQ_TOPIC,
+    ORCHESTRATOR_GROUP,
+    TIMER_LEASE_SECONDS,
+    Topics,
+)
+from .context import SagaContext
+from .engine import Event, TimerFired, Transition, decide
+from .errors import (
+    DecodeError,
+    EventBusError,
+    OrchestratorError,
+    StateStoreError,
+    ValidationError,
+    WorkflowExecutionError,
+)
+from .models import CancelBody, CancelSaga, StartBody, StartSaga, StepResult
+from .ports import (
+    ApplyResult,
+    IEventBus,
+    ILogger,
+    InboundMessage,
+    IOrchestrator,
+    IStateStore,
+    IWorkflowDefinition,
+    OutboxMessage,
+    Subscription,
+    TransitionWrite,
+)
+from .workflow import WorkflowDefinition
+
+Clock = Callable[[], datetime]
+_MAX_ROUNDS = 8
+_MAX_ID = 200
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What handling one event came to: its transition, or the reason it could not be handled."""
+
+    transition: Transition | None = None
+    problem: str | None = None
+    detail: str = ""
+
+
+def dead_letter(message: InboundMessage, topic: str, reason: str, detail: str) -> OutboxMessage:
+    """The dead-letter record of ``message``: its original key, bytes and headers, plus why."""
+    headers = (
+        *message.headers,
+        (HEADER_DLQ_REASON, reason.encode()),
+        (HEADER_DLQ_DETAIL, detail[:1000].encode()),
+        (HEADER_DLQ_TOPIC, message.topic.encode()),
+        (HEADER_DLQ_PARTITION, str(message.partition).encode()),
+        (HEADER_DLQ_OFFSET, str(message.offset).encode()),
+    )
+    key = (message.key or b"").decode("utf-8", "replace")
+    return OutboxMessage(topic, key, message.value or b"", headers)
+
+
+def _check_id(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > _MAX_ID:
+        raise ValidationError(
+            f"{what} must be a non-empty str of at most {_MAX_ID} characters, got {value!r}"
+        )
+    return value
+
+
+class Orchestrator(IOrchestrator):
+    """Runs sagas of one or several workflows over an event bus and a state store.
+
+    ``state_store=None`` means a :class:`RedisStateStore` on ``REDIS_URL``. Use ``async with`` or
+    ``await start()`` / ``await stop()``; the public methods need a started orchestrator.
+    """
+
+    def __init__(
+        self,
+        workflow: IWorkflowDefinition | Sequence[IWorkflowDefinition],
+        event_bus: IEventBus,
+        state_store: IStateStore | None = None,
+        logger: ILogger | None = None,
+        *,
+        clock: Clock = _utcnow,
+        timer_interval: float = 0.05,
+        outbox_sweep_interval: float = 5.0,
+        max_batch: int = 500,
+    ) -> None:
+        definitions = [workflow] if isinstance(workflow, IWorkflowDefinition) else list(workflow)
+        if not definitions:
+            raise ValidationError("an Orchestrator needs at least one workflow definition")
+        self._workflows: dict[str, WorkflowDefinition] = {}
+        for definition in definitions:
+            if not isinstance(definition, WorkflowDefinition):
+                raise ValidationError(
+                    f"expected a definition built by WorkflowBuilder, got {type(definition).__name__}"
+                )
+            if definition.get_id() in self._workflows:
+                raise ValidationError(f"two workflows have the id {definition.get_id()!r}")
+            self._workflows[definition.get_id()] = definition
+        if not isinstance(event_bus, IEventBus):
+            raise ValidationError(f"event_bus must be an IEventBus, got {type(event_bus).__name__}")
+        if state_store is None:
+            from .backends.redis import RedisStateStore
+
+            state_store = RedisStateStore()
+        self._bus = event_bus
+        self._store = state_store
+        self._log: ILogger = logger or logging.getLogger("orchestrator_kafka.orchestrator")
+        self._clock = clock
+        self._timer_interval = timer_interval
+        self._sweep_interval = outbox_sweep_interval
+        self._max_batch = max_batch
+        self.topics = Topics(event_bus.topic_prefix)
+        self._subscription: Subscription | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._started = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def get_workflow_definition(self) -> IWorkflowDefinition:
+        """The (first) workflow definition this orchestrator runs."""
+        return next(iter(self._workflows.values()))
+
+    @property
+    def workflows(self) -> dict[str, WorkflowDefinition]:
+        """The workflow definitions this orchestrator runs, by id."""
+        return dict(self._workflows)
+
+    @property
+    def state_store(self) -> IStateStore:
+        return self._store
+
+    @property
+    def event_bus(self) -> IEventBus:
+        return self._bus
+
+    async def start(self) -> None:
+        """Connect, create the topics, re-publish what a crash left in outboxes, start consuming.
+
+        Raises:
+            EventBusError, StateStoreError: a backend could not be reached.
+        """
+        if self._started:
+            return
+        await self._bus.start()
+        topics = [self.topics.start, self.topics.results, self.topics.events, self.topics.dlq]
+        for definition in self._workflows.values():
+            for step in definition.get_steps():
+                topics.append(self.topics.commands(step.worker_name))
+                if step.compensation:
+                    topics.append(self.topics.compensations(step.compensation))
+        await self._bus.ensure_topics(sorted(set(topics)))
+        await self._sweep_outboxes()
+        self._subscription = await self._bus.subscribe(
+            [self.topics.start, self.topics.results],
+            self.topics.group(ORCHESTRATOR_GROUP),
+            self._on_batch,
+            max_batch=self._max_batch,
+        )
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="orchestrator-timers")
+        self._started = True
+        self._log.info("orchestrator started for workflows %s", sorted(self._workflows))
+
+    async def stop(self) -> None:
+        """Stop consuming and firing timers; idempotent. Leaves the bus and store to their owner."""
+        if not self._started:
+            return
+        self._started = False
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        if self._subscription is not None:
+            await self._subscription.stop()
+            self._subscription = None
+        self._log.info("orchestrator stopped")
+
+    async def __aenter__(self) -> Orchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise WorkflowExecutionError("the orchestrator is not started: call 'await orchestrator.start()'")
+
+    # ---------------------------------------------------------------- public API
+
+    async def execute_workflow(
+        self, workflow_id: str, initial_context: dict[str, Any], *, transaction_id: str | None = None
+    ) -> str:
+        """Start a saga of ``workflow_id`` with ``initial_context`` and return its transaction id.
+
+        Returns once the saga is recorded. A ``transaction_id`` given by the caller is an idempotency
+        key: starting a known id again starts nothing and returns it.
+
+        Raises:
+            ValidationError: unknown workflow, a context that is not a JSON-serialisable dict with str
+                keys, or a bad transaction id.
+            WorkflowExecutionError: the orchestrator is not started, or the saga could not be recorded.
+        """
+        _check_id("workflow_id", workflow_id)
+        if workflow_id not in self._workflows:
+            raise ValidationError(
+                f"unknown workflow {workflow_id!r}; this orchestrator runs {sorted(self._workflows)}"
+            )
+        context = _check_context(initial_context)
+        tx = _check_id("transaction_id", transaction_id) if transaction_id is not None else str(uuid.uuid4())
+        self._require_started()
+        event = StartSaga(
+            event_id=str(uuid.uuid4()),
+            transaction_id=tx,
+            workflow_id=workflow_id,
+            occurred_at=self._clock(),
+            body=StartBody(context=context),
+        )
+        outcome = (await self._handle_requests([event]))[0]
+        existing = outcome.transition.saga if outcome.transition else None
+        if existing is not None and existing.workflow_id != workflow_id:
+            raise WorkflowExecutionError(
+                f"transaction {tx!r} already belongs to workflow {existing.workflow_id!r}"
+            )
+        return tx
+
+    async def get_status(self, transaction_id: str) -> dict[str, Any]:
+        """The saga's status: ``transaction_id``, ``workflow_id``, ``state``, ``current_step``,
+        ``step_results``, ``error``, ``created_at``, ``updated_at`` (ISO 8601, UTC) and more.
+
+        Raises:
+            ValueError: unknown or malformed transaction id.
+            StateStoreError: the store could not be read.
+        """
+        saga = await self._load(transaction_id)
+        return saga.to_status()
+
+    async def cancel_workflow(self, transaction_id: str) -> bool:
+        """Cancel a pending or running saga: its in-flight and completed steps are compensated, in the
+        order of a failure, and it ends ``cancelled``. Returns True once the request is recorded.
+
+        Raises:
+            ValueError: unknown or malformed transaction id.
+            WorkflowExecutionError: the saga is compensating or final, or the orchestrator is stopped.
+        """
+        saga = await self._load(transaction_id)
+        self._require_started()
+        event = CancelSaga(
+            event_id=str(uuid.uuid4()),
+            transaction_id=transaction_id,
+            workflow_id=saga.workflow_id,
+            occurred_at=self._clock(),
+            body=CancelBody(reason="cancelled by request"),
+        )
+        outcome = (await self._handle_requests([event]))[0]
+        if outcome.problem:
+            raise ValueError(f"unknown transaction id {transaction_id!r}")
+        assert outcome.transition is not None
+        if outcome.transition.rejected:
+            raise WorkflowExecutionError(f"cannot cancel {transaction_id!r}: {outcome.transition.rejected}")
+        return True
+
+    async def _load(self, transaction_id: str) -> SagaContext:
+        try:
+            _check_id("transaction_id", transaction_id)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
+        saga = await self._store.load_context(transaction_id)
+        if saga is None:
+            raise ValueError(f"unknown transaction id {transaction_id!r}")
+        return saga
+
+    async def _handle_requests(self, events: Sequence[Event]) -> list[Outcome]:
+        try:
+            return await self.process(events)
+        except (StateStoreError, EventBusError) as exc:
+            raise WorkflowExecutionError(f"could not record the request: {exc}") from exc
+
+    # ---------------------------------------------------------------- the hot path
+
+    async def _on_batch(self, batch: Sequence[InboundMessage]) -> None:
+        events: list[Event] = []
+        sources: list[InboundMessage] = []
+        dead: list[OutboxMessage] = []
+        for message in batch:
+            try:
+                event = codec.decode(message.value)
+            except DecodeError as exc:
+                dead.append(self._dead(message, exc.reason, exc.detail))
+                continue
+            expected = (StepResult,) if message.topic == self.topics.results else (StartSaga, CancelSaga)
+            if not isinstance(event, expected):
+                dead.append(
+                    self._dead(
+                        message,
+                        codec.UNEXPECTED_EVENT_TYPE,
+                        f"{event.event_type} does not belong on {message.topic}",
+                    )
+                )
+                continue
+            events.append(event)
+            sources.append(message)
+        outcomes = await self.process(events) if events else []
+        for outcome, message in zip(outcomes, sources, strict=True):
+            if outcome.problem:
+                dead.append(self._dead(message, outcome.problem, outcome.detail))
+        if dead:
+            await self._bus.publish(dead)
+
+    def _dead(self, message: InboundMessage, reason: str, detail: str) -> OutboxMessage:
+        self._log.warning(
+            "dead letter from %s[%d]@%d: %s (%s)",
+            message.topic,
+            message.partition,
+            message.offset,
+            reason,
+            detail,
+        )
+        return dead_letter(message, self.topics.dlq, reason, detail)
+
+    async def process(self, events: Sequence[Event]) -> list[Outcome]:
+        """Decide and apply ``events`` (in order), publish what they produce; an outcome per event.
+
+        Raises:
+            StateStoreError, EventBusError: a backend failed; the caller retries the whole batch, and
+                dedupe makes the retry safe.
+        """
+        outcomes = [Outcome() for _ in events]
+        pending = list(range(len(events)))
+        for _ in range(_MAX_ROUNDS):
+            sagas = await self._store.load_contexts(list({_tx_of(events[i]) for i in pending}))
+            writes: list[TransitionWrite] = []
+            owners: list[int] = []
+            now = self._clock()
+            for i in pending:
+                write = self._decide(events[i], sagas, now, outcomes[i])
+                if write is not None:
+                    writes.append(write)
+                    owners.append(i)
+            results = await self._store.apply(writes) if writes else []
+            retry: list[int] = []
+            # A saga's outbox after its last write of the batch holds every message still unpublished.
+            outboxes: dict[str, ApplyResult] = {}
+            for i, result in zip(owners, results, strict=True):
+                if result.status == "conflict":
+                    retry.append(i)
+                elif result.outbox:
+                    outboxes[result.transaction_id] = result
+            if outboxes:
+                await self._bus.publish([m for r in outboxes.values() for m in r.outbox])
+                await self._store.ack_outbox([(tx, r.outbox_id) for tx, r in outboxes.items()])
+            if not retry:
+                return outcomes
+            pending = retry
+        raise StateStoreError(f"{len(pending)} events still conflicted after {_MAX_ROUNDS} rounds")
+
+    def _decide(
+        self, event: Event, sagas: dict[str, SagaContext], now: datetime, outcome: Outcome
+    ) -> TransitionWrite | None:
+        tx, event_id = _tx_of(event), event.event_id
+        # A fired timer is deleted by the write that handles it, so it fires once.
+        fired: tuple[str, ...] = (event.timer.timer_id,) if isinstance(event, TimerFired) else ()
+        saga = sagas.get(tx)
+        workflow_id = saga.workflow_id if saga is not None else getattr(event, "workflow_id", None)
+        definition = self._workflows.get(workflow_id or "")
+        if definition is None:
+            if saga is None and isinstance(event, TimerFired):
+                return TransitionWrite(event_id, tx, 0, cancel_timers=fired)
+            outcome.problem = "unknown_workflow"
+            outcome.detail = f"this orchestrator does not run workflow {workflow_id!r}"
+            return None
+        if saga is None and not isinstance(event, StartSaga | TimerFired):
+            outcome.problem = codec.UNKNOWN_TRANSACTION
+            outcome.detail = f"no saga {tx!r}"
+            return None
+        transition = decide(definition, saga, event, now, self.topics)
+        outcome.transition = transition
+        expected = saga.version if saga is not None else 0
+        if not transition.changed:
+            return TransitionWrite(event_id, tx, expected, cancel_timers=fired)
+        assert transition.saga is not None
+        sagas[tx] = transition.saga
+        return TransitionWrite(
+            event_id,
+            tx,
+            expected,
+            transition.saga,
+            self._outbox(transition),
+            transition.timers,
+            transition.cancel_timers + fired,
+        )
+
+    def _outbox(self, transition: Transition) -> tuple[OutboxMessage, ...]:
+        key = transition.saga.transaction_id if transition.saga else ""
+        messages = [
+            OutboxMessage(topic, key, codec.encode(command)) for topic, command in transition.commands
+        ]
+        events = self.topics.events
+        messages.extend(OutboxMessage(events, key, codec.encode(audit)) for audit in transition.audit)
+        return tuple(messages)
+
+    # ---------------------------------------------------------------- timers and recovery
+
+    async def _tick(self) -> None:
+        """Fire due timers; now and then re-publish outboxes a failed publish left behind."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + self._sweep_interval
+        while True:
+            try:
+                timers = await self._store.claim_due_timers(
+                    self._clock().timestamp(), self._max_batch, TIMER_LEASE_SECONDS
+                )
+                if timers:
+                    await self.process([TimerFired(t) for t in timers])
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + self._sweep_interval
+                    await self._sweep_outboxes()
+                if len(timers) == self._max_batch:
+                    continue
+            except OrchestratorError as exc:
+                # A backend is down: the timers stay claimed for their lease and fire again later.
+                self._log.warning("timer loop: %s", exc)
+            except Exception:  # noqa: BLE001 - the timer loop must outlive any single failure
+                self._log.exception("timer loop failed")
+            await asyncio.sleep(self._timer_interval)
+
+    async def _sweep_outboxes(self) -> None:
+        pending = await self._store.pending_outboxes()
+        if not pending:
+            return
+        await self._bus.publish([m for p in pending for m in p.messages])
+        await self._store.ack_outbox([(p.transaction_id, p.outbox_id) for p in pending])
+        self._log.info("re-published the outboxes of %d sagas", len(pending))
+
+
+def _tx_of(event: Event) -> str:
+    return event.timer.transaction_id if isinstance(event, TimerFired) else event.transaction_id
+
+
+def _check_context(initial_context: object) -> dict[str, Any]:
+    if not isinstance(initial_context, dict):
+        raise ValidationError(f"initial_context must be a dict, got {type(initial_context).__name__}")
+    try:
+        # Round-trip so the saga never shares a mutable object with the caller.
+        copied = orjson.loads(orjson.dumps(initial_context))
+    except TypeError as exc:
+        raise ValidationError(f"initial_context must be JSON-serialisable: {exc}") from None
+    if not isinstance(copied, dict):  # pragma: no cover - orjson maps a dict to a dict
+        raise ValidationError("initial_context must be a dict")
+    return copied
