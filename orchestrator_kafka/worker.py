@@ -55,7 +55,8 @@ class Worker:
     """Runs step handlers for commands consumed from the event bus.
 
     A handler is ``async def fn(ctx: StepContext) -> dict | None`` or a plain function (run in a
-    thread). The returned dict is the step's result. :class:`NonRetryableError` fails the step at once;
+    thread). The returned dict is the step's result. A handler still running at its step's timeout is
+    cancelled (a thread is abandoned) and the attempt fails with ``TimeoutError``. :class:`NonRetryableError` fails the step at once;
     any other exception is a retryable failure carrying the exception's type and message.
     """
 
@@ -213,7 +214,10 @@ class Worker:
         error: ErrorInfo | None = None
         result: dict[str, Any] | None = None
         try:
-            outcome = await _call(self._handlers[name], ctx)
+            # The orchestrator gives up on the attempt at its timeout; so does the worker, so a hung
+            # handler cannot hold up the commands behind it for longer than that.
+            async with asyncio.timeout(body.timeout):
+                outcome = await _call(self._handlers[name], ctx)
             if outcome is None:
                 result = {}
             elif not isinstance(outcome, dict):
@@ -233,6 +237,8 @@ class Worker:
                     )
         except NonRetryableError as exc:
             error = ErrorInfo(type=_error_type(exc), message=str(exc)[:10_000], retryable=False)
+        except TimeoutError:
+            error = ErrorInfo(type="TimeoutError", message=f"handler timed out after {body.timeout:g}s")
         except Exception as exc:  # noqa: BLE001 - a handler's failure becomes a failed result
             error = ErrorInfo(type=_error_type(exc), message=str(exc)[:10_000], retryable=True)
         if error is not None:

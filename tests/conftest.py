@@ -1,0 +1,120 @@
+"""Shared fixtures: the backends every behaviour test runs on.
+
+``memory`` is the in-process backend. ``real`` is Apache Kafka and Redis at ``KAFKA_BOOTSTRAP_SERVERS``
+and ``REDIS_URL`` (``scripts/services up`` starts both on loopback; ``scripts/test`` does it for you).
+A real-backend test whose service is not there FAILS, with the reason: it is never skipped. To run
+only the in-memory tests: ``pytest -m "not kafka and not redis"``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import pytest
+
+from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore
+from orchestrator_kafka.ports import IEventBus, IStateStore
+
+KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_kafka() -> str:
+    host, _, port = KAFKA.split(",")[0].rpartition(":")
+    if not _reachable(host or "127.0.0.1", int(port)):
+        pytest.fail(f"Kafka is not reachable at {KAFKA}: run 'scripts/services up' (or 'scripts/test')")
+    return KAFKA
+
+
+def require_redis() -> str:
+    url = urlparse(REDIS)
+    if not _reachable(url.hostname or "127.0.0.1", url.port or 6379):
+        pytest.fail(f"Redis is not reachable at {REDIS}: run 'scripts/services up' (or 'scripts/test')")
+    return REDIS
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class Backend:
+    """Makes event buses and a state store that share one world, and closes them all at the end."""
+
+    name: str
+    make_bus: Callable[[], IEventBus]
+    store: IStateStore
+    buses: list[IEventBus] = field(default_factory=list)
+    cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def bus(self) -> IEventBus:
+        bus = self.make_bus()
+        self.buses.append(bus)
+        return bus
+
+    async def close(self) -> None:
+        for bus in self.buses:
+            await bus.stop()
+        await self.store.close()
+        for step in self.cleanup:
+            await step()
+
+
+def memory_backend() -> Backend:
+    shared = InMemoryEventBus(partitions=4, redelivery_delay=0.01)
+    return Backend("memory", lambda: shared, InMemoryStateStore())
+
+
+def real_backend() -> Backend:
+    from orchestrator_kafka import KafkaEventBus, RedisStateStore
+
+    bootstrap, redis_url = require_kafka(), require_redis()
+    topic_prefix, key_prefix = unique("t"), unique("k")
+    store = RedisStateStore(redis_url, key_prefix=key_prefix)
+    backend = Backend(
+        "kafka+redis",
+        lambda: KafkaEventBus(bootstrap, topic_prefix=topic_prefix, partitions=2),
+        store,
+    )
+
+    async def drop_keys() -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(redis_url)
+        try:
+            keys = [k async for k in client.scan_iter(match=f"{key_prefix}:*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+
+    backend.cleanup.append(drop_keys)
+    return backend
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory"),
+        pytest.param("kafka+redis", marks=[pytest.mark.kafka, pytest.mark.redis]),
+    ]
+)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """Every behaviour test runs once in memory and once on real Kafka and Redis."""
+    made = memory_backend() if request.param == "memory" else real_backend()
+    try:
+        yield made
+    finally:
+        await made.close()
