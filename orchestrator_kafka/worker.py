@@ -55,9 +55,10 @@ class Worker:
     """Runs step handlers for commands consumed from the event bus.
 
     A handler is ``async def fn(ctx: StepContext) -> dict | None`` or a plain function (run in a
-    thread). The returned dict is the step's result. A handler still running at its step's timeout is
-    cancelled (a thread is abandoned) and the attempt fails with ``TimeoutError``. :class:`NonRetryableError` fails the step at once;
-    any other exception is a retryable failure carrying the exception's type and message.
+    thread). The returned dict is the step's result. :class:`NonRetryableError` fails the step at
+    once; any other exception is a retryable failure carrying the exception's type and message. A
+    handler still running at its step's timeout is cancelled (a thread is abandoned) and the attempt
+    fails with ``TimeoutError``.
     """
 
     def __init__(
