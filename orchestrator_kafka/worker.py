@@ -217,7 +217,8 @@ class Worker:
         try:
             # The orchestrator gives up on the attempt at its timeout; so does the worker, so a hung
             # handler cannot hold up the commands behind it for longer than that.
-            async with asyncio.timeout(body.timeout):
+            deadline = asyncio.timeout(body.timeout)
+            async with deadline:
                 outcome = await _call(self._handlers[name], ctx)
             if outcome is None:
                 result = {}
@@ -238,8 +239,9 @@ class Worker:
                     )
         except NonRetryableError as exc:
             error = ErrorInfo(type=_error_type(exc), message=str(exc)[:10_000], retryable=False)
-        except TimeoutError:
-            error = ErrorInfo(type="TimeoutError", message=f"handler timed out after {body.timeout:g}s")
+        except TimeoutError as exc:
+            message = f"handler timed out after {body.timeout:g}s" if deadline.expired() else str(exc)
+            error = ErrorInfo(type="TimeoutError", message=message[:10_000])
         except Exception as exc:  # noqa: BLE001 - a handler's failure becomes a failed result
             error = ErrorInfo(type=_error_type(exc), message=str(exc)[:10_000], retryable=True)
         if error is not None:

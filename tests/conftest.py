@@ -74,8 +74,8 @@ class Backend:
 
 
 def memory_backend() -> Backend:
-    shared = InMemoryEventBus(partitions=4, redelivery_delay=0.01)
-    return Backend("memory", lambda: shared, InMemoryStateStore())
+    broker = InMemoryEventBus(partitions=4, redelivery_delay=0.01)
+    return Backend("memory", lambda: InMemoryEventBus.sharing(broker), InMemoryStateStore())
 
 
 def real_backend() -> Backend:

@@ -183,11 +183,12 @@ class InMemoryStateStore(IStateStore):
 
 @dataclass(eq=False)
 class _Member(Subscription):
-    bus: InMemoryEventBus
+    broker: _Broker
     topics: tuple[str, ...]
     group: str
     handler: BatchHandler
     max_batch: int
+    redelivery_delay: float
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     assigned: list[tuple[str, int]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
@@ -199,12 +200,12 @@ class _Member(Subscription):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        self.bus._leave(self)
+        self.broker.leave(self)
 
     async def run(self) -> None:
-        backoff = self.bus.redelivery_delay
+        backoff = self.redelivery_delay
         while True:
-            batch = self.bus._fetch(self)
+            batch = self.broker.fetch(self)
             if not batch:
                 self.wake.clear()
                 await self.wake.wait()
@@ -218,86 +219,52 @@ class _Member(Subscription):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            backoff = self.bus.redelivery_delay
-            self.bus._commit(self.group, batch)
+            backoff = self.redelivery_delay
+            self.broker.commit(self.group, batch)
 
 
-class InMemoryEventBus(IEventBus):
-    """Topics, partitions by key, consumer groups and committed offsets, in this process.
+class _Broker:
+    """The shared part: topic logs, committed offsets and group membership."""
 
-    Delivery is at least once: a handler that raises gets the same messages again after
-    ``redelivery_delay`` (doubling up to 2 s), and offsets are committed only after it returns.
-    """
-
-    def __init__(
-        self, *, topic_prefix: str = DEFAULT_TOPIC_PREFIX, partitions: int = 4, redelivery_delay: float = 0.05
-    ) -> None:
-        self.topic_prefix = topic_prefix
+    def __init__(self, partitions: int) -> None:
         self.partitions = partitions
-        self.redelivery_delay = redelivery_delay
-        self._logs: dict[str, list[list[InboundMessage]]] = {}
-        self._committed: dict[tuple[str, str, int], int] = defaultdict(int)
-        self._members: dict[str, list[_Member]] = defaultdict(list)
-        self._started = False
+        self.logs: dict[str, list[list[InboundMessage]]] = {}
+        self.committed: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.members: dict[str, list[_Member]] = defaultdict(list)
 
-    async def start(self) -> None:
-        self._started = True
-
-    async def stop(self) -> None:
-        for members in list(self._members.values()):
-            for member in list(members):
-                await member.stop()
-        self._started = False
-
-    def _require_started(self) -> None:
-        if not self._started:
-            raise EventBusError("the event bus is not started: call 'await bus.start()' first")
-
-    def _log(self, topic: str) -> list[list[InboundMessage]]:
-        log = self._logs.get(topic)
+    def log(self, topic: str) -> list[list[InboundMessage]]:
+        log = self.logs.get(topic)
         if log is None:
-            log = self._logs[topic] = [[] for _ in range(self.partitions)]
+            log = self.logs[topic] = [[] for _ in range(self.partitions)]
         return log
 
-    async def ensure_topics(self, topics: Sequence[str]) -> None:
-        self._require_started()
-        for topic in topics:
-            self._log(topic)
-
-    async def publish(self, messages: Sequence[OutboxMessage]) -> None:
-        self._require_started()
+    def append(self, messages: Sequence[OutboxMessage]) -> None:
         touched: set[str] = set()
         for m in messages:
             key = m.key.encode()
             partition = zlib.crc32(key) % self.partitions
-            log = self._log(m.topic)[partition]
+            log = self.log(m.topic)[partition]
             log.append(InboundMessage(m.topic, partition, len(log), key, m.value, tuple(m.headers)))
             touched.add(m.topic)
-        for members in self._members.values():
+        for members in self.members.values():
             for member in members:
                 if touched.intersection(member.topics):
                     member.wake.set()
 
-    async def subscribe(
-        self, topics: Sequence[str], group: str, handler: BatchHandler, *, max_batch: int = 500
-    ) -> Subscription:
-        self._require_started()
-        member = _Member(self, tuple(topics), group, handler, max_batch)
-        for topic in topics:
-            self._log(topic)
-        self._members[group].append(member)
-        self._rebalance(group)
-        member.task = asyncio.get_running_loop().create_task(member.run(), name=f"memory-bus:{group}")
-        return member
+    def join(self, member: _Member) -> None:
+        for topic in member.topics:
+            self.log(topic)
+        self.members[member.group].append(member)
+        self.rebalance(member.group)
 
-    def _leave(self, member: _Member) -> None:
-        members = self._members[member.group]
+    def leave(self, member: _Member) -> None:
+        members = self.members[member.group]
         if member in members:
             members.remove(member)
-            self._rebalance(member.group)
+            self.rebalance(member.group)
 
-    def _rebalance(self, group: str) -> None:
-        members = self._members[group]
+    def rebalance(self, group: str) -> None:
+        members = self.members[group]
         for member in members:
             member.assigned = []
         for topic in sorted({t for m in members for t in m.topics}):
@@ -307,21 +274,79 @@ class InMemoryEventBus(IEventBus):
         for member in members:
             member.wake.set()
 
-    def _fetch(self, member: _Member) -> list[InboundMessage]:
+    def fetch(self, member: _Member) -> list[InboundMessage]:
         batch: list[InboundMessage] = []
         for topic, partition in member.assigned:
-            start = self._committed[(member.group, topic, partition)]
-            log = self._logs[topic][partition]
+            start = self.committed[(member.group, topic, partition)]
+            log = self.logs[topic][partition]
             batch.extend(log[start : start + member.max_batch - len(batch)])
             if len(batch) >= member.max_batch:
                 break
         return batch
 
-    def _commit(self, group: str, batch: Sequence[InboundMessage]) -> None:
+    def commit(self, group: str, batch: Sequence[InboundMessage]) -> None:
         for m in batch:
             key = (group, m.topic, m.partition)
-            self._committed[key] = max(self._committed[key], m.offset + 1)
+            self.committed[key] = max(self.committed[key], m.offset + 1)
+
+
+class InMemoryEventBus(IEventBus):
+    """Topics, partitions by key, consumer groups and committed offsets, in this process.
+
+    Delivery is at least once: a handler that raises gets the same messages again after
+    ``redelivery_delay`` (doubling up to 2 s), and offsets are committed only after it returns.
+    :meth:`sharing` makes another client of the same in-process broker, as two Kafka clients share one
+    cluster: each has its own lifecycle and subscriptions.
+    """
+
+    def __init__(
+        self, *, topic_prefix: str = DEFAULT_TOPIC_PREFIX, partitions: int = 4, redelivery_delay: float = 0.05
+    ) -> None:
+        self.topic_prefix = topic_prefix
+        self.redelivery_delay = redelivery_delay
+        self._broker = _Broker(partitions)
+        self._subscriptions: list[_Member] = []
+        self._started = False
+
+    @classmethod
+    def sharing(cls, other: InMemoryEventBus) -> InMemoryEventBus:
+        """A new client of ``other``'s broker, with the same prefix and settings."""
+        bus = cls(topic_prefix=other.topic_prefix, redelivery_delay=other.redelivery_delay)
+        bus._broker = other._broker
+        return bus
+
+    async def start(self) -> None:
+        self._started = True
+
+    async def stop(self) -> None:
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for member in subscriptions:
+            await member.stop()
+        self._started = False
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise EventBusError("the event bus is not started: call 'await bus.start()' first")
+
+    async def ensure_topics(self, topics: Sequence[str]) -> None:
+        self._require_started()
+        for topic in topics:
+            self._broker.log(topic)
+
+    async def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        self._require_started()
+        self._broker.append(messages)
+
+    async def subscribe(
+        self, topics: Sequence[str], group: str, handler: BatchHandler, *, max_batch: int = 500
+    ) -> Subscription:
+        self._require_started()
+        member = _Member(self._broker, tuple(topics), group, handler, max_batch, self.redelivery_delay)
+        self._broker.join(member)
+        member.task = asyncio.get_running_loop().create_task(member.run(), name=f"memory-bus:{group}")
+        self._subscriptions.append(member)
+        return member
 
     def messages(self, topic: str) -> list[InboundMessage]:
         """Every message published to ``topic`` so far, partition by partition (for audits and tests)."""
-        return [m for log in self._logs.get(topic, []) for m in log]
+        return [m for log in self._broker.logs.get(topic, []) for m in log]

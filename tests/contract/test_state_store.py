@@ -122,7 +122,9 @@ class StateStoreContract:
         [dup] = await store.apply([TransitionWrite("e2", "tx", 2)])
         assert dup.status == "duplicate" and dup.outbox == ()
 
-    async def test_timers_are_claimed_when_due_leased_and_cancelled_by_a_write(self, store: IStateStore) -> None:
+    async def test_timers_are_claimed_when_due_leased_and_cancelled_by_a_write(
+        self, store: IStateStore
+    ) -> None:
         t1, t2, t3 = timer("tx", "t1", 100.0), timer("tx", "t2", 200.0), timer("tx", "t3", 300.0)
         await store.apply([TransitionWrite("e1", "tx", 0, saga("tx", 1), timers=(t1, t2, t3))])
         assert await store.claim_due_timers(50.0, 10, 30.0) == []
@@ -139,7 +141,9 @@ class StateStoreContract:
         assert await store.claim_due_timers(2000.0, 10, 30.0) == [t3]
 
     async def test_deleting_a_saga_deletes_its_outbox_and_timers(self, store: IStateStore) -> None:
-        await store.apply([TransitionWrite("e1", "tx", 0, saga("tx", 1), (msg(1),), (timer("tx", "t1", 1.0),))])
+        await store.apply(
+            [TransitionWrite("e1", "tx", 0, saga("tx", 1), (msg(1),), (timer("tx", "t1", 1.0),))]
+        )
         assert await store.delete_context("tx") is True
         assert await store.pending_outboxes() == []
         assert await store.claim_due_timers(10.0, 10, 30.0) == []

@@ -63,7 +63,10 @@ class Harness:
     async def wait_state(self, tx: str, states: set[str], timeout: float = 30.0) -> dict[str, Any]:
         async def poll() -> dict[str, Any]:
             while True:
-                status = await self.orchestrator.get_status(tx)
+                try:
+                    status = await self.orchestrator.get_status(tx)
+                except ValueError:  # started through the start topic, not recorded yet
+                    status = {"state": None}
                 if status["state"] in states:
                     return status
                 await asyncio.sleep(0.02)

@@ -1,0 +1,555 @@
+"""The Kafka event bus: :class:`KafkaEventBus`, an :class:`~orchestrator_kafka.ports.IEventBus` on aiokafka.
+
+What it promises (DESIGN sections 5 and 7):
+
+* ``publish`` hands a whole batch to one shared idempotent producer (``acks=all``) without awaiting each
+  send, then awaits every delivery together; it returns only once all are acknowledged.
+* ``subscribe`` returns only once the consumer has its partitions assigned, and a new group starts from
+  the earliest offset, so a message published after it returns is never missed.
+* A subscriber's handler gets whole ``getmany`` batches; their offsets are committed once per batch,
+  only after the handler returns. When it raises, nothing is committed, the batch's partitions are sought
+  back to the batch's first offsets and the batch is redelivered after a backoff (at-least-once).
+
+aiokafka ships no type stubs, so its objects are ``Any`` here and never leak out of this module.
+Headers pass through untouched both ways: the telemetry module puts W3C ``traceparent`` in them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    IllegalStateError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
+
+from ..constants import DEFAULT_BOOTSTRAP_SERVERS, DEFAULT_TOPIC_PREFIX, ENV_BOOTSTRAP_SERVERS
+from ..errors import EventBusError, ValidationError
+from ..ports import BatchHandler, IEventBus, InboundMessage, OutboxMessage, Subscription
+
+__all__ = ["KafkaEventBus", "KafkaSubscription"]
+
+_log = logging.getLogger("orchestrator_kafka.kafka")
+
+# Backoff before redelivering a batch whose handler raised: short enough that a transient failure
+# (a Redis blip) costs little, capped so a poison batch does not spin the CPU or flood the log.
+_BACKOFF_START = 0.1
+_BACKOFF_MAX = 5.0
+# How long one getmany waits for records. Stopping cancels the wait, so this only bounds idle loops.
+_POLL_TIMEOUT_MS = 1000
+# Poll interval while waiting for a new topic's partitions to get leaders.
+_LEADER_POLL = 0.05
+
+_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_SASL_MECHANISMS = ("PLAIN", "GSSAPI", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+
+
+class KafkaSubscription(Subscription):
+    """One consumer-group member running a batch handler; made by :meth:`KafkaEventBus.subscribe`."""
+
+    def __init__(
+        self,
+        consumer: Any,
+        topics: Sequence[str],
+        group: str,
+        handler: BatchHandler,
+        *,
+        max_batch: int,
+        stop_grace: float,
+        revoke_wait: float,
+        on_stopped: Callable[[KafkaSubscription], None],
+    ) -> None:
+        self._consumer = consumer
+        self.topics: tuple[str, ...] = tuple(topics)
+        self.group = group
+        self._handler = handler
+        self._max_batch = max_batch
+        self._stop_grace = stop_grace
+        self._revoke_wait = revoke_wait
+        self._on_stopped = on_stopped
+        self._task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Future[None] | None = None
+        self._stopping = False
+        # True while the loop waits (poll or backoff): only then may stop() cancel it without
+        # cutting a batch in half.
+        self._cancellable = False
+        # Set when no batch is in hand; the revocation callback waits on it so the batch's commit
+        # lands before its partitions move to another member (fewer duplicates after a rebalance).
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._assigned = asyncio.Event()
+
+    @property
+    def assignment(self) -> frozenset[tuple[str, int]]:
+        """The ``(topic, partition)`` pairs this member owns right now."""
+        return frozenset((tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    async def _start(self, wait: float) -> None:
+        # Starts the consumer, joins the group and waits for the first assignment; on any failure
+        # the consumer is stopped again so nothing is left running.
+        ok = False
+        try:
+            async with asyncio.timeout(wait):
+                await self._consumer.start()
+                self._consumer.subscribe(topics=list(self.topics), listener=_Listener(self))
+                await self._assigned.wait()
+            self._task = asyncio.create_task(self._run(), name=f"kafka-subscription[{self.group}]")
+            ok = True
+        except TimeoutError as exc:
+            raise EventBusError(
+                f"consumer group {self.group!r} got no partition assignment for {list(self.topics)} "
+                f"within {wait:g}s"
+            ) from exc
+        except (KafkaError, OSError) as exc:
+            raise EventBusError(f"consumer group {self.group!r} could not start: {exc!r}") from exc
+        finally:
+            if not ok:
+                await _quietly("consumer stop", self._consumer.stop())
+
+    async def stop(self) -> None:
+        """Stop consuming after the batch in hand, then leave the group; idempotent and safe to call
+        concurrently. A batch still running after the grace period (the bus's ``start_timeout``) is
+        cancelled uncommitted, so it is redelivered to the group."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._shutdown())
+        # Shielded so a cancelled caller does not leave the consumer half-closed.
+        await asyncio.shield(self._stop_task)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        task = self._task
+        if task is not None and not task.done():
+            if self._cancellable:
+                task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=self._stop_grace)
+            if not done:
+                _log.warning(
+                    "group %s: batch still running %.1fs after stop; cancelling it (it will be redelivered)",
+                    self.group,
+                    self._stop_grace,
+                )
+                task.cancel()
+                await asyncio.wait({task})
+        await _quietly("consumer stop", self._consumer.stop())
+        self._on_stopped(self)
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        backoff = _BACKOFF_START
+        while not self._stopping:
+            self._cancellable = True
+            try:
+                records: dict[Any, list[Any]] = await consumer.getmany(
+                    timeout_ms=_POLL_TIMEOUT_MS, max_records=self._max_batch
+                )
+            except KafkaError as exc:
+                # Connection loss is retried inside aiokafka and never gets here; what does is
+                # e.g. an authorization or record-size error. Keep going, slowly.
+                _log.warning("group %s: fetch failed: %r; retrying in %.1fs", self.group, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            finally:
+                self._cancellable = False
+            if not records:
+                continue
+            self._idle.clear()
+            try:
+                handled = await self._handle(records, backoff)
+            finally:
+                self._idle.set()
+            if handled:
+                backoff = _BACKOFF_START
+            elif not self._stopping:
+                self._cancellable = True
+                try:
+                    await asyncio.sleep(backoff)
+                finally:
+                    self._cancellable = False
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _handle(self, records: dict[Any, list[Any]], backoff: float) -> bool:
+        """Run the handler on one batch and commit it; False when the handler raised."""
+        batch = [
+            InboundMessage(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers))
+            for recs in records.values()
+            for r in recs
+        ]
+        try:
+            await self._handler(batch)
+        except Exception:  # noqa: BLE001 - a failing handler gets its batch again
+            _log.exception(
+                "group %s: handler failed on a batch of %d messages; redelivering it in %.1fs",
+                self.group,
+                len(batch),
+                backoff,
+            )
+            self._rewind(records)
+            return False
+        offsets = {tp: recs[-1].offset + 1 for tp, recs in records.items()}
+        try:
+            await self._consumer.commit(offsets)
+        except (KafkaError, OSError) as exc:
+            # CommitFailedError / IllegalStateError after a rebalance: the partitions' new owner
+            # starts from the last committed offset and sees this batch again (at-least-once).
+            _log.warning("group %s: commit of %d messages failed: %r", self.group, len(batch), exc)
+        return True
+
+    def _rewind(self, records: dict[Any, list[Any]]) -> None:
+        # Seek each partition back to the batch's first offset, dropping anything prefetched after
+        # it, so the next getmany returns the same messages.
+        for tp, recs in records.items():
+            # A partition revoked meanwhile cannot be sought: its new owner reads from the committed
+            # offset anyway.
+            with contextlib.suppress(IllegalStateError):
+                self._consumer.seek(tp, recs[0].offset)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka's ABC is untyped
+    def __init__(self, subscription: KafkaSubscription) -> None:
+        self._sub = subscription
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        # aiokafka awaits this before re-joining, while the generation is still valid: waiting for
+        # the batch in hand lets its commit succeed instead of failing with CommitFailedError.
+        if revoked and not self._sub._idle.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._sub._revoke_wait):
+                    await self._sub._idle.wait()
+
+    async def on_partitions_assigned(self, assigned: set[Any]) -> None:
+        _log.debug("group %s: assigned %s", self._sub.group, sorted(map(str, assigned)))
+        self._sub._assigned.set()
+
+
+class KafkaEventBus(IEventBus):
+    """An :class:`IEventBus` on Apache Kafka through aiokafka.
+
+    ``bootstrap_servers`` None means ``$KAFKA_BOOTSTRAP_SERVERS`` or ``localhost:9092``. New topics get
+    ``partitions`` partitions and ``replication_factor`` replicas. The security settings go to the
+    producer, every consumer and the admin client alike. ``start_timeout`` bounds connecting, waiting for
+    a partition assignment, and how long ``stop`` waits for a batch in hand.
+
+    Raises:
+        ValidationError: an inconsistent setting (unknown security protocol, SSL without a context, ...).
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | None = None,
+        *,
+        topic_prefix: str = DEFAULT_TOPIC_PREFIX,
+        partitions: int = 4,
+        replication_factor: int = 1,
+        client_id: str = "orchestrator-kafka",
+        security_protocol: str = "PLAINTEXT",
+        sasl_mechanism: str | None = None,
+        sasl_plain_username: str | None = None,
+        sasl_plain_password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        linger_ms: int = 2,
+        max_poll_interval_ms: int = 300_000,
+        session_timeout_ms: int = 10_000,
+        start_timeout: float = 30.0,
+    ) -> None:
+        if partitions < 1 or replication_factor < 1:
+            raise ValidationError("partitions and replication_factor must be at least 1")
+        if start_timeout <= 0:
+            raise ValidationError("start_timeout must be positive")
+        if security_protocol not in _SECURITY_PROTOCOLS:
+            raise ValidationError(f"security_protocol must be one of {_SECURITY_PROTOCOLS}")
+        if security_protocol.endswith("SSL") and ssl_context is None:
+            raise ValidationError(f"security_protocol {security_protocol} needs an ssl_context")
+        mechanism = sasl_mechanism or "PLAIN"
+        if security_protocol.startswith("SASL"):
+            if mechanism not in _SASL_MECHANISMS:
+                raise ValidationError(f"sasl_mechanism must be one of {_SASL_MECHANISMS}")
+            if mechanism == "PLAIN" and (sasl_plain_username is None or sasl_plain_password is None):
+                raise ValidationError("SASL PLAIN needs sasl_plain_username and sasl_plain_password")
+
+        self.bootstrap_servers: str = bootstrap_servers or os.environ.get(
+            ENV_BOOTSTRAP_SERVERS, DEFAULT_BOOTSTRAP_SERVERS
+        )
+        self.topic_prefix = topic_prefix
+        self.partitions = partitions
+        self.replication_factor = replication_factor
+        self.client_id = client_id
+        self._linger_ms = linger_ms
+        self._max_poll_interval_ms = max_poll_interval_ms
+        self._session_timeout_ms = session_timeout_ms
+        self._start_timeout = start_timeout
+        self._common: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": security_protocol,
+            "sasl_mechanism": mechanism,
+            "sasl_plain_username": sasl_plain_username,
+            "sasl_plain_password": sasl_plain_password,
+            "ssl_context": ssl_context,
+        }
+        self._producer: Any = None
+        self._admin: Any = None
+        self._lifecycle = asyncio.Lock()
+        self._topics_lock = asyncio.Lock()
+        self._known_topics: set[str] = set()
+        self._subscriptions: set[KafkaSubscription] = set()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def started(self) -> bool:
+        """True between a successful :meth:`start` and :meth:`stop`."""
+        return self._producer is not None
+
+    async def start(self) -> None:
+        """Connect the shared producer and the admin client; idempotent.
+
+        Raises:
+            EventBusError: the brokers could not be reached within ``start_timeout``; nothing is left
+                running.
+        """
+        async with self._lifecycle:
+            if self._producer is not None:
+                return
+            producer: Any = None
+            admin: Any = None
+            ok = False
+            try:
+                async with asyncio.timeout(self._start_timeout):
+                    producer = AIOKafkaProducer(
+                        client_id=f"{self.client_id}-producer",
+                        acks="all",
+                        enable_idempotence=True,
+                        linger_ms=self._linger_ms,
+                        compression_type=None,
+                        **self._common,
+                    )
+                    admin = AIOKafkaAdminClient(client_id=f"{self.client_id}-admin", **self._common)
+                    await producer.start()
+                    await admin.start()
+                ok = True
+            except (TimeoutError, KafkaError, OSError) as exc:
+                # aiokafka raises KafkaConnectionError("Unable to bootstrap from [...]") on refusal
+                # but may wait far longer (request_timeout_ms, 40 s) on a black hole: hence the
+                # timeout and one clear error naming the servers.
+                reason = (
+                    f"no answer within {self._start_timeout:g}s" if isinstance(exc, TimeoutError) else exc
+                )
+                raise EventBusError(
+                    f"cannot connect to Kafka at {self.bootstrap_servers!r}: {reason}"
+                ) from exc
+            finally:
+                if not ok:
+                    if producer is not None:
+                        await _quietly("producer stop", producer.stop())
+                    if admin is not None:
+                        await _quietly("admin close", admin.close())
+            self._producer = producer
+            self._admin = admin
+
+    async def stop(self) -> None:
+        """Stop every subscription, flush and stop the producer, close the admin client; idempotent.
+        The bus may be started again afterwards."""
+        async with self._lifecycle:
+            subscriptions = list(self._subscriptions)
+            if subscriptions:
+                await asyncio.gather(*(sub.stop() for sub in subscriptions), return_exceptions=True)
+            self._subscriptions.clear()
+            producer, admin = self._producer, self._admin
+            self._producer = self._admin = None
+            if producer is not None:
+                await _quietly("producer stop", producer.stop())
+            if admin is not None:
+                await _quietly("admin close", admin.close())
+
+    def _require_started(self) -> None:
+        if self._producer is None:
+            raise EventBusError("the Kafka event bus is not started; call start() first")
+
+    # ---------------------------------------------------------------- topics
+
+    async def ensure_topics(self, topics: Sequence[str]) -> None:
+        """Create the topics that do not exist yet (``partitions`` x ``replication_factor``) and wait
+        until their partitions have leaders. Topics seen before cost nothing. If the credentials may not
+        create topics, existing topics are assumed to be managed by the operator.
+
+        Raises:
+            EventBusError: not started, or the broker refused to create a topic.
+        """
+        self._require_started()
+        if all(t in self._known_topics for t in topics):
+            return
+        async with self._topics_lock:
+            missing = sorted({t for t in topics if t not in self._known_topics})
+            if not missing:
+                return
+            try:
+                created = await self._create_topics(missing)
+                if created:
+                    await self._wait_for_leaders(created)
+            except (KafkaError, OSError) as exc:
+                raise EventBusError(f"could not create topics {missing}: {exc!r}") from exc
+            self._known_topics.update(missing)
+
+    async def _create_topics(self, names: list[str]) -> list[str]:
+        """Issue one CreateTopics request; the names actually created (not already there)."""
+        new = [NewTopic(n, self.partitions, self.replication_factor) for n in names]
+        response = await self._admin.create_topics(new, timeout_ms=int(self._start_timeout * 1000))
+        created: list[str] = []
+        for entry in response.topic_errors:
+            # (topic, error_code) in v0, (topic, error_code, error_message) from v1 on. aiokafka
+            # returns the codes instead of raising them.
+            name, code = entry[0], entry[1]
+            if code == 0:
+                created.append(name)
+                continue
+            error = for_code(code)
+            if error is TopicAlreadyExistsError:
+                continue
+            if error in (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+                _log.warning("not allowed to create topic %s; assuming the operator manages it", name)
+                continue
+            message = entry[2] if len(entry) > 2 and entry[2] else error.__name__
+            raise EventBusError(f"Kafka refused to create topic {name!r}: {message}")
+        return created
+
+    async def _wait_for_leaders(self, names: list[str]) -> None:
+        # CreateTopics can return before every partition has a leader in the metadata; a consumer
+        # joining then would be assigned none of the topic's partitions, and a producer would wait.
+        try:
+            async with asyncio.timeout(self._start_timeout):
+                while True:
+                    described = await self._admin.describe_topics(names)
+                    if _all_led(described, names):
+                        return
+                    await asyncio.sleep(_LEADER_POLL)
+        except TimeoutError as exc:
+            raise EventBusError(
+                f"topics {names} got no partition leaders within {self._start_timeout:g}s"
+            ) from exc
+
+    # ---------------------------------------------------------------- publish
+
+    async def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        """Publish ``messages`` (keyed, with their headers) and return once every one is acknowledged by
+        the brokers (``acks=all``, idempotent producer). Sends are all queued first and their deliveries
+        awaited together, so a batch costs about one round trip. Topics not seen before are created.
+
+        Raises:
+            EventBusError: not started, or any message could not be published (the others may have been:
+                publishing again is safe for at-least-once consumers).
+        """
+        producer = self._producer
+        if producer is None:
+            raise EventBusError("the Kafka event bus is not started; call start() first")
+        if not messages:
+            return
+        known = self._known_topics
+        if any(m.topic not in known for m in messages):
+            await self.ensure_topics([m.topic for m in messages])
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for m in messages:
+                # send() only appends to the accumulator and returns the delivery future; awaiting
+                # it is cheap except when the buffer is full (back-pressure).
+                futures.append(
+                    await producer.send(m.topic, m.value, key=m.key.encode(), headers=list(m.headers))
+                )
+        except (KafkaError, OSError, ValueError, TypeError) as exc:
+            # Retrieve the queued deliveries so none is left with an unobserved exception.
+            await asyncio.gather(*futures, return_exceptions=True)
+            raise EventBusError(
+                f"could not queue message {len(futures)} of {len(messages)}: {exc!r}"
+            ) from exc
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise EventBusError(
+                f"{len(failures)} of {len(messages)} messages were not published: {failures[0]!r}"
+            ) from failures[0]
+
+    # ---------------------------------------------------------------- subscribe
+
+    async def subscribe(
+        self,
+        topics: Sequence[str],
+        group: str,
+        handler: BatchHandler,
+        *,
+        max_batch: int = 500,
+    ) -> Subscription:
+        """Consume ``topics`` as a member of consumer group ``group`` (created first if missing).
+
+        Returns once the member has its partition assignment; a new group starts at the earliest offset,
+        so a message published after this returns is never missed. ``handler`` gets batches of at most
+        ``max_batch`` messages across partitions; offsets are committed once per batch after it returns,
+        and a batch it raises on is redelivered after a backoff (0.1 s doubling to 5 s).
+
+        Raises:
+            ValidationError: no topics, or ``max_batch`` < 1.
+            EventBusError: not started, topics could not be created, or no assignment within
+                ``start_timeout``.
+        """
+        self._require_started()
+        if not topics:
+            raise ValidationError("subscribe needs at least one topic")
+        if max_batch < 1:
+            raise ValidationError("max_batch must be at least 1")
+        await self.ensure_topics(topics)
+        consumer = AIOKafkaConsumer(
+            client_id=f"{self.client_id}-consumer",
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=self._max_poll_interval_ms,
+            session_timeout_ms=self._session_timeout_ms,
+            # aiokafka defaults the rebalance timeout to the session timeout; the Java client (and
+            # the meaning of max_poll_interval) give a member in the middle of a batch that long.
+            rebalance_timeout_ms=self._max_poll_interval_ms,
+            heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
+            **self._common,
+        )
+        sub = KafkaSubscription(
+            consumer,
+            topics,
+            group,
+            handler,
+            max_batch=max_batch,
+            stop_grace=self._start_timeout,
+            revoke_wait=self._max_poll_interval_ms / 1000,
+            on_stopped=self._subscriptions.discard,
+        )
+        await sub._start(self._start_timeout)
+        self._subscriptions.add(sub)
+        return sub
+
+
+def _all_led(described: Iterable[Any], names: Sequence[str]) -> bool:
+    """True when every topic of ``names`` is in the metadata with all its partitions led."""
+    seen: set[str] = set()
+    for topic in described:
+        if topic["error_code"] != 0 or not topic["partitions"]:
+            return False
+        if any(p["error_code"] != 0 or p["leader"] < 0 for p in topic["partitions"]):
+            return False
+        seen.add(topic["topic"])
+    return seen.issuperset(names)
+
+
+async def _quietly(what: str, awaitable: Any) -> None:
+    # Tearing down must not mask the error that caused it, nor stop the rest of the teardown.
+    try:
+        await awaitable
+    except (KafkaError, OSError, RuntimeError) as exc:
+        _log.warning("%s failed: %r", what, exc)

@@ -1,0 +1,188 @@
+"""The IEventBus contract, run against every implementation alike."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import pytest
+
+from orchestrator_kafka import EventBusError, InMemoryEventBus
+from orchestrator_kafka.ports import IEventBus, InboundMessage, OutboxMessage
+
+from ..conftest import require_kafka, unique
+
+BusFactory = Callable[[], IEventBus]
+
+
+class Collector:
+    def __init__(self, fail_times: int = 0) -> None:
+        self.batches: list[list[InboundMessage]] = []
+        self.fail_times = fail_times
+
+    async def __call__(self, batch: Sequence[InboundMessage]) -> None:
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise RuntimeError("handler failed")
+        self.batches.append(list(batch))
+
+    @property
+    def messages(self) -> list[InboundMessage]:
+        return [m for b in self.batches for m in b]
+
+    async def wait(self, count: int, timeout: float = 30.0) -> list[InboundMessage]:
+        async def poll() -> None:
+            while len(self.messages) < count:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(poll(), timeout)
+        return self.messages
+
+
+class EventBusContract:
+    """Subclasses provide ``make_bus``: a factory of started buses that share one broker."""
+
+    @pytest.fixture
+    def topic(self) -> str:
+        return unique("topic")
+
+    async def test_messages_arrive_with_keys_headers_and_per_key_order(
+        self, make_bus: BusFactory, topic: str
+    ) -> None:
+        bus = make_bus()
+        await bus.start()
+        await bus.ensure_topics([topic])
+        messages = [
+            OutboxMessage(
+                topic, f"key-{i % 3}", f"value-{i}".encode(), (("n", str(i).encode()), ("bin", b"\xff"))
+            )
+            for i in range(30)
+        ]
+        await bus.publish(messages)
+        got = Collector()
+        await bus.subscribe([topic], unique("g"), got)  # a new group starts from the earliest offset
+        received = await got.wait(30)
+        assert sorted(m.value or b"" for m in received) == sorted(m.value for m in messages)
+        for m in received:
+            headers = dict(m.headers)
+            assert headers["bin"] == b"\xff"
+            assert m.key == f"key-{int(headers['n']) % 3}".encode()
+        for key in ("key-0", "key-1", "key-2"):
+            in_order = [int(dict(m.headers)["n"]) for m in received if m.key == key.encode()]
+            assert in_order == sorted(in_order)
+            assert len({m.partition for m in received if m.key == key.encode()}) == 1
+
+    async def test_subscribe_returns_ready_so_nothing_published_after_is_missed(
+        self, make_bus: BusFactory, topic: str
+    ) -> None:
+        consumer_bus, producer_bus = make_bus(), make_bus()
+        await consumer_bus.start()
+        await producer_bus.start()
+        got = Collector()
+        await consumer_bus.subscribe([topic], unique("g"), got)
+        await producer_bus.publish([OutboxMessage(topic, "k", b"after")])
+        assert [m.value for m in await got.wait(1)] == [b"after"]
+
+    async def test_batches_respect_max_batch(self, make_bus: BusFactory, topic: str) -> None:
+        bus = make_bus()
+        await bus.start()
+        await bus.publish([OutboxMessage(topic, "same-key", str(i).encode()) for i in range(50)])
+        got = Collector()
+        await bus.subscribe([topic], unique("g"), got, max_batch=7)
+        await got.wait(50)
+        assert max(len(b) for b in got.batches) <= 7
+        assert [int(m.value or b"") for m in got.messages] == list(range(50))
+
+    async def test_a_failing_handler_gets_the_batch_again_and_offsets_follow_success(
+        self, make_bus: BusFactory, topic: str
+    ) -> None:
+        bus = make_bus()
+        await bus.start()
+        group = unique("g")
+        await bus.publish([OutboxMessage(topic, "k", str(i).encode()) for i in range(5)])
+        flaky = Collector(fail_times=2)
+        subscription = await bus.subscribe([topic], group, flaky)
+        assert [int(m.value or b"") for m in await flaky.wait(5)] == list(range(5))
+        await subscription.stop()
+        await subscription.stop()  # idempotent
+        # A new member of the same group resumes after what was handled: no repeats, nothing lost.
+        await bus.publish([OutboxMessage(topic, "k", b"5")])
+        later = Collector()
+        await bus.subscribe([topic], group, later)
+        assert [m.value for m in await later.wait(1)] == [b"5"]
+        await asyncio.sleep(0.5)
+        assert [m.value for m in later.messages] == [b"5"]
+
+    async def test_every_group_gets_every_message(self, make_bus: BusFactory, topic: str) -> None:
+        bus = make_bus()
+        await bus.start()
+        a, b = Collector(), Collector()
+        await bus.subscribe([topic], unique("g"), a)
+        await bus.subscribe([topic], unique("g"), b)
+        await bus.publish([OutboxMessage(topic, str(i), b"x") for i in range(10)])
+        assert len(await a.wait(10)) == 10
+        assert len(await b.wait(10)) == 10
+
+    async def test_members_of_one_group_share_the_partitions(self, make_bus: BusFactory, topic: str) -> None:
+        bus_a, bus_b = make_bus(), make_bus()
+        await bus_a.start()
+        await bus_b.start()
+        group = unique("g")
+        a, b = Collector(), Collector()
+        await bus_a.subscribe([topic], group, a)
+        await bus_b.subscribe([topic], group, b)
+        await bus_a.publish([OutboxMessage(topic, f"key-{i}", str(i).encode()) for i in range(40)])
+
+        async def all_in() -> None:
+            while len(a.messages) + len(b.messages) < 40:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(all_in(), 60)
+        values = sorted(int(m.value or b"") for m in a.messages + b.messages)
+        assert values == list(range(40))  # each once, across the members
+
+    async def test_use_before_start_is_a_clear_error(self, make_bus: BusFactory, topic: str) -> None:
+        bus = make_bus()
+        with pytest.raises(EventBusError, match="start"):
+            await bus.publish([OutboxMessage(topic, "k", b"v")])
+        await bus.stop()  # stopping a bus that never started is fine
+        await bus.start()
+        await bus.start()  # idempotent
+        await bus.stop()
+        await bus.stop()
+
+
+class TestInMemoryEventBus(EventBusContract):
+    @pytest.fixture
+    async def make_bus(self) -> AsyncIterator[BusFactory]:
+        # One in-process broker; each "bus" is a handle on it, as Kafka clients are.
+        shared = InMemoryEventBus(partitions=4, redelivery_delay=0.01)
+        made: list[InMemoryEventBus] = []
+
+        def make() -> IEventBus:
+            handle = InMemoryEventBus.sharing(shared)
+            made.append(handle)
+            return handle
+
+        yield make
+        for bus in made:
+            await bus.stop()
+
+
+@pytest.mark.kafka
+class TestKafkaEventBus(EventBusContract):
+    @pytest.fixture
+    async def make_bus(self) -> AsyncIterator[BusFactory]:
+        from orchestrator_kafka import KafkaEventBus
+
+        bootstrap = require_kafka()
+        made: list[IEventBus] = []
+
+        def make() -> IEventBus:
+            bus = KafkaEventBus(bootstrap, topic_prefix=unique("c"), partitions=4)
+            made.append(bus)
+            return bus
+
+        yield make
+        for bus in made:
+            await bus.stop()

@@ -1,0 +1,366 @@
+"""A small, pure harness around :func:`orchestrator_kafka.engine.decide` for the unit tests.
+
+:class:`Driver` feeds one saga event by event and keeps what the engine asked for: every command it
+dispatched and the timers that are still set. It checks the version rule on every transition.
+
+:func:`simulate` runs a random "world" of workers against a workflow: results are delivered in any
+order, some twice, some never (the step's timeout fires instead), timers fire in any order (a few twice)
+and a cancel may arrive at any point. It returns a :class:`Run`, the full log, for the property tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from orchestrator_kafka.context import SagaContext
+from orchestrator_kafka.engine import Event, TimerFired, Transition, decide
+from orchestrator_kafka.models import (
+    CancelBody,
+    CancelSaga,
+    CommandBody,
+    ErrorInfo,
+    ResultBody,
+    StartBody,
+    StartSaga,
+    StepCommand,
+    StepResult,
+)
+from orchestrator_kafka.ports import Timer
+from orchestrator_kafka.workflow import RetryPolicy, WorkflowBuilder, WorkflowDefinition
+
+T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+TX = "tx-1"
+_event_ids = itertools.count(1)
+
+
+def _event_id() -> str:
+    return f"ev-{next(_event_ids)}"
+
+
+def start_event(definition: WorkflowDefinition, data: dict[str, Any] | None = None, tx: str = TX) -> StartSaga:
+    return StartSaga(
+        event_id=_event_id(),
+        transaction_id=tx,
+        workflow_id=definition.get_id(),
+        occurred_at=T0,
+        body=StartBody(context=dict(data or {})),
+    )
+
+
+def cancel_event(definition: WorkflowDefinition, tx: str = TX, reason: str | None = None) -> CancelSaga:
+    return CancelSaga(
+        event_id=_event_id(),
+        transaction_id=tx,
+        workflow_id=definition.get_id(),
+        occurred_at=T0,
+        body=CancelBody(reason=reason),
+    )
+
+
+def result_event(
+    command: StepCommand | CommandBody,
+    *,
+    ok: bool = True,
+    result: dict[str, Any] | None = None,
+    retryable: bool = True,
+    workflow_id: str = "wf",
+    tx: str = TX,
+) -> StepResult:
+    """The worker's answer to ``command``: a success with ``result``, or a failure."""
+    body = command.body if isinstance(command, StepCommand) else command
+    if isinstance(command, StepCommand):
+        workflow_id, tx = command.workflow_id, command.transaction_id
+    return StepResult(
+        event_id=_event_id(),
+        transaction_id=tx,
+        workflow_id=workflow_id,
+        occurred_at=T0,
+        body=ResultBody(
+            command_id=body.command_id,
+            step=body.step,
+            kind=body.kind,
+            attempt=body.attempt,
+            status="succeeded" if ok else "failed",
+            result=result if ok else None,
+            error=None if ok else ErrorInfo(type="Boom", message="it broke", retryable=retryable),
+        ),
+    )
+
+
+def check_transition(before: SagaContext | None, t: Transition) -> None:
+    """The version rule: +1 per changed transition, unchanged otherwise; audit carries the version."""
+    if t.changed:
+        assert t.saga is not None
+        assert t.saga.version == (before.version if before is not None else 0) + 1
+        assert all(a.body.version == t.saga.version for a in t.audit)
+    else:
+        assert not t.commands and not t.timers and not t.cancel_timers and not t.audit
+        if before is None:
+            assert t.saga is None
+        else:
+            assert t.saga is not None and t.saga.version == before.version
+
+
+@dataclass
+class Driver:
+    """Feeds events to one saga and remembers what the engine asked for."""
+
+    definition: WorkflowDefinition
+    now: datetime = T0
+    saga: SagaContext | None = None
+    commands: list[tuple[str, StepCommand]] = field(default_factory=list)
+    timers: dict[str, Timer] = field(default_factory=dict)
+    transitions: list[Transition] = field(default_factory=list)
+
+    def feed(self, event: Event) -> Transition:
+        before = self.saga
+        t = decide(self.definition, before, event, self.now)
+        check_transition(before, t)
+        self.transitions.append(t)
+        if t.changed:
+            self.saga = t.saga
+        self.commands.extend(t.commands)
+        for timer_id in t.cancel_timers:
+            self.timers.pop(timer_id, None)
+        for timer in t.timers:
+            self.timers[timer.timer_id] = timer
+        return t
+
+    @property
+    def state(self) -> str:
+        assert self.saga is not None
+        return self.saga.state.value
+
+    def start(self, **data: Any) -> Transition:
+        return self.feed(start_event(self.definition, data))
+
+    def cancel(self, reason: str | None = None) -> Transition:
+        return self.feed(cancel_event(self.definition, reason=reason))
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+    def command(self, step: str, kind: str = "execute", attempt: int | str | None = None) -> StepCommand:
+        """The last command dispatched for ``step`` of ``kind`` (and ``attempt``, if given)."""
+        for _, cmd in reversed(self.commands):
+            if cmd.body.step != step or cmd.body.kind != kind:
+                continue
+            if attempt is None or cmd.body.command_id.endswith(f":{attempt}"):
+                return cmd
+        raise AssertionError(f"no {kind} command for {step!r} (attempt {attempt})")
+
+    def succeed(
+        self, step: str, result: dict[str, Any] | None = None, *, kind: str = "execute", attempt: Any = None
+    ) -> Transition:
+        return self.feed(result_event(self.command(step, kind, attempt), result=result or {}))
+
+    def fail(self, step: str, *, kind: str = "execute", retryable: bool = True, attempt: Any = None) -> Transition:
+        return self.feed(result_event(self.command(step, kind, attempt), ok=False, retryable=retryable))
+
+    def timer(self, step: str, kind: str = "timeout") -> Timer:
+        """The one active timer of ``kind`` for ``step``."""
+        found = [t for t in self.timers.values() if t.step == step and t.kind == kind]
+        assert len(found) == 1, f"expected one {kind} timer for {step!r}, found {found}"
+        return found[0]
+
+    def fire(self, timer: Timer) -> Transition:
+        """Fire ``timer`` at its due time (the clock never goes back)."""
+        self.timers.pop(timer.timer_id, None)
+        due = datetime.fromtimestamp(timer.due_at, UTC)
+        self.now = max(self.now, due)
+        return self.feed(TimerFired(timer))
+
+
+def actions(t: Transition) -> list[str]:
+    return [a.body.action for a in t.audit]
+
+
+def sent(t: Transition) -> list[tuple[str, str]]:
+    """(topic, command_id) of every command of ``t``, in order."""
+    return [(topic, cmd.body.command_id) for topic, cmd in t.commands]
+
+
+# ====================================================================== the property-test simulator
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    compensation: bool
+    timeout: float | None = None
+    condition: str | None = None  # the initial-data key that must be true for the step to run
+    retries: int | None = None  # the step's own RetryPolicy(max_retries=...), else the workflow's
+
+
+@dataclass(frozen=True)
+class Shape:
+    stages: tuple[tuple[StepSpec, ...], ...]
+    max_retries: int
+    data: dict[str, bool]
+
+
+def build(shape: Shape) -> WorkflowDefinition:
+    builder = WorkflowBuilder("wf").with_retry_config(
+        max_retries=shape.max_retries, backoff_factor=2.0, initial_delay=1.0, max_delay=5.0
+    )
+
+    def kwargs(spec: StepSpec) -> dict[str, Any]:
+        return {
+            "compensation": f"undo-{spec.name}" if spec.compensation else None,
+            "timeout": spec.timeout,
+            "retry": None if spec.retries is None else RetryPolicy(max_retries=spec.retries, initial_delay=0.5),
+        }
+
+    for stage in shape.stages:
+        if len(stage) > 1:
+            builder.add_parallel_steps([{"name": s.name, "worker_name": f"do-{s.name}", **kwargs(s)} for s in stage])
+        elif stage[0].condition is not None:
+            key = stage[0].condition
+            builder.add_conditional_step(
+                stage[0].name, f"do-{stage[0].name}", lambda ctx, key=key: bool(ctx.get(key)), **kwargs(stage[0])
+            )
+        else:
+            builder.add_step(stage[0].name, f"do-{stage[0].name}", **kwargs(stage[0]))
+    return builder.build()
+
+
+Outcome = Literal["ok", "fail", "fatal", "lost"]
+
+
+@dataclass
+class World:
+    """How workers answer: drawn once per command id, with per-run odds."""
+
+    rng: random.Random
+    p_fail: float
+    p_fatal: float
+    p_lost: float
+    p_comp_fail: float
+    p_comp_fatal: float
+    p_dup: float
+    p_timer: float
+    cancel_at: int | None
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> World:
+        return cls(
+            rng=rng,
+            p_fail=rng.choice([0.0, 0.2, 0.5]),
+            p_fatal=rng.choice([0.0, 0.05, 0.2]),
+            p_lost=rng.choice([0.0, 0.2, 0.5]),
+            p_comp_fail=rng.choice([0.0, 0.3, 0.6]),
+            p_comp_fatal=rng.choice([0.0, 0.0, 0.05]),
+            p_dup=rng.choice([0.0, 0.2, 0.5]),
+            p_timer=rng.choice([0.1, 0.3, 0.6]),
+            cancel_at=rng.choice([None, None, rng.randrange(1, 40)]),
+        )
+
+    def outcome(self, cmd: CommandBody, has_timeout: bool) -> Outcome:
+        if cmd.command_id in self.outcomes:
+            return self.outcomes[cmd.command_id]
+        r = self.rng.random()
+        if ":late-" in cmd.command_id:
+            outcome: Outcome = "ok"
+        elif cmd.kind == "execute":
+            outcome = "fatal" if r < self.p_fatal else "fail" if r < self.p_fatal + self.p_fail else "ok"
+            if outcome == "ok" and has_timeout and self.rng.random() < self.p_lost:
+                outcome = "lost"
+        else:
+            outcome = "fatal" if r < self.p_comp_fatal else "fail" if r < self.p_comp_fail else "ok"
+            if outcome == "ok" and has_timeout and self.rng.random() < self.p_lost / 2:
+                outcome = "lost"
+        self.outcomes[cmd.command_id] = outcome
+        return outcome
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One call of ``decide``: the event, the saga before it and the transition."""
+
+    index: int
+    event: Event
+    before: SagaContext | None
+    transition: Transition
+
+
+@dataclass
+class Run:
+    definition: WorkflowDefinition
+    shape: Shape
+    log: list[Entry]
+    saga: SagaContext
+    timers_left: dict[str, Timer]
+    outcomes: dict[str, Outcome]
+
+
+def simulate(shape: Shape, rng: random.Random, max_events: int = 3000) -> Run:
+    definition = build(shape)
+    world = World.draw(rng)
+    log: list[Entry] = []
+    pool: list[StepResult] = []  # results on their way back, delivered in any order
+    copies: dict[str, int] = {}
+    timers: dict[str, Timer] = {}
+    fired: list[Timer] = []
+    saga: SagaContext | None = None
+    now = T0
+
+    def feed(event: Event) -> None:
+        nonlocal saga
+        t = decide(definition, saga, event, now)
+        check_transition(saga, t)
+        log.append(Entry(len(log), event, saga, t))
+        if t.changed:
+            saga = t.saga
+        for timer_id in t.cancel_timers:
+            timers.pop(timer_id, None)
+        for timer in t.timers:
+            assert timer.timer_id not in timers, f"timer {timer.timer_id} set twice"
+            timers[timer.timer_id] = timer
+        for _, cmd in t.commands:
+            step = definition.step(cmd.body.step)
+            assert step is not None
+            outcome = world.outcome(cmd.body, step.timeout is not None)
+            if outcome != "lost":
+                pool.append(
+                    result_event(
+                        cmd,
+                        ok=outcome == "ok",
+                        result={f"r_{cmd.body.step}": cmd.body.attempt},
+                        retryable=outcome != "fatal",
+                    )
+                )
+
+    feed(start_event(definition, shape.data))
+    for count in range(max_events):
+        if world.cancel_at is not None and count == world.cancel_at:
+            feed(cancel_event(definition, reason="user"))
+            continue
+        now += timedelta(milliseconds=rng.randrange(1, 500))
+        if fired and rng.random() < 0.03:
+            feed(TimerFired(rng.choice(fired)))  # a timer delivered twice (lease expired)
+        elif timers and (not pool or rng.random() < world.p_timer):
+            ordered = sorted(timers.values(), key=lambda t: (t.due_at, t.timer_id))
+            timer = ordered[0] if rng.random() < 0.7 else rng.choice(ordered)
+            del timers[timer.timer_id]
+            fired.append(timer)
+            now = max(now, datetime.fromtimestamp(timer.due_at, UTC))
+            feed(TimerFired(timer))
+        elif pool:
+            message = pool.pop(rng.randrange(len(pool)))
+            cid = message.body.command_id
+            if rng.random() < world.p_dup and copies.get(cid, 0) < 2:
+                copies[cid] = copies.get(cid, 0) + 1
+                again = message.model_copy(update={"event_id": _event_id()}) if rng.random() < 0.5 else message
+                pool.insert(rng.randrange(len(pool) + 1), again)
+            feed(message)
+        else:
+            break
+    else:
+        raise AssertionError(f"not quiescent after {max_events} events")
+    assert saga is not None
+    return Run(definition, shape, log, saga, timers, world.outcomes)
