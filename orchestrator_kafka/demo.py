@@ -97,21 +97,23 @@ def order_worker(bus: InMemoryEventBus) -> Worker:
     return worker
 
 
-def describe(event: SagaEvent) -> str:
-    """One readable line for an audit event."""
-    b = event.body
-    style = _STATE_STYLE.get(b.to_state, "white")
-    what = b.action.replace("_", " ")
-    step = f" [bold]{b.step}[/bold]" if b.step else ""
-    if b.worker_name and b.kind == "compensate":
-        step += f" -> {b.worker_name}"
-    attempt = f" (attempt {b.attempt})" if b.attempt and b.attempt > 1 else ""
-    moved = f"  {b.from_state or 'new'} -> [{style}]{b.to_state}[/]" if b.from_state != b.to_state else ""
-    error = f"  [red]{b.error}[/red]" if b.error and b.action != "retry_scheduled" else ""
-    return f"[dim]{event.transaction_id:>10}[/dim]  {what}{step}{attempt}{moved}{error}"
+def describe(event: SagaEvent) -> list[str]:
+    """Readable lines for an audit event: one per action of the transition."""
+    lines = []
+    for a in event.body.actions:
+        style = _STATE_STYLE.get(a.state, "white")
+        what = a.action.replace("_", " ")
+        step = f" [bold]{a.step}[/bold]" if a.step else ""
+        if a.worker_name and a.kind == "compensate":
+            step += f" -> {a.worker_name}"
+        attempt = f" (attempt {a.attempt})" if a.attempt and a.attempt > 1 else ""
+        state = f"  [{style}]{a.state}[/]" if a.action.startswith(("saga_", "compensation_started")) else ""
+        error = f"  [red]{a.error}[/red]" if a.error and a.action != "retry_scheduled" else ""
+        lines.append(f"[dim]{event.transaction_id:>10}[/dim]  {what}{step}{attempt}{state}{error}")
+    return lines
 
 
-async def run_demo(console: Console | None = None, *, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+async def run_demo(console: Console | None = None, *, deadline: float = 30.0) -> dict[str, dict[str, Any]]:
     """Run two orders to their end and return their final statuses, by transaction id."""
     console = console or Console(highlight=False, soft_wrap=True)
     bus, store = InMemoryEventBus(), InMemoryStateStore()
@@ -124,9 +126,11 @@ async def run_demo(console: Console | None = None, *, timeout: float = 30.0) -> 
         for message in batch:
             event = codec.decode(message.value)
             if isinstance(event, SagaEvent):
-                console.print(describe(event))
-                if event.body.action == "compensation_dispatched" and event.body.worker_name:
-                    compensations[event.transaction_id].append(event.body.worker_name)
+                for line in describe(event):
+                    console.print(line)
+                for action in event.body.actions:
+                    if action.action == "compensation_dispatched" and action.worker_name:
+                        compensations[event.transaction_id].append(action.worker_name)
                 if event.body.to_state in ("completed", "compensated", "failed", "cancelled"):
                     finished[event.transaction_id].set()
 
@@ -140,7 +144,7 @@ async def run_demo(console: Console | None = None, *, timeout: float = 30.0) -> 
         }
         for tx, context in orders.items():
             await orchestrator.execute_workflow("order_processing", context, transaction_id=tx)
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in finished.values())), timeout)
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in finished.values())), deadline)
         await tail.stop()
         statuses = {tx: await orchestrator.get_status(tx) for tx in orders}
     console.print()

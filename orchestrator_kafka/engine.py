@@ -15,6 +15,7 @@ from typing import Literal
 from .constants import Topics
 from .context import SagaContext, StepRuntime, StepStatus, WorkflowState
 from .models import (
+    AuditAction,
     CancelSaga,
     CommandBody,
     SagaEvent,
@@ -48,8 +49,9 @@ Event = StartSaga | CancelSaga | StepResult | TimerFired
 class Transition:
     """What one event does to one saga.
 
-    ``saga`` is the state after the event (the input object when ``changed`` is false). ``rejected``
-    says why a request (a cancel) was refused. ``note`` says why an event changed nothing.
+    ``saga`` is the state after the event (the input object when ``changed`` is false). ``audit`` is
+    the transition's audit record. ``rejected`` says why a request (a cancel) was refused. ``note``
+    says why an event changed nothing.
     """
 
     saga: SagaContext | None
@@ -57,7 +59,7 @@ class Transition:
     commands: tuple[tuple[str, StepCommand], ...] = ()
     timers: tuple[Timer, ...] = ()
     cancel_timers: tuple[str, ...] = ()
-    audit: tuple[SagaEvent, ...] = ()
+    audit: SagaEvent | None = None
     note: str = ""
     rejected: str | None = None
 
@@ -79,12 +81,28 @@ def decide(
         return _Run(definition, _new_saga(event, now), now, topics).start()
     if saga is None:
         return Transition(None, False, note="unknown saga")
-    run = _Run(definition, saga.model_copy(deep=True), now, topics)
+    run = _Run(definition, _working_copy(saga), now, topics, original=saga)
     if isinstance(event, CancelSaga):
         return run.cancel(event.body.reason)
     if isinstance(event, StepResult):
         return run.result(event)
     return run.timer(event.timer)
+
+
+def _working_copy(saga: SagaContext) -> SagaContext:
+    """A copy the decision may change, leaving ``saga`` as it was. The engine replaces the values in
+    ``data`` and ``step_results`` but never changes them in place, so copying the containers is
+    enough, and far cheaper than a deep copy."""
+    return saga.model_copy(
+        update={
+            "data": dict(saga.data),
+            "step_results": dict(saga.step_results),
+            "steps": {name: rt.model_copy() for name, rt in saga.steps.items()},
+            "completed": list(saga.completed),
+            "compensation_queue": list(saga.compensation_queue),
+            "late_compensations": list(saga.late_compensations),
+        }
+    )
 
 
 def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
@@ -115,38 +133,40 @@ class _Run:
     commands: list[tuple[str, StepCommand]] = field(default_factory=list)
     timers: list[Timer] = field(default_factory=list)
     cancel_timers: list[str] = field(default_factory=list)
-    audit: list[SagaEvent] = field(default_factory=list)
+    actions: list[AuditAction] = field(default_factory=list)
     from_version: int = 0
+    from_state: WorkflowState | None = None
+    original: SagaContext | None = None
 
     def __post_init__(self) -> None:
         self.topics = self.topics or Topics()
         self.from_version = self.s.version
+        self.from_state = self.s.state
 
     # ---------------------------------------------------------------- output
 
     def done(self) -> Transition:
-        self.s.version = self.from_version + 1
-        self.s.updated_at = self.now
-        for i, event in enumerate(self.audit):
-            # The version is known only now; audit ids are derived so a re-published outbox keeps them.
-            body = event.body.model_copy(update={"version": self.s.version})
-            self.audit[i] = event.model_copy(
-                update={
-                    "body": body,
-                    "event_id": derived_event_id(self.s.transaction_id, self.s.version, i),
-                }
-            )
-        return Transition(
-            self.s,
-            True,
-            tuple(self.commands),
-            tuple(self.timers),
-            tuple(self.cancel_timers),
-            tuple(self.audit),
+        s = self.s
+        s.version = self.from_version + 1
+        s.updated_at = self.now
+        # Built without validation: the engine is the only producer of these values. The id is
+        # derived, so a record re-published from an outbox keeps it.
+        audit = SagaEvent.model_construct(
+            event_id=derived_event_id(s.transaction_id, s.version, "audit"),
+            transaction_id=s.transaction_id,
+            workflow_id=s.workflow_id,
+            occurred_at=self.now,
+            body=TransitionBody.model_construct(
+                from_state=self.from_state.value if self.from_state is not None else None,
+                to_state=s.state.value,
+                version=s.version,
+                actions=self.actions,
+            ),
         )
+        return Transition(s, True, tuple(self.commands), tuple(self.timers), tuple(self.cancel_timers), audit)
 
     def unchanged(self, note: str, rejected: str | None = None) -> Transition:
-        return Transition(self.s, False, note=note, rejected=rejected)
+        return Transition(self.original or self.s, False, note=note, rejected=rejected)
 
     def record(
         self,
@@ -156,40 +176,30 @@ class _Run:
         kind: Phase | None = None,
         attempt: int | None = None,
         error: str | None = None,
-        from_state: WorkflowState | None = None,
         worker: str | None = None,
     ) -> None:
-        self.audit.append(
-            SagaEvent(
-                event_id="pending",
-                transaction_id=self.s.transaction_id,
-                workflow_id=self.s.workflow_id,
-                occurred_at=self.now,
-                body=TransitionBody(
-                    action=action,
-                    from_state=(from_state or self.s.state).value if action != "saga_created" else None,
-                    to_state=self.s.state.value,
-                    step=step,
-                    worker_name=worker,
-                    kind=kind,
-                    attempt=attempt,
-                    error=error,
-                    version=0,
-                ),
+        self.actions.append(
+            AuditAction.model_construct(
+                action=action,
+                state=self.s.state.value,
+                step=step,
+                worker_name=worker,
+                kind=kind,
+                attempt=attempt,
+                error=error,
             )
         )
 
     def set_state(self, state: WorkflowState, action: str, error: str | None = None) -> None:
-        before = self.s.state
         self.s.state = state
         if state.is_final:
             self.s.current_step = None
-        self.record(action, from_state=before, error=error)
+        self.record(action, error=error)
 
     # ---------------------------------------------------------------- start and stages
 
     def start(self) -> Transition:
-        self.from_version = 0
+        self.from_version, self.from_state = 0, None
         self.record("saga_created")
         self.enter_stage(0)
         return self.done()
@@ -271,12 +281,12 @@ class _Run:
         self.commands.append(
             (
                 topic,
-                StepCommand(
+                StepCommand.model_construct(
                     event_id=derived_event_id(cid),
                     transaction_id=self.s.transaction_id,
                     workflow_id=self.s.workflow_id,
                     occurred_at=self.now,
-                    body=CommandBody(
+                    body=CommandBody.model_construct(
                         command_id=cid,
                         step=step.name,
                         worker_name=worker,
@@ -331,26 +341,38 @@ class _Run:
         self.drop_timer(rt)
         if body.status == "succeeded":
             if body.kind == "execute":
-                self.step_succeeded(step, rt, body.result or {})
+                self.step_succeeded(step, rt, body.result or {}, body.command_id, body.attempt)
             else:
-                rt.status = StepStatus.COMPENSATED
-                rt.command_id = None
-                self.record("compensation_succeeded", step=step.name, kind="compensate", attempt=body.attempt)
-                self.next_compensation()
+                self.compensation_succeeded(step, rt, body.attempt)
             return self.done()
         error = body.error
         message = f"{error.type}: {error.message}" if error else "failed without an error"
         self.attempt_failed(step, rt, body.kind, message, retryable=error.retryable if error else True)
         return self.done()
 
+    def compensation_succeeded(self, step: WorkflowStep, rt: StepRuntime, attempt: int) -> None:
+        rt.status = StepStatus.COMPENSATED
+        rt.command_id = None
+        self.record("compensation_succeeded", step=step.name, kind="compensate", attempt=attempt)
+        self.next_compensation()
+
     def late(self, step: WorkflowStep, rt: StepRuntime, event: StepResult) -> Transition:
         body = event.body
-        if body.kind != "execute" or body.status != "succeeded":
+        if body.status != "succeeded":
+            return self.unchanged("stale result")
+        if body.kind == "compensate":
+            awaiting = rt.status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_RETRY_WAIT)
+            own = body.command_id.startswith(f"{self.s.transaction_id}:{step.name}:compensate:")
+            if awaiting and own and "late-" not in body.command_id.rsplit(":", 1)[-1]:
+                # An earlier compensation attempt succeeded after all while the step still waits for one.
+                self.drop_timer(rt)
+                self.compensation_succeeded(step, rt, body.attempt)
+                return self.done()
             return self.unchanged("stale result")
         if rt.status in _AWAITING_EXECUTE and self.s.state is WorkflowState.RUNNING:
             # An earlier attempt succeeded after all while the step still waits: take its success.
             self.drop_timer(rt)
-            self.step_succeeded(step, rt, body.result or {})
+            self.step_succeeded(step, rt, body.result or {}, body.command_id, body.attempt)
             return self.done()
         if rt.status is StepStatus.SUCCEEDED or rt.succeeded_command == body.command_id:
             return self.unchanged("duplicate result")
@@ -373,16 +395,17 @@ class _Run:
         )
         return self.done()
 
-    def step_succeeded(self, step: WorkflowStep, rt: StepRuntime, result: dict[str, object]) -> None:
+    def step_succeeded(
+        self, step: WorkflowStep, rt: StepRuntime, result: dict[str, object], cid: str, attempt: int
+    ) -> None:
         rt.status = StepStatus.SUCCEEDED
-        rt.succeeded_command = rt.command_id = rt.command_id or command_id(
-            self.s.transaction_id, step.name, "execute", rt.attempt
-        )
+        rt.succeeded_command = rt.command_id = cid
+        rt.attempt = attempt
         rt.error = None
         self.s.step_results[step.name] = dict(result)
         self.s.data.update(result)
         self.s.completed.append(step.name)
-        self.record("step_succeeded", step=step.name, kind="execute", attempt=rt.attempt)
+        self.record("step_succeeded", step=step.name, kind="execute", attempt=attempt)
         self.stage_progress()
 
     def stage_progress(self) -> None:
@@ -476,10 +499,11 @@ class _Run:
         return self.done()
 
     def start_compensations(self) -> None:
+        # A failed step whose condition raised never ran: it has nothing to undo.
         failed = [
             step.name
             for step in reversed(self.stage_steps())
-            if self.s.step(step.name).status is StepStatus.FAILED
+            if self.s.step(step.name).status is StepStatus.FAILED and self.s.step(step.name).attempt > 0
         ]
         self.s.compensation_queue = [
             name for name in failed + list(reversed(self.s.completed)) if self._compensable(name)

@@ -43,7 +43,6 @@ from .errors import (
 )
 from .models import CancelBody, CancelSaga, StartBody, StartSaga, StepResult
 from .ports import (
-    ApplyResult,
     IEventBus,
     ILogger,
     InboundMessage,
@@ -143,6 +142,7 @@ class Orchestrator(IOrchestrator):
         self.topics = Topics(event_bus.topic_prefix)
         self._subscription: Subscription | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._acks: set[asyncio.Task[None]] = set()
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -204,6 +204,8 @@ class Orchestrator(IOrchestrator):
         if self._subscription is not None:
             await self._subscription.stop()
             self._subscription = None
+        if self._acks:
+            await asyncio.gather(*self._acks)
         self._log.info("orchestrator stopped")
 
     async def __aenter__(self) -> Orchestrator:
@@ -372,20 +374,39 @@ class Orchestrator(IOrchestrator):
                     owners.append(i)
             results = await self._store.apply(writes) if writes else []
             retry: list[int] = []
-            # A saga's outbox after its last write of the batch holds every message still unpublished.
-            outboxes: dict[str, ApplyResult] = {}
-            for i, result in zip(owners, results, strict=True):
+            publish: list[OutboxMessage] = []
+            acks: dict[str, int] = {}
+            for i, write, result in zip(owners, writes, results, strict=True):
                 if result.status == "conflict":
                     retry.append(i)
-                elif result.outbox:
-                    outboxes[result.transaction_id] = result
-            if outboxes:
-                await self._bus.publish([m for r in outboxes.values() for m in r.outbox])
-                await self._store.ack_outbox([(tx, r.outbox_id) for tx, r in outboxes.items()])
+                elif result.status == "applied" and write.outbox:
+                    publish.extend(write.outbox)
+                    acks[write.transaction_id] = write.expected_version + 1
+                elif result.status == "duplicate" and result.outbox:
+                    # Redelivered after a crash between the write and the publish: publish again.
+                    publish.extend(result.outbox)
+                    acks[write.transaction_id] = max(acks.get(write.transaction_id, 0), result.outbox_id)
+            if publish:
+                await self._bus.publish(publish)
+                self._ack_later(acks)
             if not retry:
                 return outcomes
             pending = retry
         raise StateStoreError(f"{len(pending)} events still conflicted after {_MAX_ROUNDS} rounds")
+
+    def _ack_later(self, acks: dict[str, int]) -> None:
+        """Forget published outbox entries off the hot path: the offsets need not wait for it, and an
+        entry whose ack is lost is only published once more by the sweep."""
+
+        async def ack() -> None:
+            try:
+                await self._store.ack_outbox(list(acks.items()))
+            except OrchestratorError as exc:
+                self._log.warning("could not acknowledge outboxes (the sweep will re-publish): %s", exc)
+
+        task = asyncio.get_running_loop().create_task(ack())
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
 
     def _decide(
         self, event: Event, sagas: dict[str, SagaContext], now: datetime, outcome: Outcome
@@ -428,8 +449,8 @@ class Orchestrator(IOrchestrator):
         messages = [
             OutboxMessage(topic, key, codec.encode(command)) for topic, command in transition.commands
         ]
-        events = self.topics.events
-        messages.extend(OutboxMessage(events, key, codec.encode(audit)) for audit in transition.audit)
+        if transition.audit is not None:
+            messages.append(OutboxMessage(self.topics.events, key, codec.encode(transition.audit)))
         return tuple(messages)
 
     # ---------------------------------------------------------------- timers and recovery

@@ -123,10 +123,12 @@ ApplyStatus = Literal["applied", "duplicate", "conflict", "unchanged"]
 class ApplyResult:
     """What :meth:`IStateStore.apply` did with one write.
 
-    ``applied``: written; ``unchanged``: the version matched and there was nothing to write;
-    ``duplicate``: the event id was processed before and nothing was written; ``conflict``: the saga's
-    version was not the expected one and nothing was written. ``outbox`` holds the saga's unpublished
-    messages after the write (for ``applied`` and ``duplicate``), with ``outbox_id`` to acknowledge them.
+    ``applied``: written, and ``outbox`` is the write's own messages under ``outbox_id`` (its new
+    version; 0 when it had none); ``unchanged``: the version matched and there was nothing to write;
+    ``duplicate``: the event id was processed before and nothing was written, and ``outbox`` is every
+    message of the saga still unacknowledged, up to ``outbox_id`` (what a crash may have left
+    unpublished); ``conflict``: the saga's version was not the expected one and nothing was written.
+    Once a write of a saga conflicts, the later writes of that saga in the same call conflict too.
     """
 
     status: ApplyStatus

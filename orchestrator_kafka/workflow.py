@@ -64,7 +64,12 @@ class RetryPolicy:
             )
 
     def delay(self, retry: int) -> float:
-        """Seconds to wait before retry number ``retry`` (1-based)."""
+        """Seconds to wait before retry number ``retry`` (1-based); never more than ``max_delay``."""
+        if self.initial_delay == 0:
+            return 0.0
+        # Compared in logs: backoff_factor ** (retry - 1) overflows a float long before max_retries ends.
+        if (retry - 1) * math.log(self.backoff_factor) >= math.log(self.max_delay / self.initial_delay):
+            return float(self.max_delay)
         return float(min(self.max_delay, self.initial_delay * self.backoff_factor ** (retry - 1)))
 
 

@@ -137,7 +137,7 @@ class InMemoryStateStore(IStateStore):
                 self._timers[timer.timer_id] = (timer, timer.due_at)
                 heapq.heappush(self._due, (timer.due_at, timer.timer_id))
             self._processed.add(w.event_id)
-            results.append(self._with_outbox("applied", tx))
+            results.append(ApplyResult("applied", tx, w.saga.version if w.outbox else 0, w.outbox))
         return results
 
     def _with_outbox(self, status: str, tx: str) -> ApplyResult:

@@ -19,7 +19,9 @@
 -- A Redis script is atomic (no other command runs in between, and AOF/replicas get its effects as one
 -- transaction), but a runtime error half way would keep the writes made before it. So every check that
 -- could fail is made before the first write of each transition, and the client validates the batch
--- before sending it.
+-- before sending it. (A Redis out of memory refuses a script's first write, never a later one, so it
+-- cannot cut a batch in two.) No `#!lua` shebang: it would make the read operations fail when memory is
+-- full and require Redis 7.
 
 local op = ARGV[1]
 local P = ARGV[2]
@@ -85,12 +87,21 @@ local function cancel_timers(base, ids)
 end
 
 if op == 'apply' then
-  -- ARGV[3] = dedupe ttl (seconds), ARGV[4] = JSON list of writes, each
-  --   [event_id, tx, expected_version, new_version (0: no saga), ctx_json, workflow_id, state,
-  --    outbox_entry ('' when none), [[timer_id, due_at, timer_entry], ...], [cancel_timer_id, ...]]
-  -- Reply, per write: {1 applied | 2 duplicate, outbox_id, entries...} or {3 conflict} or {4 unchanged}.
+  -- ARGV[3] = dedupe ttl (seconds);
+  -- ARGV[4] = JSON list of writes, each
+  --   [event_id, tx, expected_version, new_version (0: no saga), ctx_len, workflow_id, state,
+  --    outbox_entry_len (0: none), [[timer_id, due_at, timer_entry_len], ...], [cancel_timer_id, ...]];
+  -- ARGV[5] = every write's ctx JSON, outbox entry and timer entries, in that order, back to back.
+  -- The large values travel raw in ARGV[5] and are cut out with string.sub: decoding them as escaped
+  -- JSON strings cost cjson as much time as all of a transition's Redis commands together.
+  -- Reply, per write: {1 applied, outbox_id (0: it added none)} or {2 duplicate, outbox_id, entries...}
+  -- or {3 conflict} or {4 unchanged}. An applied write's messages are the client's own: older entries
+  -- still in the outbox are not its to publish (their writer or the recovery sweep publishes them).
   local ttl = ARGV[3]
   local writes = cjson.decode(ARGV[4])
+  local data = ARGV[5]
+  local sub = string.sub
+  local pos = 1
   local out = {}
   -- A transaction that conflicted once conflicts for the rest of the batch: its later writes were
   -- computed on top of the one that failed.
@@ -98,41 +109,57 @@ if op == 'apply' then
   for i = 1, #writes do
     local w = writes[i]
     local eid, tx, expected, nv = w[1], w[2], w[3], w[4]
+    local timers = w[9]
+    -- This write's values are data[at, pos - 1], whatever becomes of it.
+    local at = pos
+    pos = pos + w[5] + w[8]
+    for j = 1, #timers do
+      pos = pos + timers[j][3]
+    end
     local base = base_key(tx)
     local evkey = base .. ':ev'
-    if redis.call('SISMEMBER', evkey, eid) == 1 then
+    -- Recording the event id first tells a duplicate in one command; the rarer outcomes that must not
+    -- record it (conflict, unchanged) take it back.
+    if redis.call('SADD', evkey, eid) == 0 then
       out[i] = with_outbox({2}, base)
     else
       local cur = redis.call('HMGET', base, 'v', 'wf', 'state')
       local version = tonumber(cur[1]) or 0
       if conflicted[tx] or version ~= expected then
         conflicted[tx] = true
+        redis.call('SREM', evkey, eid)
         out[i] = {3}
       else
         cancel_timers(base, w[10])
         if nv == 0 then
+          redis.call('SREM', evkey, eid)
           out[i] = {4}
         else
+          redis.call('EXPIRE', evkey, ttl)
           local wf, st = w[6], w[7]
-          redis.call('HSET', base, 'v', nv, 'ctx', w[5], 'wf', wf, 'state', st)
+          local next_at = at + w[5]
+          redis.call('HSET', base, 'v', nv, 'ctx', sub(data, at, next_at - 1), 'wf', wf, 'state', st)
           reindex(tx, cur[2], cur[3], wf, st)
-          if w[8] ~= '' then
-            redis.call('ZADD', base .. ':outbox', nv, w[8])
-            redis.call('SADD', K_OUTBOXES, tx)
-          end
-          local timers = w[9]
+          at = next_at
           if #timers > 0 then
             local tkey = base .. ':timers'
+            local t_at = at + w[8]
             for j = 1, #timers do
               local t = timers[j]
+              local t_next = t_at + t[3]
               redis.call('ZADD', K_TIMERS, t[2], t[1])
-              redis.call('HSET', K_TIMER, t[1], t[3])
+              redis.call('HSET', K_TIMER, t[1], sub(data, t_at, t_next - 1))
               redis.call('SADD', tkey, t[1])
+              t_at = t_next
             end
           end
-          redis.call('SADD', evkey, eid)
-          redis.call('EXPIRE', evkey, ttl)
-          out[i] = with_outbox({1}, base)
+          if w[8] > 0 then
+            redis.call('ZADD', base .. ':outbox', nv, sub(data, at, at + w[8] - 1))
+            redis.call('SADD', K_OUTBOXES, tx)
+            out[i] = {1, nv}
+          else
+            out[i] = {1, 0}
+          end
         end
       end
     end

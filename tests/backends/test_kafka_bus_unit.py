@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import os
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -268,14 +269,16 @@ async def test_failed_batch_is_redelivered_and_only_handled_batches_are_committe
     # First call fails, the next two succeed, every later one fails.
     first = Collector(fail=lambda call, batch: call == 1 or call > 3)
     sub = await bus.subscribe([topic], group, first, max_batch=50)
-    await first.wait_until(lambda: len(first.failed) >= 4)
-    await sub.stop()
 
-    # The failed first batch came back: every message of it was delivered again later (other
-    # partitions' prefetched records may come first, so not necessarily as the next batch).
+    def first_batch_came_back() -> bool:
+        # Every message of the failed first batch was delivered again (other partitions' prefetched
+        # records may come first, so not necessarily as the very next batch).
+        later = {(m.partition, m.offset) for b in first.batches + first.failed[1:] for m in b}
+        return bool(first.failed) and {(m.partition, m.offset) for m in first.failed[0]} <= later
+
+    await first.wait_until(lambda: len(first.failed) >= 4 and first_batch_came_back())
+    await sub.stop()
     assert first.batches, "no batch succeeded"
-    later = {(m.partition, m.offset) for b in first.batches + first.failed[1:] for m in b}
-    assert {(m.partition, m.offset) for m in first.failed[0]} <= later
     handled = set(_ids(first.messages))
     assert len(handled) == len(first.messages)  # nothing handled twice
     assert 0 < len(handled) < 300
@@ -343,7 +346,7 @@ async def test_two_subscribers_in_one_group_share_partitions(bus: KafkaEventBus)
     assert sub_a.assignment | sub_b.assignment == {(topic, p) for p in range(ALL_PARTITIONS)}
 
     await bus.publish(_msgs(topic, 400, keys=40))
-    await a.wait_until(lambda: len(a.messages) + len(b.messages) >= 400)
+    await _poll_until(lambda: len(a.messages) + len(b.messages) >= 400, within=30)
     await asyncio.sleep(0.3)
     ids_a, ids_b = _ids(a.messages), _ids(b.messages)
     assert ids_a and ids_b
@@ -374,7 +377,7 @@ async def test_rebalance_waits_for_the_batch_in_hand_so_nothing_is_handled_twice
     sub_b = await bus.subscribe([topic], group, b)  # rebalance while A holds a batch
     await asyncio.sleep(0.5)
     await sub_a.stop()
-    await b.wait_until(lambda: len(set(a_ids) | set(_ids(b.messages))) >= 200)
+    await _poll_until(lambda: len(set(a_ids) | set(_ids(b.messages))) >= 200, within=30)
     await asyncio.sleep(0.5)
     assert not set(a_ids) & set(_ids(b.messages)), "a batch was handled by both members"
     await sub_b.stop()
@@ -512,3 +515,72 @@ async def _main() -> None:  # pragma: no cover - run by hand: python tests/backe
 
 if __name__ == "__main__":  # pragma: no cover
     asyncio.run(_main())
+
+
+# ---------------------------------------------------------------- broker outage (own broker)
+
+OUTAGE_PORT = int(os.environ.get("KAFKA_OUTAGE_PORT", "19092"))
+SERVICES = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "services")
+
+
+def _services(command: str) -> int:
+    env = dict(os.environ, KAFKA_PORT=str(OUTAGE_PORT))
+    return subprocess.run(
+        [SERVICES, command, "kafka"], env=env, capture_output=True, text=True, timeout=180, check=False
+    ).returncode
+
+
+@pytest.mark.kafka
+@pytest.mark.reliability
+async def test_publish_and_subscription_survive_a_broker_crash() -> None:
+    """On a private broker (KAFKA_OUTAGE_PORT, default 19092; never the shared one): SIGKILL it while
+    a publisher and a subscriber run, start it again, and check every acknowledged message arrives."""
+    was_up = await asyncio.to_thread(_services, "status") == 0
+    if not was_up:
+        assert await asyncio.to_thread(_services, "up") == 0, "could not start the private broker"
+    b = KafkaEventBus(f"127.0.0.1:{OUTAGE_PORT}", topic_prefix=_uid("t"), start_timeout=20)
+    await b.start()
+    try:
+        topic = _topic(b, "outage")
+        got = Collector()
+        sub = await b.subscribe([topic], _uid("g"), got)
+        acked: set[int] = set()
+        failures = 0
+        stop = asyncio.Event()
+
+        async def publisher() -> None:
+            nonlocal failures
+            n = 0
+            while not stop.is_set():
+                try:
+                    await b.publish(_msgs(topic, 10, start=n))
+                    acked.update(range(n, n + 10))
+                    n += 10
+                except EventBusError:
+                    failures += 1  # retried with the same ids: at-least-once
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(publisher())
+        await asyncio.sleep(2)
+        assert await asyncio.to_thread(_services, "kill") == 0
+        await asyncio.sleep(3)
+        assert await asyncio.to_thread(_services, "up") == 0
+        await asyncio.sleep(3)
+        stop.set()
+        await task
+        await got.wait_until(lambda: acked <= set(_ids(got.messages)), within=60)
+        assert len(acked) > 100
+
+        # With the broker dead, stopping still returns: every teardown step is bounded.
+        b2 = KafkaEventBus(f"127.0.0.1:{OUTAGE_PORT}", topic_prefix=_uid("t"), start_timeout=3)
+        await b2.start()
+        await b2.subscribe([_topic(b2, "dead")], _uid("g"), Collector())
+        await b2.publish(_msgs(_topic(b2, "dead"), 5))
+        assert await asyncio.to_thread(_services, "kill") == 0
+        t0 = time.monotonic()
+        await asyncio.gather(sub.stop(), b2.stop())
+        assert time.monotonic() - t0 < 20
+    finally:
+        await b.stop()
+        if not was_up:
+            await asyncio.to_thread(_services, "down")

@@ -10,9 +10,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import pytest
@@ -28,6 +28,11 @@ pytestmark = pytest.mark.redis
 
 REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+async def cmd(client: aioredis.Redis, *args: Any) -> Any:
+    """A raw Redis command (redis-py's own method types do not say they are awaitable)."""
+    return await cast("Callable[..., Awaitable[Any]]", client.execute_command)(*args)
 
 
 def _require_redis() -> None:
@@ -70,7 +75,9 @@ async def raw() -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-def saga(tx: str, version: int, state: WorkflowState = WorkflowState.RUNNING, wf: str = "orders") -> SagaContext:
+def saga(
+    tx: str, version: int, state: WorkflowState = WorkflowState.RUNNING, wf: str = "orders"
+) -> SagaContext:
     return SagaContext(
         transaction_id=tx,
         workflow_id=wf,
@@ -120,9 +127,7 @@ async def test_create_twice_conflicts(store: RedisStateStore) -> None:
 
 async def test_version_conflict_writes_nothing(store: RedisStateStore) -> None:
     await store.apply([create("t1")])
-    bad = TransitionWrite(
-        "e2", "t1", 5, saga("t1", 6), outbox=(msg(2),), timers=(timer("tm", "t1", 1.0),)
-    )
+    bad = TransitionWrite("e2", "t1", 5, saga("t1", 6), outbox=(msg(2),), timers=(timer("tm", "t1", 1.0),))
     [res] = await store.apply([bad])
     assert res == ApplyResult("conflict", "t1")
     assert (await store.load_context("t1")) == saga("t1", 1)
@@ -136,7 +141,7 @@ async def test_version_conflict_writes_nothing(store: RedisStateStore) -> None:
 async def test_duplicate_returns_current_outbox_and_writes_nothing(store: RedisStateStore) -> None:
     await store.apply([create("t1", outbox=(msg(1),))])
     [res] = await store.apply([step("t1", 1, "e2", outbox=(msg(2),))])
-    assert res == ApplyResult("applied", "t1", 2, (msg(1), msg(2)))
+    assert res == ApplyResult("applied", "t1", 2, (msg(2),))  # its own messages only
     # Redelivered: whatever version the client now expects, the outcome is the stored one.
     for expected in (1, 2, 7):
         write = TransitionWrite("e2", "t1", expected, saga("t1", expected + 1), outbox=(msg(9),))
@@ -165,7 +170,14 @@ async def test_conflict_chain_in_one_batch(store: RedisStateStore) -> None:
             create("a", event="a2"),  # but a processed event is still recognised first
         ]
     )
-    assert [r.status for r in results] == ["applied", "conflict", "conflict", "applied", "conflict", "duplicate"]
+    assert [r.status for r in results] == [
+        "applied",
+        "conflict",
+        "conflict",
+        "applied",
+        "conflict",
+        "duplicate",
+    ]
     assert (await store.load_context("a")) == saga("a", 2)
     assert (await store.load_context("b")) == saga("b", 2)
     # The next batch starts afresh.
@@ -179,16 +191,14 @@ async def test_sequential_writes_of_one_saga_in_one_batch(store: RedisStateStore
     )
     assert results == [
         ApplyResult("applied", "t1", 1, (msg(1),)),
-        ApplyResult("applied", "t1", 1, (msg(1),)),
-        ApplyResult("applied", "t1", 3, (msg(1), msg(3), msg(4))),
+        ApplyResult("applied", "t1", 0, ()),
+        ApplyResult("applied", "t1", 3, (msg(3), msg(4))),
     ]
     assert (await store.load_context("t1")) == saga("t1", 3)
 
 
 async def test_unchanged_cancels_timers_only(store: RedisStateStore) -> None:
-    await store.apply(
-        [create("t1", outbox=(msg(1),), timers=(timer("x", "t1", 5.0), timer("y", "t1", 6.0)))]
-    )
+    await store.apply([create("t1", outbox=(msg(1),), timers=(timer("x", "t1", 5.0), timer("y", "t1", 6.0)))])
     [res] = await store.apply([TransitionWrite("noop", "t1", 1, None, cancel_timers=("x", "unknown"))])
     # No outbox is returned for unchanged, even though one is pending.
     assert res == ApplyResult("unchanged", "t1")
@@ -242,7 +252,7 @@ async def test_dedupe_keys_expire(store: RedisStateStore, raw: aioredis.Redis) -
 async def test_outbox_ack_and_pending(store: RedisStateStore) -> None:
     await store.apply([create("a", outbox=(msg(1),)), create("b", outbox=(msg(2), msg(3))), create("c")])
     [res] = await store.apply([step("a", 1, "a2", outbox=(msg(4),))])
-    assert res == ApplyResult("applied", "a", 2, (msg(1), msg(4)))
+    assert res == ApplyResult("applied", "a", 2, (msg(4),))
     pending = {p.transaction_id: (p.outbox_id, p.messages) for p in await store.pending_outboxes()}
     assert pending == {"a": (2, (msg(1), msg(4))), "b": (1, (msg(2), msg(3)))}
     assert len(await store.pending_outboxes(limit=1)) == 1
@@ -278,7 +288,12 @@ async def test_bytes_round_trip_exactly(store: RedisStateStore) -> None:
         "sagä.commands.ünïcode",
         "ключ-\u20ac",
         every_byte + b'"\\\n\x00{"',
-        (("traceparent", b"00-abc-01"), ("bin", b"\xff\xfe\x80\x00\xc3"), ("empty", b""), ("ü", "é".encode())),
+        (
+            ("traceparent", b"00-abc-01"),
+            ("bin", b"\xff\xfe\x80\x00\xc3"),
+            ("empty", b""),
+            ("ü", "é".encode()),
+        ),
     )
     empty = OutboxMessage("t", "", b"", ())
     [res] = await store.apply([create("t1", outbox=(odd, empty))])
@@ -309,6 +324,34 @@ async def test_saga_json_round_trip(store: RedisStateStore) -> None:
     assert await store.list_contexts("wf ü", "compensating") == [ctx.transaction_id]
 
 
+def test_stored_json_is_model_dump_json() -> None:
+    """The store serialises with the model's serializer directly; the bytes must be model_dump_json's."""
+    for ctx in (saga("t1", 1), _realistic("t2", 3, 7).saga):
+        assert ctx is not None
+        assert ctx.__pydantic_serializer__.to_json(ctx) == ctx.model_dump_json().encode()
+
+
+async def test_raw_layout(store: RedisStateStore, raw: aioredis.Redis) -> None:
+    """Operators can read a saga with plain commands: HGET P:{tx} ctx."""
+    await store.apply([create("t1", outbox=(msg(1),), timers=(timer("tm", "t1", 5.0),))])
+    p = store.key_prefix
+    assert await cmd(raw, "HGET", f"{p}:{{t1}}", "ctx") == saga("t1", 1).model_dump_json().encode()
+    assert await cmd(raw, "HMGET", f"{p}:{{t1}}", "v", "wf", "state") == [b"1", b"orders", b"running"]
+    assert await cmd(raw, "SMEMBERS", f"{p}:{{t1}}:ev") == {b"t1-create"}
+    assert await cmd(raw, "ZRANGE", f"{p}:{{t1}}:outbox", 0, -1, "WITHSCORES") != []
+    assert await cmd(raw, "SMEMBERS", f"{p}:outboxes") == {b"t1"}
+    assert await cmd(raw, "ZSCORE", f"{p}:timers", "tm") == 5.0
+    assert await cmd(raw, "SMEMBERS", f"{p}:{{t1}}:timers") == {b"tm"}
+    for key in (f"{p}:idx:all", f"{p}:idx:wf:orders", f"{p}:idx:state:running"):
+        assert await cmd(raw, "SMEMBERS", key) == {b"t1"}
+
+
+def test_bad_prefix_is_rejected() -> None:
+    for bad in ("", "a{b", "a}b"):
+        with pytest.raises(ValidationError):
+            RedisStateStore(REDIS, key_prefix=bad)
+
+
 # ---------------------------------------------------------------- timers
 
 
@@ -336,6 +379,19 @@ async def test_timer_rescheduled_by_a_later_write(store: RedisStateStore) -> Non
     await store.apply([step("a", 1, "retry", timers=(later,))])
     assert await store.claim_due_timers(100.0, 10, 30.0) == []
     assert await store.claim_due_timers(500.0, 10, 30.0) == [later]
+
+
+async def test_many_timers_in_one_write(store: RedisStateStore) -> None:
+    """Variadic commands go in chunks: thousands of ids must not overflow Lua's stack."""
+    many = tuple(timer(f"tm{i}", "a", float(i)) for i in range(2500))
+    await store.apply([create("a", timers=many)])
+    assert len(await store.claim_due_timers(10_000.0, 5000, 30.0)) == 2500
+    ids = tuple(f"tm{i}" for i in range(2000)) + tuple(f"ghost{i}" for i in range(1500))
+    await store.apply([step("a", 1, "cancel-many", cancel_timers=ids)])
+    left = await store.claim_due_timers(20_000.0, 5000, 30.0)
+    assert sorted(t.timer_id for t in left) == sorted(f"tm{i}" for i in range(2000, 2500))
+    assert await store.delete_context("a") is True
+    assert await store.claim_due_timers(30_000.0, 5000, 30.0) == []
 
 
 async def test_fractional_due_times(store: RedisStateStore) -> None:
@@ -390,8 +446,10 @@ async def test_save_load_delete_list(store: RedisStateStore, raw: aioredis.Redis
     assert await store.list_contexts() == ["s1"]
     assert await store.pending_outboxes() == []
     assert await store.claim_due_timers(10.0, 10, 30.0) == []
-    assert not await raw.exists(f"{store.key_prefix}:{{d1}}:outbox", f"{store.key_prefix}:{{d1}}:timers")
-    assert not await raw.hexists(f"{store.key_prefix}:timer", "dt")
+    assert not await cmd(
+        raw, "EXISTS", f"{store.key_prefix}:{{d1}}:outbox", f"{store.key_prefix}:{{d1}}:timers"
+    )
+    assert not await cmd(raw, "HEXISTS", f"{store.key_prefix}:timer", "dt")
     # A late redelivery of the deleted saga's start is still a duplicate.
     [dup] = await store.apply([create("d1")])
     assert dup.status == "duplicate"
@@ -406,7 +464,7 @@ async def test_load_contexts_many(store: RedisStateStore) -> None:
 
 
 async def test_corrupt_record_raises_state_store_error(store: RedisStateStore, raw: aioredis.Redis) -> None:
-    await raw.hset(f"{store.key_prefix}:{{bad}}", mapping={"v": 1, "ctx": b"{not json"})
+    await cmd(raw, "HSET", f"{store.key_prefix}:{{bad}}", "v", 1, "ctx", b"{not json")
     with pytest.raises(StateStoreError, match="not a valid SagaContext"):
         await store.load_context("bad")
     with pytest.raises(StateStoreError):
@@ -427,7 +485,7 @@ async def test_script_reloaded_on_noscript(raw: aioredis.Redis) -> None:
         calls.append(str(args[0]))
         if args[0] == "EVALSHA" and calls.count("EVALSHA") == 1:
             raise NoScriptError("NOSCRIPT No matching script.")
-        return await real(*args, **kwargs)
+        return await cast("Callable[..., Awaitable[Any]]", real)(*args, **kwargs)
 
     client.execute_command = flaky  # type: ignore[method-assign]
     made = RedisStateStore(client=client, key_prefix=prefix)
@@ -437,10 +495,48 @@ async def test_script_reloaded_on_noscript(raw: aioredis.Redis) -> None:
         assert calls == ["EVALSHA", "SCRIPT", "EVALSHA"]
         await made.close()
         # A client passed in stays open.
-        assert await client.ping()
+        assert await cmd(client, "PING")
     finally:
         await client.aclose()
         await _drop(prefix)
+
+
+async def test_client_that_decodes_responses() -> None:
+    _require_redis()
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    client = aioredis.Redis.from_url(REDIS, decode_responses=True)
+    made = RedisStateStore(client=client, key_prefix=prefix)
+    try:
+        odd = OutboxMessage("t", "k", bytes(range(256)), (("h", b"\xff"),))
+        [res] = await made.apply([create("t1", outbox=(odd,), timers=(timer("tm", "t1", 1.0),))])
+        assert res.outbox == (odd,)
+        [dup] = await made.apply([create("t1")])
+        assert dup.outbox == (odd,)
+        [pending] = await made.pending_outboxes()
+        assert (pending.transaction_id, pending.messages) == ("t1", (odd,))
+        assert await made.list_contexts("orders") == ["t1"]
+        assert await made.load_context("t1") == saga("t1", 1)
+        assert await made.load_contexts(["t1"]) == {"t1": saga("t1", 1)}
+        assert await made.claim_due_timers(2.0, 10, 30.0) == [timer("tm", "t1", 1.0)]
+    finally:
+        await made.close()
+        await client.aclose()
+        await _drop(prefix)
+
+
+async def test_corrupt_outbox_entry_raises_state_store_error(
+    store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    await store.apply([create("t1", outbox=(msg(1),))])
+    await cmd(raw, "ZADD", f"{store.key_prefix}:{{t1}}:outbox", 0, b"not json")
+    with pytest.raises(StateStoreError, match="cannot be decoded"):
+        await store.pending_outboxes()
+    with pytest.raises(StateStoreError, match="cannot be decoded"):
+        await store.apply([create("t1")])
+    await cmd(raw, "HSET", f"{store.key_prefix}:timer", "bad", b"[1]")
+    await cmd(raw, "ZADD", f"{store.key_prefix}:timers", 0, "bad")
+    with pytest.raises(StateStoreError, match="cannot be decoded"):
+        await store.claim_due_timers(1.0, 10, 30.0)
 
 
 def _unused_port() -> int:
@@ -534,34 +630,47 @@ def _realistic(tx: str, version: int, n: int) -> TransitionWrite:
         tx,
         version,
         ctx,
-        outbox=(OutboxMessage("saga.commands.payments", tx, value, (("traceparent", b"00-" + b"a" * 32 + b"-01"),)),),
-        timers=(Timer(f"tm-{tx}-{version}", tx, time.time() + 30, "timeout", "charge", "execute", 1, f"cmd-{n}"),),
+        outbox=(
+            OutboxMessage(
+                "saga.commands.payments", tx, value, (("traceparent", b"00-" + b"a" * 32 + b"-01"),)
+            ),
+        ),
+        timers=(
+            Timer(f"tm-{tx}-{version}", tx, time.time() + 30, "timeout", "charge", "execute", 1, f"cmd-{n}"),
+        ),
         cancel_timers=(f"tm-{tx}-{version - 1}",),
     )
 
 
-async def _measure(store: RedisStateStore, size: int, rounds: int) -> tuple[float, float]:
-    """Client CPU and wall time per transition, in microseconds, for batches of ``size``."""
+async def _measure(store: RedisStateStore, size: int, rounds: int) -> tuple[float, float, float]:
+    """Client CPU per transition for batches of ``size``, in microseconds: the least and the median over
+    ``rounds`` apply calls (the least is the cost without interference from other processes), and the
+    median wall time."""
     tag = uuid.uuid4().hex[:6]
     txs = [f"bench-{tag}-{i}" for i in range(size)]
     await store.apply([_realistic(tx, 0, i) for i, tx in enumerate(txs)])
-    cpu = wall = 0.0
+    cpu: list[float] = []
+    wall: list[float] = []
     for r in range(1, rounds + 1):
         writes = [_realistic(tx, r, i) for i, tx in enumerate(txs)]
         c0, w0 = time.process_time(), time.perf_counter()
         results = await store.apply(writes)
-        cpu += time.process_time() - c0
-        wall += time.perf_counter() - w0
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
         assert all(res.status == "applied" for res in results)
         await store.ack_outbox([(res.transaction_id, res.outbox_id) for res in results])
-    n = size * rounds
-    return cpu / n * 1e6, wall / n * 1e6
+    cpu.sort()
+    wall.sort()
+    return cpu[0] / size * 1e6, cpu[rounds // 2] / size * 1e6, wall[rounds // 2] / size * 1e6
 
 
 @pytest.mark.parametrize("size", [100, 500])
 async def test_client_cpu_per_transition(store: RedisStateStore, size: int) -> None:
     await _measure(store, size, 3)  # warm up: script load, connection, caches
-    cpu, wall = await _measure(store, size, 20)
-    print(f"\nbatch {size}: {cpu:.1f} us client CPU and {wall:.1f} us wall per transition")
+    least, median, wall = await _measure(store, size, 20)
+    print(
+        f"\nbatch {size}: client CPU per transition {least:.1f} us least, {median:.1f} us median; "
+        f"wall {wall:.1f} us median"
+    )
     # Generous bound: DESIGN section 7 expects ~11-14 us; this only catches a gross regression.
-    assert cpu < 100
+    assert least < 100

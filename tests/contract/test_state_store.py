@@ -103,7 +103,9 @@ class StateStoreContract:
             ]
         )
         assert [r.status for r in results] == ["applied", "applied", "conflict", "conflict", "applied"]
-        assert results[1].outbox == (msg(1), msg(2)) and results[1].outbox_id == 2
+        assert results[1].outbox == (msg(2),) and results[1].outbox_id == 2  # its own messages only
+        [pending] = await store.pending_outboxes()
+        assert pending.messages == (msg(1), msg(2))
         b = await store.load_context("b")
         assert b is not None and b.version == 1
 

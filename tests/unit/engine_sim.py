@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from orchestrator_kafka.context import SagaContext
 from orchestrator_kafka.engine import Event, TimerFired, Transition, decide
 from orchestrator_kafka.models import (
+    AuditAction,
     CancelBody,
     CancelSaga,
     CommandBody,
@@ -41,7 +43,9 @@ def _event_id() -> str:
     return f"ev-{next(_event_ids)}"
 
 
-def start_event(definition: WorkflowDefinition, data: dict[str, Any] | None = None, tx: str = TX) -> StartSaga:
+def start_event(
+    definition: WorkflowDefinition, data: dict[str, Any] | None = None, tx: str = TX
+) -> StartSaga:
     return StartSaga(
         event_id=_event_id(),
         transaction_id=tx,
@@ -96,9 +100,12 @@ def check_transition(before: SagaContext | None, t: Transition) -> None:
     if t.changed:
         assert t.saga is not None
         assert t.saga.version == (before.version if before is not None else 0) + 1
-        assert all(a.body.version == t.saga.version for a in t.audit)
+        assert t.audit is not None and t.audit.body.version == t.saga.version
+        assert t.audit.transaction_id == t.saga.transaction_id
+        assert t.audit.body.to_state == t.saga.state.value
+        assert t.audit.body.from_state == (before.state.value if before is not None else None)
     else:
-        assert not t.commands and not t.timers and not t.cancel_timers and not t.audit
+        assert not t.commands and not t.timers and not t.cancel_timers and t.audit is None
         if before is None:
             assert t.saga is None
         else:
@@ -158,7 +165,9 @@ class Driver:
     ) -> Transition:
         return self.feed(result_event(self.command(step, kind, attempt), result=result or {}))
 
-    def fail(self, step: str, *, kind: str = "execute", retryable: bool = True, attempt: Any = None) -> Transition:
+    def fail(
+        self, step: str, *, kind: str = "execute", retryable: bool = True, attempt: Any = None
+    ) -> Transition:
         return self.feed(result_event(self.command(step, kind, attempt), ok=False, retryable=retryable))
 
     def timer(self, step: str, kind: str = "timeout") -> Timer:
@@ -175,8 +184,13 @@ class Driver:
         return self.feed(TimerFired(timer))
 
 
+def audit_actions(t: Transition) -> list[AuditAction]:
+    """The actions of ``t``'s audit record, in order (none for an unchanged transition)."""
+    return list(t.audit.body.actions) if t.audit is not None else []
+
+
 def actions(t: Transition) -> list[str]:
-    return [a.body.action for a in t.audit]
+    return [a.action for a in audit_actions(t)]
 
 
 def sent(t: Transition) -> list[tuple[str, str]]:
@@ -203,6 +217,10 @@ class Shape:
     data: dict[str, bool]
 
 
+def _flag_is_set(key: str) -> Callable[[SagaContext], bool]:
+    return lambda ctx: bool(ctx.get(key))
+
+
 def build(shape: Shape) -> WorkflowDefinition:
     builder = WorkflowBuilder("wf").with_retry_config(
         max_retries=shape.max_retries, backoff_factor=2.0, initial_delay=1.0, max_delay=5.0
@@ -212,16 +230,19 @@ def build(shape: Shape) -> WorkflowDefinition:
         return {
             "compensation": f"undo-{spec.name}" if spec.compensation else None,
             "timeout": spec.timeout,
-            "retry": None if spec.retries is None else RetryPolicy(max_retries=spec.retries, initial_delay=0.5),
+            "retry": None
+            if spec.retries is None
+            else RetryPolicy(max_retries=spec.retries, initial_delay=0.5),
         }
 
     for stage in shape.stages:
         if len(stage) > 1:
-            builder.add_parallel_steps([{"name": s.name, "worker_name": f"do-{s.name}", **kwargs(s)} for s in stage])
+            builder.add_parallel_steps(
+                [{"name": s.name, "worker_name": f"do-{s.name}", **kwargs(s)} for s in stage]
+            )
         elif stage[0].condition is not None:
-            key = stage[0].condition
             builder.add_conditional_step(
-                stage[0].name, f"do-{stage[0].name}", lambda ctx, key=key: bool(ctx.get(key)), **kwargs(stage[0])
+                stage[0].name, f"do-{stage[0].name}", _flag_is_set(stage[0].condition), **kwargs(stage[0])
             )
         else:
             builder.add_step(stage[0].name, f"do-{stage[0].name}", **kwargs(stage[0]))
@@ -244,20 +265,26 @@ class World:
     p_dup: float
     p_timer: float
     cancel_at: int | None
+    p_hold: float = 0.0  # odds that an answer is held back until nothing else is left to happen
     outcomes: dict[str, Outcome] = field(default_factory=dict)
 
     @classmethod
-    def draw(cls, rng: random.Random) -> World:
+    def draw(cls, rng: random.Random, slow: bool | None = None) -> World:
+        cancel_at = rng.choice([None, None, rng.randrange(1, 15)])
+        if slow or (slow is None and rng.random() < 0.4):
+            # Slow workers: timeouts fire before answers, which then arrive late, some twice.
+            return cls(rng, 0.1, 0.2, 0.0, 0.0, 0.0, p_dup=0.6, p_timer=0.5, cancel_at=cancel_at, p_hold=0.5)
         return cls(
             rng=rng,
-            p_fail=rng.choice([0.0, 0.2, 0.5]),
-            p_fatal=rng.choice([0.0, 0.05, 0.2]),
+            p_fail=rng.choice([0.0, 0.1, 0.3]),
+            p_fatal=rng.choice([0.0, 0.0, 0.05, 0.15]),
             p_lost=rng.choice([0.0, 0.2, 0.5]),
-            p_comp_fail=rng.choice([0.0, 0.3, 0.6]),
-            p_comp_fatal=rng.choice([0.0, 0.0, 0.05]),
-            p_dup=rng.choice([0.0, 0.2, 0.5]),
+            p_comp_fail=rng.choice([0.0, 0.0, 0.2, 0.5]),
+            p_comp_fatal=rng.choice([0.0, 0.0, 0.0, 0.05]),
+            p_dup=rng.choice([0.0, 0.3, 0.6]),
             p_timer=rng.choice([0.1, 0.3, 0.6]),
-            cancel_at=rng.choice([None, None, rng.randrange(1, 40)]),
+            cancel_at=cancel_at,
+            p_hold=rng.choice([0.0, 0.0, 0.1]),
         )
 
     def outcome(self, cmd: CommandBody, has_timeout: bool) -> Outcome:
@@ -294,23 +321,45 @@ class Run:
     shape: Shape
     log: list[Entry]
     saga: SagaContext
-    timers_left: dict[str, Timer]
     outcomes: dict[str, Outcome]
+    timers_at_final: set[str]  # timers still set right after the saga reached a final state
+
+    def trace(self) -> str:
+        """The run, one line per event: what came in, the state after, what the engine did."""
+        lines = []
+        for entry in self.log:
+            event, t = entry.event, entry.transition
+            if isinstance(event, StepResult):
+                what = f"result {event.body.command_id} {event.body.status}"
+                if event.body.error is not None and not event.body.error.retryable:
+                    what += " (non-retryable)"
+            elif isinstance(event, TimerFired):
+                what = f"timer {event.timer.timer_id}"
+            else:
+                what = type(event).__name__
+            state = t.saga.state.value if t.saga is not None else "-"
+            did = ", ".join(actions(t)) if t.changed else f"unchanged: {t.note}"
+            sends = " ".join(cid for _, cid in sent(t))
+            lines.append(f"{entry.index:3} {what} -> {state}: {did}" + (f" | sent {sends}" if sends else ""))
+        return "\n".join(lines)
 
 
-def simulate(shape: Shape, rng: random.Random, max_events: int = 3000) -> Run:
+def simulate(shape: Shape, rng: random.Random, *, slow: bool | None = None, max_events: int = 3000) -> Run:
+    """Run a saga of ``shape`` against a random world (``slow``: always the slow-workers world)."""
     definition = build(shape)
-    world = World.draw(rng)
+    world = World.draw(rng, slow)
     log: list[Entry] = []
     pool: list[StepResult] = []  # results on their way back, delivered in any order
+    held: list[StepResult] = []  # results delivered only once nothing else is left (very late)
     copies: dict[str, int] = {}
     timers: dict[str, Timer] = {}
     fired: list[Timer] = []
     saga: SagaContext | None = None
     now = T0
+    timers_at_final: set[str] | None = None
 
     def feed(event: Event) -> None:
-        nonlocal saga
+        nonlocal saga, timers_at_final
         t = decide(definition, saga, event, now)
         check_transition(saga, t)
         log.append(Entry(len(log), event, saga, t))
@@ -321,19 +370,20 @@ def simulate(shape: Shape, rng: random.Random, max_events: int = 3000) -> Run:
         for timer in t.timers:
             assert timer.timer_id not in timers, f"timer {timer.timer_id} set twice"
             timers[timer.timer_id] = timer
+        if timers_at_final is None and saga is not None and saga.state.is_final:
+            timers_at_final = set(timers)
         for _, cmd in t.commands:
             step = definition.step(cmd.body.step)
             assert step is not None
             outcome = world.outcome(cmd.body, step.timeout is not None)
             if outcome != "lost":
-                pool.append(
-                    result_event(
-                        cmd,
-                        ok=outcome == "ok",
-                        result={f"r_{cmd.body.step}": cmd.body.attempt},
-                        retryable=outcome != "fatal",
-                    )
+                answer = result_event(
+                    cmd,
+                    ok=outcome == "ok",
+                    result={f"r_{cmd.body.step}": cmd.body.attempt},
+                    retryable=outcome != "fatal",
                 )
+                (held if rng.random() < world.p_hold else pool).append(answer)
 
     feed(start_event(definition, shape.data))
     for count in range(max_events):
@@ -355,12 +405,20 @@ def simulate(shape: Shape, rng: random.Random, max_events: int = 3000) -> Run:
             cid = message.body.command_id
             if rng.random() < world.p_dup and copies.get(cid, 0) < 2:
                 copies[cid] = copies.get(cid, 0) + 1
-                again = message.model_copy(update={"event_id": _event_id()}) if rng.random() < 0.5 else message
-                pool.insert(rng.randrange(len(pool) + 1), again)
+                again = (
+                    message.model_copy(update={"event_id": _event_id()}) if rng.random() < 0.5 else message
+                )
+                if rng.random() < world.p_hold:
+                    held.append(again)
+                else:
+                    pool.insert(rng.randrange(len(pool) + 1), again)
             feed(message)
+        elif held:
+            pool.extend(held)
+            held.clear()
         else:
             break
     else:
         raise AssertionError(f"not quiescent after {max_events} events")
     assert saga is not None
-    return Run(definition, shape, log, saga, timers, world.outcomes)
+    return Run(definition, shape, log, saga, world.outcomes, timers_at_final or set())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,7 +30,10 @@ def test_builder_methods_chain_and_build_an_immutable_definition() -> None:
     policy = RetryPolicy(max_retries=1)
     assert builder.add_step("reserve", "reserve_inventory", compensation="release_inventory") is builder
     assert builder.add_conditional_step("vip", "vip_handler", lambda c: True) is builder
-    assert builder.add_parallel_steps([{"name": "a", "worker_name": "wa"}, {"name": "b", "worker_name": "wb"}]) is builder
+    assert (
+        builder.add_parallel_steps([{"name": "a", "worker_name": "wa"}, {"name": "b", "worker_name": "wb"}])
+        is builder
+    )
     assert builder.add_step("ship", "ship_order", timeout=5, retry=policy) is builder
     assert builder.with_retry_config(max_retries=1) is builder
     definition = builder.build()
@@ -49,7 +53,12 @@ def test_builder_methods_chain_and_build_an_immutable_definition() -> None:
     assert a.parallel and b.parallel and not reserve.parallel
     assert ship.timeout == 5.0 and isinstance(ship.timeout, float)
     assert ship.retry is policy
-    assert [[s.name for s in stage] for stage in definition.stages] == [["reserve"], ["vip"], ["a", "b"], ["ship"]]
+    assert [[s.name for s in stage] for stage in definition.stages] == [
+        ["reserve"],
+        ["vip"],
+        ["a", "b"],
+        ["ship"],
+    ]
 
 
 def test_spec_example_builds() -> None:
@@ -81,7 +90,9 @@ def test_retry_config_is_the_default_and_a_step_policy_overrides_it() -> None:
 
 def test_default_retry_policy_is_three_retries() -> None:
     definition = WorkflowBuilder("wf").add_step("a", "wa").build()
-    assert definition.retry_policy == RetryPolicy(max_retries=3, backoff_factor=2.0, initial_delay=1.0, max_delay=60.0)
+    assert definition.retry_policy == RetryPolicy(
+        max_retries=3, backoff_factor=2.0, initial_delay=1.0, max_delay=60.0
+    )
 
 
 def test_parallel_entries_take_compensation_timeout_and_retry() -> None:
@@ -125,12 +136,18 @@ def test_empty_workflow_fails_at_build() -> None:
     [
         lambda b: b.add_step("a", "w1").add_step("a", "w2"),
         lambda b: b.add_step("a", "w1").add_conditional_step("a", "w2", lambda c: True),
-        lambda b: b.add_parallel_steps([{"name": "a", "worker_name": "w1"}, {"name": "a", "worker_name": "w2"}]),
-        lambda b: b.add_step("a", "w1").add_parallel_steps([{"name": "x", "worker_name": "w"}, {"name": "a", "worker_name": "w"}]),
-        lambda b: b.add_parallel_steps([{"name": "x", "worker_name": "w"}, {"name": "a", "worker_name": "w"}]).add_parallel_steps(
-            [{"name": "a", "worker_name": "w"}, {"name": "y", "worker_name": "w"}]
+        lambda b: b.add_parallel_steps(
+            [{"name": "a", "worker_name": "w1"}, {"name": "a", "worker_name": "w2"}]
         ),
-        lambda b: b.add_parallel_steps([{"name": "a", "worker_name": "w"}, {"name": "b", "worker_name": "w"}]).add_step("b", "w"),
+        lambda b: b.add_step("a", "w1").add_parallel_steps(
+            [{"name": "x", "worker_name": "w"}, {"name": "a", "worker_name": "w"}]
+        ),
+        lambda b: b.add_parallel_steps(
+            [{"name": "x", "worker_name": "w"}, {"name": "a", "worker_name": "w"}]
+        ).add_parallel_steps([{"name": "a", "worker_name": "w"}, {"name": "y", "worker_name": "w"}]),
+        lambda b: b.add_parallel_steps(
+            [{"name": "b", "worker_name": "w"}, {"name": "a", "worker_name": "w"}]
+        ).add_step("a", "w"),
     ],
     ids=["sequential", "conditional", "within-group", "step-then-group", "across-groups", "group-then-step"],
 )
@@ -151,7 +168,7 @@ GOOD_NAMES = ["a", "A-b_c.d", "x" * 200, "0"]
 
 @pytest.mark.parametrize("bad", BAD_NAMES)
 def test_bad_names_are_rejected_when_added(bad: Any) -> None:
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: WorkflowBuilder(bad),
         lambda: WorkflowBuilder("wf").add_step(bad, "worker"),
         lambda: WorkflowBuilder("wf").add_step("step", bad),
@@ -162,7 +179,9 @@ def test_bad_names_are_rejected_when_added(bad: Any) -> None:
     if bad is not None:  # None is the valid "no compensation"
         attempts.append(lambda: WorkflowBuilder("wf").add_step("step", "worker", compensation=bad))
         attempts.append(
-            lambda: WorkflowBuilder("wf").add_parallel_steps([{"name": "s", "worker_name": "w", "compensation": bad}])
+            lambda: WorkflowBuilder("wf").add_parallel_steps(
+                [{"name": "s", "worker_name": "w", "compensation": bad}]
+            )
         )
     for attempt in attempts:
         with pytest.raises(ValidationError, match="must be 1 to 200 characters"):
@@ -280,7 +299,12 @@ def test_bad_retry_policies_are_rejected(kwargs: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_retries": 0}, {"backoff_factor": 1}, {"initial_delay": 0, "max_delay": 0}, {"initial_delay": 5, "max_delay": 5}],
+    [
+        {"max_retries": 0},
+        {"backoff_factor": 1},
+        {"initial_delay": 0, "max_delay": 0},
+        {"initial_delay": 5, "max_delay": 5},
+    ],
 )
 def test_edge_retry_policies_are_accepted(kwargs: dict[str, Any]) -> None:
     RetryPolicy(**kwargs)
@@ -291,10 +315,19 @@ def test_delay_grows_by_the_factor_and_is_capped() -> None:
     assert [default.delay(n) for n in range(1, 9)] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     custom = RetryPolicy(max_retries=5, backoff_factor=3.0, initial_delay=0.5, max_delay=10.0)
     assert [custom.delay(n) for n in range(1, 6)] == [0.5, 1.5, 4.5, 10.0, 10.0]
-    assert [RetryPolicy(backoff_factor=1.0, initial_delay=2.0).delay(n) for n in (1, 2, 10)] == [2.0, 2.0, 2.0]
+    assert [RetryPolicy(backoff_factor=1.0, initial_delay=2.0).delay(n) for n in (1, 2, 10)] == [
+        2.0,
+        2.0,
+        2.0,
+    ]
     assert RetryPolicy(initial_delay=0.0, max_delay=0.0).delay(3) == 0.0
     assert isinstance(RetryPolicy(initial_delay=1, max_delay=60).delay(1), float)
-    assert RetryPolicy().delay(10_000) == 60.0  # a huge exponent is capped, not an overflow
+
+
+def test_delay_of_a_late_retry_is_capped_not_an_overflow() -> None:
+    # "Retry every minute, for a long time" is a valid policy: the cap must win over float overflow.
+    assert RetryPolicy(max_retries=10_000).delay(10_000) == 60.0
+    assert RetryPolicy(max_retries=400, backoff_factor=10.0, max_delay=30.0).delay(400) == 30.0
 
 
 def test_retry_policy_and_steps_are_frozen() -> None:
@@ -309,8 +342,10 @@ def test_retry_policy_and_steps_are_frozen() -> None:
 
 
 def test_definition_is_not_changed_by_its_callers_or_its_builder() -> None:
-    builder = WorkflowBuilder("wf").add_step("a", "w").add_parallel_steps(
-        [{"name": "b", "worker_name": "w"}, {"name": "c", "worker_name": "w"}]
+    builder = (
+        WorkflowBuilder("wf")
+        .add_step("a", "w")
+        .add_parallel_steps([{"name": "b", "worker_name": "w"}, {"name": "c", "worker_name": "w"}])
     )
     definition = builder.build()
     steps = definition.get_steps()
@@ -326,7 +361,9 @@ def test_definition_is_not_changed_by_its_callers_or_its_builder() -> None:
 
 def test_initial_step() -> None:
     assert WorkflowBuilder("wf").add_step("a", "w").add_step("b", "w").build().get_initial_step().name == "a"  # type: ignore[union-attr]
-    grouped = WorkflowBuilder("wf").add_parallel_steps([{"name": "p", "worker_name": "w"}, {"name": "q", "worker_name": "w"}])
+    grouped = WorkflowBuilder("wf").add_parallel_steps(
+        [{"name": "p", "worker_name": "w"}, {"name": "q", "worker_name": "w"}]
+    )
     assert grouped.build().get_initial_step().name == "p"  # type: ignore[union-attr]
 
 
@@ -347,7 +384,9 @@ def test_next_step_follows_definition_order_and_conditions() -> None:
 
 
 def test_next_step_is_none_when_every_later_condition_is_false() -> None:
-    definition = WorkflowBuilder("wf").add_step("a", "w").add_conditional_step("b", "w", lambda c: False).build()
+    definition = (
+        WorkflowBuilder("wf").add_step("a", "w").add_conditional_step("b", "w", lambda c: False).build()
+    )
     assert definition.get_next_step("a", ctx()) is None
 
 

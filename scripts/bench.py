@@ -1,0 +1,393 @@
+"""The benchmark: orchestrated sagas against the raw Kafka round trip, on the same broker, in one run.
+
+(a) raw echo: a driver keeps N messages in flight to ``<p>.ping``; an echo process consumes them in
+    batches and produces each back to ``<p>.pong``; the driver consumes the pongs. No orchestrator, no
+    Redis: the practical limit of a Kafka round trip from Python here.
+(b) sagas: the driver publishes start requests (3-step sagas) to the start topic, keeping N sagas in
+    flight; an orchestrator process (KafkaEventBus + RedisStateStore) and a worker process run them;
+    the driver tails the audit topic for completions and step latencies.
+
+Each orchestrated step is one command out and one result back, the same Kafka round trip as (a)
+plus the Redis write and the audit event, so the ratio (b) steps/s / (a) round trips/s at the same
+number in flight says what the orchestrator costs. Roles run as separate processes, as in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+PAYLOAD = b"x" * 200
+STEPS = 3
+STALL_SECONDS = 30.0
+
+
+def workflow() -> Any:
+    from orchestrator_kafka import WorkflowBuilder
+
+    builder = WorkflowBuilder("bench")
+    for i in range(1, STEPS + 1):
+        builder.add_step(f"s{i}", f"w{i}", compensation=f"u{i}")
+    return builder.build()
+
+
+# ---------------------------------------------------------------- roles (child processes)
+
+
+async def role_orchestrator(prefix: str, partitions: int) -> None:
+    from orchestrator_kafka import KafkaEventBus, Orchestrator, RedisStateStore
+
+    bus = KafkaEventBus(BOOTSTRAP, topic_prefix=prefix, partitions=partitions)
+    store = RedisStateStore(REDIS_URL, key_prefix=prefix)
+    async with Orchestrator(workflow(), bus, store):
+        await ready_and_wait()
+    await bus.stop()
+    await store.close()
+
+
+async def role_worker(prefix: str, partitions: int) -> None:
+    from orchestrator_kafka import KafkaEventBus, StepContext, Worker
+
+    bus = KafkaEventBus(BOOTSTRAP, topic_prefix=prefix, partitions=partitions)
+    worker = Worker(bus, concurrency=1000)
+
+    async def handle(ctx: StepContext) -> dict[str, Any]:
+        return {ctx.step: ctx.attempt}
+
+    for i in range(1, STEPS + 1):
+        worker.register(f"w{i}", handle)
+        worker.register(f"u{i}", handle)
+    async with worker:
+        await ready_and_wait()
+    await bus.stop()
+
+
+async def role_echo(prefix: str, partitions: int) -> None:
+    await create_topics([f"{prefix}.ping", f"{prefix}.pong"], partitions)
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=2)
+    consumer = AIOKafkaConsumer(
+        f"{prefix}.ping",
+        bootstrap_servers=BOOTSTRAP,
+        group_id=f"{prefix}.echo",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await producer.start()
+    await consumer.start()
+    await wait_assigned(consumer)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    while not stop.is_set():
+        batches = await consumer.getmany(timeout_ms=100, max_records=500)
+        futures = [
+            await producer.send(f"{prefix}.pong", r.value, key=r.key)
+            for records in batches.values()
+            for r in records
+        ]
+        if futures:
+            await asyncio.gather(*futures)
+            await consumer.commit()
+    await consumer.stop()
+    await producer.stop()
+
+
+async def ready_and_wait() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def create_topics(topics: list[str], partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        if new:
+            await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+async def wait_assigned(consumer: AIOKafkaConsumer) -> None:
+    while not consumer.assignment():
+        await consumer.getmany(timeout_ms=100)
+
+
+CHILDREN: list[subprocess.Popen[str]] = []
+
+
+def kill_children() -> None:
+    for proc in CHILDREN:
+        if proc.poll() is None:
+            proc.kill()
+
+
+atexit.register(kill_children)
+
+
+class Child:
+    """A role in a child process; ready once it prints 'ready'. Killed when the driver exits."""
+
+    def __init__(self, role: str, prefix: str, partitions: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--role", role, "--prefix", prefix, "--partitions", str(partitions)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        CHILDREN.append(self.proc)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"{role} did not start: {line!r}")
+        self.cpu_start = cpu_seconds(self.proc.pid)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid) - self.cpu_start
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+@dataclass
+class Result:
+    name: str
+    inflight: int
+    units: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    cpu: dict[str, float]
+
+    @property
+    def rate(self) -> float:
+        return self.units / self.seconds
+
+
+# ---------------------------------------------------------------- the two measurements
+
+
+async def run_echo(total: int, inflight: int, partitions: int) -> Result:
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    echo = Child("echo", prefix, partitions)
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=2)
+    consumer = AIOKafkaConsumer(
+        f"{prefix}.pong",
+        bootstrap_servers=BOOTSTRAP,
+        group_id=f"{prefix}.driver",
+        auto_offset_reset="earliest",
+    )
+    await producer.start()
+    await consumer.start()
+    await wait_assigned(consumer)
+    latencies: list[float] = []
+    sent = received = 0
+    started = time.perf_counter()
+
+    async def send(n: int) -> None:
+        nonlocal sent
+        futures = []
+        for _ in range(n):
+            value = orjson.dumps({"t": time.perf_counter(), "p": PAYLOAD.decode()})
+            futures.append(await producer.send(f"{prefix}.ping", value, key=str(sent).encode()))
+            sent += 1
+        await asyncio.gather(*futures)
+
+    await send(min(inflight, total))
+    progress_at = time.perf_counter()
+    while received < total:
+        if time.perf_counter() - progress_at > STALL_SECONDS:
+            raise RuntimeError(f"echo stalled: {received} of {sent} sent came back")
+        batches = await consumer.getmany(timeout_ms=100, max_records=1000)
+        now = time.perf_counter()
+        got = 0
+        for records in batches.values():
+            for r in records:
+                latencies.append(now - orjson.loads(r.value)["t"])
+                got += 1
+        received += got
+        if got:
+            progress_at = time.perf_counter()
+        if got and sent < total:
+            await send(min(got, total - sent))
+    seconds = time.perf_counter() - started
+    cpu = {"echo": echo.cpu()}
+    await consumer.stop()
+    await producer.stop()
+    echo.stop()
+    return Result(
+        "raw echo", inflight, total, seconds, pct(latencies, 0.5) * 1e3, pct(latencies, 0.99) * 1e3, cpu
+    )
+
+
+async def run_sagas(total: int, inflight: int, partitions: int) -> Result:
+    from orchestrator_kafka.codec import encode
+    from orchestrator_kafka.models import StartBody, StartSaga
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    await create_topics([f"{prefix}.{t}" for t in ("start", "results", "events", "dlq")], partitions)
+    orchestrator = Child("orchestrator", prefix, partitions)
+    worker = Child("worker", prefix, partitions)
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=2)
+    consumer = AIOKafkaConsumer(
+        f"{prefix}.events",
+        bootstrap_servers=BOOTSTRAP,
+        group_id=f"{prefix}.driver",
+        auto_offset_reset="earliest",
+    )
+    await producer.start()
+    await consumer.start()
+    await wait_assigned(consumer)
+    dispatched: dict[tuple[str, str], datetime] = {}
+    latencies: list[float] = []
+    sent = completed = 0
+    started = time.perf_counter()
+
+    async def start(n: int) -> None:
+        nonlocal sent
+        futures = []
+        for _ in range(n):
+            tx = f"{prefix}-{sent}"
+            message = StartSaga(
+                event_id=str(uuid.uuid4()),
+                transaction_id=tx,
+                workflow_id="bench",
+                occurred_at=datetime.now(UTC),
+                body=StartBody(context={"n": sent}),
+            )
+            futures.append(await producer.send(f"{prefix}.start", encode(message), key=tx.encode()))
+            sent += 1
+        await asyncio.gather(*futures)
+
+    await start(min(inflight, total))
+    progress_at = time.perf_counter()
+    while completed < total:
+        if time.perf_counter() - progress_at > STALL_SECONDS:
+            raise RuntimeError(
+                f"no saga completed for {STALL_SECONDS}s: {completed} of {sent} started are done"
+            )
+        batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+        done = 0
+        for records in batches.values():
+            for r in records:
+                event = orjson.loads(r.value)
+                tx, at = event["transaction_id"], datetime.fromisoformat(event["occurred_at"])
+                for action in event["body"]["actions"]:
+                    what = action["action"]
+                    if what == "step_dispatched":
+                        dispatched[(tx, action["step"])] = at
+                    elif what == "step_succeeded":
+                        begun = dispatched.pop((tx, action["step"]), None)
+                        if begun is not None:
+                            latencies.append((at - begun).total_seconds())
+                    elif what == "saga_completed":
+                        done += 1
+                    elif what in ("saga_compensated", "saga_failed"):
+                        raise RuntimeError(f"a bench saga did not complete: {event}")
+        completed += done
+        if done:
+            progress_at = time.perf_counter()
+        if done and sent < total:
+            await start(min(done, total - sent))
+    seconds = time.perf_counter() - started
+    cpu = {"orchestrator": orchestrator.cpu(), "worker": worker.cpu()}
+    await consumer.stop()
+    await producer.stop()
+    orchestrator.stop()
+    worker.stop()
+    return Result(
+        "sagas", inflight, total * STEPS, seconds, pct(latencies, 0.5) * 1e3, pct(latencies, 0.99) * 1e3, cpu
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    levels = [int(x) for x in args.inflight.split(",")]
+    print(f"# orchestrator-kafka bench: Kafka {BOOTSTRAP}, Redis {REDIS_URL}, {os.cpu_count()} cores")
+    print(
+        f"# {args.sagas} sagas of {STEPS} steps per level; raw echo of {args.sagas * STEPS} round trips per level"
+    )
+    print(
+        f"{'what':<10} {'in flight':>9} {'units/s':>10} {'sagas/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'ratio':>6}  cpu s/1k units"
+    )
+    best_echo = 0.0
+    for level in levels:
+        echo = await run_echo(args.sagas * STEPS, level, args.partitions)
+        sagas = await run_sagas(args.sagas, level, args.partitions)
+        best_echo = max(best_echo, echo.rate)
+        for r in (echo, sagas):
+            ratio = f"{sagas.rate / echo.rate:6.2f}" if r is sagas else "      "
+            per_sagas = f"{r.rate / STEPS:9.0f}" if r is sagas else f"{'':>9}"
+            cpu = ", ".join(f"{k} {v / r.units * 1e3:.2f}" for k, v in r.cpu.items())
+            print(
+                f"{r.name:<10} {r.inflight:>9} {r.rate:>10.0f} {per_sagas} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f} "
+                f"{ratio}  {cpu}",
+                flush=True,
+            )
+    print(
+        "# units: round trips/s for raw echo, saga steps/s for sagas; ratio = steps/s / echo at the same level"
+    )
+    print(f"# best raw echo: {best_echo:.0f} round trips/s")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--role", choices=["orchestrator", "worker", "echo"])
+    parser.add_argument("--prefix", default="")
+    parser.add_argument("--sagas", type=int, default=3000)
+    parser.add_argument("--inflight", default="50,200,1000", help="comma-separated concurrency levels")
+    parser.add_argument("--partitions", type=int, default=4)
+    args = parser.parse_args()
+    if args.role:
+        role = {"orchestrator": role_orchestrator, "worker": role_worker, "echo": role_echo}[args.role]
+        profile_dir = os.environ.get("BENCH_PROFILE")  # a folder: each role writes <role>.prof there
+        if profile_dir:
+            import cProfile
+
+            with cProfile.Profile() as profiler:
+                asyncio.run(role(args.prefix, args.partitions))
+            profiler.dump_stats(os.path.join(profile_dir, f"{args.role}.prof"))
+        else:
+            asyncio.run(role(args.prefix, args.partitions))
+    else:
+        asyncio.run(main(args))
