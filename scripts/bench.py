@@ -342,7 +342,7 @@ async def main(args: argparse.Namespace) -> None:
     levels = [int(x) for x in args.inflight.split(",")]
     print(f"# orchestrator-kafka bench: Kafka {BOOTSTRAP}, Redis {REDIS_URL}, {os.cpu_count()} cores")
     print(
-        f"# {args.sagas} sagas of {STEPS} steps per level; raw echo of {args.sagas * STEPS} round trips per level"
+        f"# {args.sagas} sagas of {STEPS} steps per level; raw echo of {args.sagas * STEPS} round trips"
     )
     print(
         f"{'what':<10} {'in flight':>9} {'units/s':>10} {'sagas/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
@@ -363,7 +363,7 @@ async def main(args: argparse.Namespace) -> None:
                 flush=True,
             )
     print(
-        "# units: round trips/s for raw echo, saga steps/s for sagas; ratio = steps/s / echo at the same level"
+        "# units: round trips/s for raw echo, saga steps/s for sagas; ratio = steps/s / echo, same level"
     )
     print(f"# best raw echo: {best_echo:.0f} round trips/s")
 
