@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -113,6 +114,7 @@ class Orchestrator(IOrchestrator):
         timer_interval: float = 0.05,
         outbox_sweep_interval: float = 5.0,
         max_batch: int = 500,
+        cache_size: int = 10_000,
     ) -> None:
         definitions = [workflow] if isinstance(workflow, IWorkflowDefinition) else list(workflow)
         if not definitions:
@@ -143,6 +145,9 @@ class Orchestrator(IOrchestrator):
         self._subscription: Subscription | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._acks: set[asyncio.Task[None]] = set()
+        # The sagas this instance wrote last, so the hot path needs no read before its write.
+        self._cache: OrderedDict[str, SagaContext] = OrderedDict()
+        self._cache_size = cache_size
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -363,7 +368,7 @@ class Orchestrator(IOrchestrator):
         outcomes = [Outcome() for _ in events]
         pending = list(range(len(events)))
         for _ in range(_MAX_ROUNDS):
-            sagas = await self._store.load_contexts(list({_tx_of(events[i]) for i in pending}))
+            sagas = await self._sagas_of({_tx_of(events[i]) for i in pending})
             writes: list[TransitionWrite] = []
             owners: list[int] = []
             now = self._clock()
@@ -377,6 +382,7 @@ class Orchestrator(IOrchestrator):
             publish: list[OutboxMessage] = []
             acks: dict[str, int] = {}
             for i, write, result in zip(owners, writes, results, strict=True):
+                self._remember(write, result.status)
                 if result.status == "conflict":
                     retry.append(i)
                 elif result.status == "applied" and write.outbox:
@@ -393,6 +399,28 @@ class Orchestrator(IOrchestrator):
                 return outcomes
             pending = retry
         raise StateStoreError(f"{len(pending)} events still conflicted after {_MAX_ROUNDS} rounds")
+
+    async def _sagas_of(self, transaction_ids: set[str]) -> dict[str, SagaContext]:
+        """The sagas, from the cache where it has them, else from the store in one round trip."""
+        cache = self._cache
+        found = {tx: cache[tx] for tx in transaction_ids if tx in cache}
+        missing = [tx for tx in transaction_ids if tx not in found]
+        if missing:
+            found.update(await self._store.load_contexts(missing))
+        return found
+
+    def _remember(self, write: TransitionWrite, status: str) -> None:
+        """Keep the state a write stored. The cache may go stale (another instance took the partition,
+        an operator saved the saga): the version check then refuses the write, and the saga is
+        forgotten and loaded afresh."""
+        tx = write.transaction_id
+        if status == "applied" and write.saga is not None:
+            self._cache[tx] = write.saga
+            self._cache.move_to_end(tx)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        elif status in ("conflict", "duplicate"):
+            self._cache.pop(tx, None)
 
     def _ack_later(self, acks: dict[str, int]) -> None:
         """Forget published outbox entries off the hot path: the offsets need not wait for it, and an
