@@ -2,14 +2,17 @@
 
 ``memory`` is the in-process backend. ``real`` is Apache Kafka and Redis at ``KAFKA_BOOTSTRAP_SERVERS``
 and ``REDIS_URL`` (``scripts/services up`` starts both on loopback; ``scripts/test`` does it for you).
+With neither variable set, nothing listening and a Docker engine at hand, testcontainers starts them.
 A real-backend test whose service is not there FAILS, with the reason: it is never skipped. To run
 only the in-memory tests: ``pytest -m "not kafka and not redis"``.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,18 +35,54 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
+_from_containers: dict[str, str] = {}
+
+
+def _container(service: str) -> str | None:
+    """Where a user has a Docker engine and no local service, start one with testcontainers, once per
+    session. Here there is no Docker engine: scripts/services runs both on loopback instead."""
+    if service in _from_containers:
+        return _from_containers[service]
+    try:
+        subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if service == "kafka":
+        from testcontainers.community.kafka import KafkaContainer
+
+        kafka = KafkaContainer().with_kraft()
+        kafka.start()
+        atexit.register(kafka.stop)
+        address = kafka.get_bootstrap_server()
+    else:
+        from testcontainers.community.redis import RedisContainer
+
+        redis = RedisContainer()
+        redis.start()
+        atexit.register(redis.stop)
+        address = f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0"
+    _from_containers[service] = address
+    return address
+
+
 def require_kafka() -> str:
     host, _, port = KAFKA.split(",")[0].rpartition(":")
-    if not _reachable(host or "127.0.0.1", int(port)):
+    if _reachable(host or "127.0.0.1", int(port)):
+        return KAFKA
+    started = None if "KAFKA_BOOTSTRAP_SERVERS" in os.environ else _container("kafka")
+    if started is None:
         pytest.fail(f"Kafka is not reachable at {KAFKA}: run 'scripts/services up' (or 'scripts/test')")
-    return KAFKA
+    return started
 
 
 def require_redis() -> str:
     url = urlparse(REDIS)
-    if not _reachable(url.hostname or "127.0.0.1", url.port or 6379):
+    if _reachable(url.hostname or "127.0.0.1", url.port or 6379):
+        return REDIS
+    started = None if "REDIS_URL" in os.environ else _container("redis")
+    if started is None:
         pytest.fail(f"Redis is not reachable at {REDIS}: run 'scripts/services up' (or 'scripts/test')")
-    return REDIS
+    return started
 
 
 def unique(prefix: str) -> str:
