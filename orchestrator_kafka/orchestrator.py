@@ -210,7 +210,8 @@ class Orchestrator(IOrchestrator):
             await self._subscription.stop()
             self._subscription = None
         if self._acks:
-            await asyncio.gather(*self._acks)
+            # Bounded: a lost ack costs only a second publish by the next start-up sweep.
+            await asyncio.wait(self._acks, timeout=5.0)
         self._log.info("orchestrator stopped")
 
     async def __aenter__(self) -> Orchestrator:

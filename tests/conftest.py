@@ -9,10 +9,12 @@ only the in-memory tests: ``pytest -m "not kafka and not redis"``.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -157,3 +159,21 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         yield made
     finally:
         await made.close()
+
+
+@pytest.fixture(autouse=True)
+async def dump_tasks_when_stuck(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A test still running after 90 s prints every asyncio task's stack, so a hang in CI says where."""
+
+    async def watchdog() -> None:
+        await asyncio.sleep(90)
+        print(f"\n--- {request.node.nodeid} still running after 90 s; asyncio tasks:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.print_stack(limit=12, file=sys.stderr)
+
+    dog = asyncio.get_running_loop().create_task(watchdog())
+    try:
+        yield
+    finally:
+        dog.cancel()
