@@ -15,7 +15,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import NewTopic
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import TopicPartition
 
+from orchestrator_kafka.backends import kafka as kafka_module
 from orchestrator_kafka.backends.kafka import KafkaEventBus, KafkaSubscription
 from orchestrator_kafka.errors import EventBusError, ValidationError
 from orchestrator_kafka.ports import InboundMessage, OutboxMessage
@@ -177,12 +182,50 @@ def test_settings_are_validated_and_env_is_read(monkeypatch: pytest.MonkeyPatch)
         KafkaEventBus(security_protocol="bogus")
     with pytest.raises(ValidationError):
         KafkaEventBus(partitions=0)
+    assert KafkaEventBus().fetch_max_wait_ms == 100
+    assert KafkaEventBus(fetch_max_wait_ms=0).fetch_max_wait_ms == 0
+    with pytest.raises(ValidationError, match="fetch_max_wait_ms"):
+        KafkaEventBus(fetch_max_wait_ms=-1)
     KafkaEventBus(
         security_protocol="SASL_PLAINTEXT",
         sasl_mechanism="SCRAM-SHA-512",
         sasl_plain_username="u",
         sasl_plain_password="p",
     )
+
+
+# Kafka's own murmur2 test vectors (org.apache.kafka.common.utils.UtilsTest.testMurmur2): signed 32-bit.
+JAVA_MURMUR2 = {
+    "21": -973932308,
+    "foobar": -790332482,
+    "a-little-bit-long-string": -985981536,
+    "a-little-bit-longer-string": -1486304829,
+    "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    "abc": 479470107,
+}
+
+
+def test_partition_choice_is_the_java_clients_and_aiokafkas() -> None:
+    for n in (1, 2, 3, 4, 7, 12):
+        partitions = tuple(range(n))
+        plan = kafka_module._TopicPlan(partitions, list(partitions), {})
+        # The Java client: Utils.toPositive(Utils.murmur2(keyBytes)) % numPartitions.
+        for key, h in JAVA_MURMUR2.items():
+            assert plan.choose(key) == (h & 0x7FFFFFFF) % n
+        for i in range(300):
+            key = str(uuid.UUID(int=i * 104729 + n))
+            expected = DefaultPartitioner()(key.encode(), list(partitions), list(partitions))
+            assert plan.choose(key) == expected
+            assert plan.cache[key] == expected
+
+
+def test_partition_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kafka_module, "_PARTITION_CACHE_SIZE", 10)
+    cache: dict[str, int] = {}
+    plan = kafka_module._TopicPlan((0, 1, 2, 3), [0, 1, 2, 3], cache)
+    for i in range(25):
+        plan.choose(f"k{i}")
+        assert 1 <= len(cache) <= 10
 
 
 # ---------------------------------------------------------------- real broker
@@ -452,10 +495,110 @@ async def test_ensure_topics_is_cached_and_tolerates_existing_topics(bus: KafkaE
 @pytest.mark.kafka
 async def test_publish_failure_is_an_event_bus_error(bus: KafkaEventBus) -> None:
     topic = _topic(bus, "big")
-    with pytest.raises(EventBusError):
-        await bus.publish([OutboxMessage(topic, "k", b"x" * 2_000_000)])
+    # Over the 1 MB limit: refused before anything of the call is sent, naming topic and message.
+    small = _msgs(topic, 3)
+    with pytest.raises(EventBusError, match=rf"message 2 of 4 \(topic '{topic}'.*over the 1,048,576-byte"):
+        await bus.publish([*small[:2], OutboxMessage(topic, "k", b"x" * 2_000_000), small[2]])
+    with pytest.raises(EventBusError, match="over the 1,048,576-byte limit"):
+        await bus.publish([OutboxMessage(topic, "k", b"x" * (1024 * 1024 - 50))])
+    # Not bytes: refused too, before anything is sent.
+    with pytest.raises(EventBusError, match="cannot be encoded"):
+        await bus.publish([small[0], OutboxMessage(topic, "k", "text")])  # type: ignore[arg-type]
+    # A large message under the limit goes alone in its batch and arrives.
+    await bus.publish([OutboxMessage(topic, "k", b"%d|" % 99 + b"y" * 1_000_000)])
+    got = Collector()
+    sub = await bus.subscribe([topic], _uid("g"), got)
+    await got.wait_for(1)
+    await asyncio.sleep(0.5)
+    await sub.stop()
+    assert _ids(got.messages) == [99]  # none of the refused calls' messages
     with pytest.raises(EventBusError, match="create topic"):
         await bus.publish([OutboxMessage("bad topic name!", "k", b"x")])
+
+
+@pytest.mark.kafka
+async def test_a_batch_the_broker_rejects_is_an_event_bus_error_naming_its_topic(bus: KafkaEventBus) -> None:
+    small, fine = _topic(bus, "small-limit"), _topic(bus, "fine")
+    response = await bus._admin.create_topics(
+        [NewTopic(small, 1, 1, topic_configs={"max.message.bytes": "2000"})], timeout_ms=10_000
+    )
+    assert all(entry[1] == 0 for entry in response.topic_errors)
+    await bus.ensure_topics([small, fine])
+    messages = [*_msgs(fine, 5), OutboxMessage(small, "k", b"x" * 5000)]
+    with pytest.raises(EventBusError, match=rf"1 of 6 messages were not published to topic\(s\) {small}:"):
+        await bus.publish(messages)
+    got = Collector()
+    sub = await bus.subscribe([fine], _uid("g"), got)
+    await got.wait_for(5)
+    await sub.stop()
+    assert sorted(_ids(got.messages)) == list(range(5))
+
+
+@pytest.mark.kafka
+async def test_keys_land_on_the_partition_another_client_puts_them_on(bus: KafkaEventBus) -> None:
+    topic = _topic(bus, "same-partition")
+    keys = [str(uuid.uuid4()) for _ in range(200)]
+    await bus.publish([OutboxMessage(topic, k, b"%d|bus" % i) for i, k in enumerate(keys)])
+    # A plain aiokafka producer with its default partitioner (as the Java client's).
+    other = AIOKafkaProducer(bootstrap_servers=KAFKA)
+    await other.start()
+    try:
+        futures = [await other.send(topic, b"other", key=k.encode()) for k in keys]
+        expected = {k: (await f).partition for k, f in zip(keys, futures, strict=True)}
+    finally:
+        await other.stop()
+    got = Collector()
+    sub = await bus.subscribe([topic], _uid("g"), got)
+    await got.wait_for(400)
+    await sub.stop()
+    for m in got.messages:
+        assert m.partition == expected[(m.key or b"").decode()]
+    assert len({m.partition for m in got.messages}) == ALL_PARTITIONS
+
+
+@pytest.mark.kafka
+async def test_a_publish_of_several_batches_per_partition_keeps_each_keys_order(bus: KafkaEventBus) -> None:
+    a, b = _topic(bus, "multi-a"), _topic(bus, "multi-b")
+    # ~1 MB per key: 4 batches of 256 KB each, interleaved over two topics.
+    from_a, from_b = _msgs(a, 3000, keys=3, size=900), _msgs(b, 3000, 3000, keys=3, size=900)
+    messages = [m for pair in zip(from_a, from_b, strict=True) for m in pair]
+    await bus.publish(messages)
+    got = Collector()
+    sub = await bus.subscribe([a, b], _uid("g"), got)
+    await got.wait_for(6000)
+    await asyncio.sleep(0.3)
+    await sub.stop()
+    assert sorted(_ids(got.messages)) == list(range(6000))
+    per_key: dict[tuple[str, bytes | None], list[int]] = {}
+    partition_of: dict[tuple[str, bytes | None], set[int]] = {}
+    for m, i in zip(got.messages, _ids(got.messages), strict=True):
+        per_key.setdefault((m.topic, m.key), []).append(i)
+        partition_of.setdefault((m.topic, m.key), set()).add(m.partition)
+    assert all(ids == sorted(ids) for ids in per_key.values())
+    assert all(len(p) == 1 for p in partition_of.values())
+    # The batches were idempotent: aiokafka gave them sequence numbers (private state, checked so that
+    # an aiokafka upgrade which stops doing so for send_batch is noticed).
+    txn = bus._producer._txn_manager
+    assert txn is not None and txn.producer_id >= 0
+    counts: dict[tuple[str, int], int] = {}
+    for m in got.messages:
+        counts[(m.topic, m.partition)] = counts.get((m.topic, m.partition), 0) + 1
+    for (topic, partition), n in counts.items():
+        assert txn.sequence_number(TopicPartition(topic, partition)) == n
+
+
+@pytest.mark.kafka
+async def test_fetch_max_wait_ms_reaches_the_consumers() -> None:
+    _require_kafka()
+    b = KafkaEventBus(KAFKA, topic_prefix=_uid("t"), fetch_max_wait_ms=250)
+    await b.start()
+    try:
+        sub = await b.subscribe([_topic(b, "fmw")], _uid("g"), Collector())
+        assert isinstance(sub, KafkaSubscription)
+        assert sub._consumer._fetch_max_wait_ms == 250  # aiokafka's private attribute
+        await sub.stop()
+    finally:
+        await b.stop()
 
 
 # ---------------------------------------------------------------- throughput
