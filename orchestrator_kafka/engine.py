@@ -361,10 +361,14 @@ class _Run:
         body = event.body
         if body.status != "succeeded":
             return self.unchanged("stale result")
+        sent = rt.attempt if body.kind == "execute" else rt.compensation_attempt
+        if body.command_id != command_id(self.s.transaction_id, step.name, body.kind, body.attempt) or not (
+            1 <= body.attempt <= sent
+        ):
+            # Not a command this saga sent (or the answer to an extra compensation): nothing to take.
+            return self.unchanged("unknown command")
         if body.kind == "compensate":
-            awaiting = rt.status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_RETRY_WAIT)
-            own = body.command_id.startswith(f"{self.s.transaction_id}:{step.name}:compensate:")
-            if awaiting and own and "late-" not in body.command_id.rsplit(":", 1)[-1]:
+            if rt.status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_RETRY_WAIT):
                 # An earlier compensation attempt succeeded after all while the step still waits for one.
                 self.drop_timer(rt)
                 self.compensation_succeeded(step, rt, body.attempt)
@@ -401,7 +405,6 @@ class _Run:
     ) -> None:
         rt.status = StepStatus.SUCCEEDED
         rt.succeeded_command = rt.command_id = cid
-        rt.attempt = attempt
         rt.error = None
         self.s.step_results[step.name] = dict(result)
         self.s.data.update(result)

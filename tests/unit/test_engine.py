@@ -1037,3 +1037,17 @@ def test_command_ids_are_unique_and_audit_versions_follow_the_saga() -> None:
     assert len(ids) == len(set(ids))
     versions = [t.saga.version for t in d.transitions if t.changed and t.saga is not None]
     assert versions == list(range(1, len(versions) + 1))
+
+
+def test_a_success_for_a_command_never_sent_changes_nothing() -> None:
+    d = Driver(spec_workflow())
+    d.start()
+    sent_one = d.command("reserve").body
+    for forged in (
+        sent_one.model_copy(update={"command_id": "tx-1:reserve:execute:7", "attempt": 7}),  # never sent
+        sent_one.model_copy(update={"command_id": "someone-else:reserve:execute:1"}),
+        sent_one.model_copy(update={"command_id": "tx-1:reserve:compensate:1", "kind": "compensate"}),
+    ):
+        t = d.feed(result_event(forged, workflow_id="transaction"))
+        assert t.changed is False and t.note == "unknown command"
+    assert d.saga is not None and d.saga.step("reserve").status.value == "running"
