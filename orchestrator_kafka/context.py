@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -46,10 +47,11 @@ class StepStatus(StrEnum):
     COMPENSATION_FAILED = "compensation_failed"
 
 
-class StepRuntime(BaseModel):
-    """The engine's record of one step: its status, attempts and the command it awaits."""
+@dataclass(slots=True)
+class StepRuntime:
+    """The engine's record of one step: its status, attempts sent and the command it awaits.
 
-    model_config = ConfigDict(extra="forbid")
+    A plain dataclass rather than a model: the engine copies and updates these on every event."""
 
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
@@ -58,6 +60,17 @@ class StepRuntime(BaseModel):
     succeeded_command: str | None = None
     timer_id: str | None = None
     error: str | None = None
+
+    def copy(self) -> StepRuntime:
+        return StepRuntime(
+            self.status,
+            self.attempt,
+            self.compensation_attempt,
+            self.command_id,
+            self.succeeded_command,
+            self.timer_id,
+            self.error,
+        )
 
 
 def utcnow() -> datetime:

@@ -475,12 +475,7 @@ class Orchestrator(IOrchestrator):
 
     def _outbox(self, transition: Transition) -> tuple[OutboxMessage, ...]:
         key = transition.saga.transaction_id if transition.saga else ""
-        messages = [
-            OutboxMessage(topic, key, codec.encode(command)) for topic, command in transition.commands
-        ]
-        if transition.audit is not None:
-            messages.append(OutboxMessage(self.topics.events, key, codec.encode(transition.audit)))
-        return tuple(messages)
+        return tuple(OutboxMessage(o.topic, key, o.encode()) for o in transition.outgoing)
 
     # ---------------------------------------------------------------- timers and recovery
 
