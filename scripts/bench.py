@@ -130,6 +130,27 @@ async def create_topics(topics: list[str], partitions: int) -> None:
         await admin.close()
 
 
+async def drop(prefix: str) -> None:
+    """Delete a run's topics and Redis keys, so repeated runs do not pile them up on the broker."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        doomed = [t for t in await admin.list_topics() if t.startswith(f"{prefix}.")]
+        if doomed:
+            await admin.delete_topics(doomed)
+    finally:
+        await admin.close()
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for i in range(0, len(keys), 1000):
+            await client.delete(*keys[i : i + 1000])
+    finally:
+        await client.aclose()
+
+
 async def wait_assigned(consumer: AIOKafkaConsumer) -> None:
     while not consumer.assignment():
         await consumer.getmany(timeout_ms=100)
@@ -282,6 +303,7 @@ async def run_echo(total: int, inflight: int, partitions: int) -> Result:
     await consumer.stop()
     await producer.stop()
     echo.stop()
+    await drop(prefix)
     return Result(
         "raw echo", inflight, total, seconds, pct(latencies, 0.5) * 1e3, pct(latencies, 0.99) * 1e3, cpu
     )
@@ -369,6 +391,7 @@ async def run_sagas(total: int, inflight: int, partitions: int) -> Result:
     await producer.stop()
     orchestrator.stop()
     worker.stop()
+    await drop(prefix)
     return Result(
         "sagas", inflight, total * STEPS, seconds, pct(latencies, 0.5) * 1e3, pct(latencies, 0.99) * 1e3, cpu
     )
@@ -377,9 +400,7 @@ async def run_sagas(total: int, inflight: int, partitions: int) -> Result:
 async def main(args: argparse.Namespace) -> None:
     levels = [int(x) for x in args.inflight.split(",")]
     print(f"# orchestrator-kafka bench: Kafka {BOOTSTRAP}, Redis {REDIS_URL}, {os.cpu_count()} cores")
-    print(
-        f"# {args.sagas} sagas of {STEPS} steps per level; raw echo of {args.sagas * STEPS} round trips"
-    )
+    print(f"# {args.sagas} sagas of {STEPS} steps per level; raw echo of {args.sagas * STEPS} round trips")
     print(
         f"{'what':<10} {'in flight':>9} {'units/s':>10} {'sagas/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'ratio':>6}  cpu ms per unit"
@@ -398,9 +419,7 @@ async def main(args: argparse.Namespace) -> None:
                 f"{ratio}  {cpu}",
                 flush=True,
             )
-    print(
-        "# units: round trips/s for raw echo, saga steps/s for sagas; ratio = steps/s / echo, same level"
-    )
+    print("# units: round trips/s for raw echo, saga steps/s for sagas; ratio = steps/s / echo, same level")
     print(f"# best raw echo: {best_echo:.0f} round trips/s")
 
 

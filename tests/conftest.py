@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import re
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -177,3 +178,30 @@ async def dump_tasks_when_stuck(request: pytest.FixtureRequest) -> AsyncIterator
         yield
     finally:
         dog.cancel()
+
+
+# Topics the tests make: a prefix from unique() ("t-", "c-", "topic-" and ten hex digits).
+_TEST_TOPIC = re.compile(r"^(t|c|topic)-[0-9a-f]{10}(\.|$)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def delete_test_topics() -> Iterator[None]:
+    """Delete the session's topics at its end, so a long-lived broker does not pile up thousands."""
+    yield
+    host, _, port = KAFKA.split(",")[0].rpartition(":")
+    if not _reachable(host or "127.0.0.1", int(port)):
+        return
+
+    async def delete() -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+        await admin.start()
+        try:
+            doomed = [t for t in await admin.list_topics() if _TEST_TOPIC.match(t)]
+            for i in range(0, len(doomed), 200):
+                await admin.delete_topics(doomed[i : i + 200])
+        finally:
+            await admin.close()
+
+    asyncio.run(delete())
