@@ -16,7 +16,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 import orjson
@@ -42,6 +41,7 @@ from .errors import (
     ValidationError,
     WorkflowExecutionError,
 )
+from .lifecycle import Service
 from .models import CancelBody, CancelSaga, StartBody, StartSaga, StepResult
 from .ports import (
     IEventBus,
@@ -96,7 +96,7 @@ def _check_id(what: str, value: object) -> str:
     return value
 
 
-class Orchestrator(IOrchestrator):
+class Orchestrator(IOrchestrator, Service):
     """Runs sagas of one or several workflows over an event bus and a state store.
 
     ``state_store=None`` means a :class:`RedisStateStore` on ``REDIS_URL``. Use ``async with`` or
@@ -213,15 +213,6 @@ class Orchestrator(IOrchestrator):
             # Bounded: a lost ack costs only a second publish by the next start-up sweep.
             await asyncio.wait(self._acks, timeout=5.0)
         self._log.info("orchestrator stopped")
-
-    async def __aenter__(self) -> Orchestrator:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _require_started(self) -> None:
         if not self._started:

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import length_hint
-from types import TracebackType
 from typing import Any
 
 import orjson
@@ -28,6 +27,7 @@ import pydantic
 from . import codec
 from .constants import MAX_MESSAGE_BYTES, SCHEMA_VERSION, WORKER_GROUP, Topics
 from .errors import DecodeError, NonRetryableError, ValidationError
+from .lifecycle import Service
 from .models import Message, StepCommand
 from .orchestrator import dead_letter
 from .ports import IEventBus, ILogger, InboundMessage, OutboxMessage, Subscription
@@ -54,7 +54,7 @@ class StepContext:
         return self.data.get(key, default)
 
 
-class Worker:
+class Worker(Service):
     """Runs step handlers for commands consumed from the event bus.
 
     A handler is ``async def fn(ctx: StepContext) -> dict | None`` or a plain function (run in a
@@ -156,15 +156,6 @@ class Worker:
         for subscription in subscriptions:
             await subscription.stop()
         self._started = False
-
-    async def __aenter__(self) -> Worker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def _on_batch(self, name: str, limit: asyncio.Semaphore, batch: Sequence[InboundMessage]) -> None:
         out: list[OutboxMessage] = []
