@@ -148,6 +148,7 @@ class Orchestrator(IOrchestrator, Service):
         # The sagas this instance wrote last, so the hot path needs no read before its write.
         self._cache: OrderedDict[str, SagaContext] = OrderedDict()
         self._cache_size = cache_size
+        self._swept: dict[str, int] = {}
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -185,7 +186,7 @@ class Orchestrator(IOrchestrator, Service):
                 if step.compensation:
                     topics.append(self.topics.compensations(step.compensation))
         await self._bus.ensure_topics(sorted(set(topics)))
-        await self._sweep_outboxes()
+        await self._sweep_outboxes(everything=True)
         self._subscription = await self._bus.subscribe(
             [self.topics.start, self.topics.results],
             self.topics.group(ORCHESTRATOR_GROUP),
@@ -493,13 +494,17 @@ class Orchestrator(IOrchestrator, Service):
                 self._log.exception("timer loop failed")
             await asyncio.sleep(self._timer_interval)
 
-    async def _sweep_outboxes(self) -> None:
+    async def _sweep_outboxes(self, *, everything: bool = False) -> None:
+        """Re-publish what a crash or a failed publish left in outboxes: at start-up everything; later,
+        only what has not moved since the last sweep, not the entries of batches still publishing."""
         pending = await self._store.pending_outboxes()
-        if not pending:
+        seen, self._swept = self._swept, {p.transaction_id: p.outbox_id for p in pending}
+        stale = pending if everything else [p for p in pending if seen.get(p.transaction_id) == p.outbox_id]
+        if not stale:
             return
-        await self._bus.publish([m for p in pending for m in p.messages])
-        await self._store.ack_outbox([(p.transaction_id, p.outbox_id) for p in pending])
-        self._log.info("re-published the outboxes of %d sagas", len(pending))
+        await self._bus.publish([m for p in stale for m in p.messages])
+        await self._store.ack_outbox([(p.transaction_id, p.outbox_id) for p in stale])
+        self._log.info("re-published the outboxes of %d sagas", len(stale))
 
 
 def _tx_of(event: Event) -> str:
