@@ -115,7 +115,7 @@ class InMemoryStateStore(IStateStore):
         for w in writes:
             tx = w.transaction_id
             if w.event_id in self._processed:
-                results.append(self._with_outbox("duplicate", tx))
+                results.append(self._duplicate(tx))
                 continue
             record = self._sagas.get(tx)
             version = 0 if record is None else record.version
@@ -140,12 +140,11 @@ class InMemoryStateStore(IStateStore):
             results.append(ApplyResult("applied", tx, w.saga.version if w.outbox else 0, w.outbox))
         return results
 
-    def _with_outbox(self, status: str, tx: str) -> ApplyResult:
+    def _duplicate(self, tx: str) -> ApplyResult:
         entries = self._outbox.get(tx, [])
         if not entries:
-            return ApplyResult(status, tx)  # type: ignore[arg-type]
-        messages = tuple(m for _, batch in entries for m in batch)
-        return ApplyResult(status, tx, entries[-1][0], messages)  # type: ignore[arg-type]
+            return ApplyResult("duplicate", tx)
+        return ApplyResult("duplicate", tx, entries[-1][0], tuple(m for _, batch in entries for m in batch))
 
     async def ack_outbox(self, acks: Sequence[tuple[str, int]]) -> None:
         for tx, outbox_id in acks:

@@ -120,23 +120,10 @@ def _text(value: bytes | str) -> str:
     return value if isinstance(value, str) else value.decode()
 
 
-def _messages_of(entries: Sequence[bytes], own: _Messages, cache: dict[bytes, _Messages]) -> _Messages:
-    # An empty entry is the script's stand-in for the one the write itself just appended (``own``): the
-    # messages it was made from are at hand, so they are neither sent back nor decoded again. After a
-    # prompt ack that entry is the whole outbox.
-    if len(entries) == 1:
-        entry = entries[0]
-        if not entry:
-            return own
-        found = cache.get(entry)
-        if found is None:
-            found = cache[entry] = _load_outbox(entry)
-        return found
+def _messages_of(entries: Sequence[bytes], cache: dict[bytes, _Messages]) -> _Messages:
+    # Several duplicates of one saga in a batch bring back the same entries: decode each once.
     messages: list[OutboxMessage] = []
     for entry in entries:
-        if not entry:
-            messages.extend(own)
-            continue
         found = cache.get(entry)
         if found is None:
             found = cache[entry] = _load_outbox(entry)
@@ -406,7 +393,7 @@ class RedisStateStore(IStateStore):
                 elif len(reply) == 2:
                     results.append(ApplyResult(status, w.transaction_id, reply[1]))
                 else:
-                    messages = _messages_of(reply[2:], w.outbox, cache)
+                    messages = _messages_of(reply[2:], cache)
                     results.append(ApplyResult(status, w.transaction_id, reply[1], messages))
         except (ValueError, TypeError, IndexError) as exc:
             raise _corrupt("apply", exc) from exc
@@ -435,7 +422,7 @@ class RedisStateStore(IStateStore):
         cache: dict[bytes, _Messages] = {}
         try:
             return [
-                PendingOutbox(_text(reply[0]), int(reply[1]), _messages_of(reply[2:], (), cache))
+                PendingOutbox(_text(reply[0]), int(reply[1]), _messages_of(reply[2:], cache))
                 for reply in replies
             ]
         except (ValueError, TypeError) as exc:
