@@ -9,7 +9,6 @@ only then let the bus commit the offsets. A crash anywhere in between is safe: D
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -202,11 +201,11 @@ class Orchestrator(IOrchestrator, Service):
         if not self._started:
             return
         self._started = False
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
+            # wait(), not await: a cancel of stop() itself must not be taken for the ticker's.
+            await asyncio.wait({ticker})
         if self._subscription is not None:
             await self._subscription.stop()
             self._subscription = None
@@ -475,7 +474,9 @@ class Orchestrator(IOrchestrator, Service):
         """Fire due timers; now and then re-publish outboxes a failed publish left behind."""
         loop = asyncio.get_running_loop()
         next_sweep = loop.time() + self._sweep_interval
-        while True:
+        # The flag, not only the cancel, ends the loop: redis-py can turn a cancel that lands in a read
+        # into a timeout error (asyncio.timeout in Python 3.11), which the except below would swallow.
+        while self._started:
             try:
                 timers = await self._store.claim_due_timers(
                     self._clock().timestamp(), self._max_batch, TIMER_LEASE_SECONDS

@@ -6,8 +6,10 @@ import asyncio
 from datetime import UTC, datetime
 
 from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrator, WorkflowBuilder
+from orchestrator_kafka.errors import StateStoreError
 from orchestrator_kafka.models import StartBody, StartSaga
 from orchestrator_kafka.orchestrator import Outcome
+from orchestrator_kafka.ports import Timer
 
 
 def start(tx: str) -> StartSaga:
@@ -56,3 +58,33 @@ async def _decide_only(orchestrator: Orchestrator, event: StartSaga) -> Outcome:
     [result] = await store.apply([write])
     assert result.status == "applied"
     return outcome
+
+
+class _SwallowsCancel(InMemoryStateStore):
+    """A store whose timer claim turns a cancel into a store error, as redis-py can when a cancel lands
+    in a read under Python 3.11's asyncio.timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = 0
+
+    async def claim_due_timers(self, now: float, limit: int, lease: float) -> list[Timer]:
+        self.claims += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            assert current is not None
+            current.uncancel()
+            raise StateStoreError("read timed out") from None
+        return []
+
+
+async def test_stop_ends_the_timer_loop_even_when_a_backend_swallows_the_cancel() -> None:
+    store = _SwallowsCancel()
+    orchestrator = Orchestrator(WorkflowBuilder("wf").add_step("a", "wa").build(), InMemoryEventBus(), store)
+    await orchestrator.start()
+    while store.claims == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(orchestrator.stop(), timeout=5)
+    assert store.claims == 1
