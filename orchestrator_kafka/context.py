@@ -60,6 +60,7 @@ class StepRuntime:
     succeeded_command: str | None = None
     timer_id: str | None = None
     error: str | None = None
+    dispatched_at: float = 0.0  # epoch seconds of the last command sent, for the step-latency metric
 
     def copy(self) -> StepRuntime:
         return StepRuntime(
@@ -70,6 +71,7 @@ class StepRuntime:
             self.succeeded_command,
             self.timer_id,
             self.error,
+            self.dispatched_at,
         )
 
 
@@ -103,6 +105,7 @@ class SagaContext(BaseModel):
     compensation_queue: list[str] = Field(default_factory=list)
     cancel_requested: bool = False
     late_compensations: list[str] = Field(default_factory=list)
+    traceparent: str | None = Field(default=None, description="The W3C trace context of the saga's start.")
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` in the saga's data, or ``default``."""

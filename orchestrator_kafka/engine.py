@@ -298,6 +298,7 @@ class _Run:
             topic = self.topics.compensations(worker)
         rt.command_id = cid
         rt.timer_id = None
+        rt.dispatched_at = self.now.timestamp()
         self.send(cid, step, phase, attempt, worker, topic)
         if step.timeout is not None:
             rt.timer_id = f"{cid}:timeout"

@@ -30,7 +30,7 @@ from .constants import (
     TIMER_LEASE_SECONDS,
     Topics,
 )
-from .context import SagaContext
+from .context import SagaContext, WorkflowState
 from .engine import Event, TimerFired, Transition, decide
 from .errors import (
     DecodeError,
@@ -43,6 +43,7 @@ from .errors import (
 from .lifecycle import Service
 from .models import CancelBody, CancelSaga, StartBody, StartSaga, StepResult
 from .ports import (
+    Headers,
     IEventBus,
     ILogger,
     InboundMessage,
@@ -53,6 +54,7 @@ from .ports import (
     Subscription,
     TransitionWrite,
 )
+from .telemetry import Telemetry
 from .workflow import WorkflowDefinition
 
 Clock = Callable[[], datetime]
@@ -71,6 +73,7 @@ class Outcome:
     transition: Transition | None = None
     problem: str | None = None
     detail: str = ""
+    latency: float | None = None  # seconds from a result's command dispatch to the result, when known
 
 
 def dead_letter(message: InboundMessage, topic: str, reason: str, detail: str) -> OutboxMessage:
@@ -144,6 +147,7 @@ class Orchestrator(IOrchestrator, Service):
         self._subscription: Subscription | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._acks: set[asyncio.Task[None]] = set()
+        self._telemetry = Telemetry("orchestrator")
         # The sagas this instance wrote last, so the hot path needs no read before its write.
         self._cache: OrderedDict[str, SagaContext] = OrderedDict()
         self._cache_size = cache_size
@@ -178,6 +182,8 @@ class Orchestrator(IOrchestrator, Service):
         if self._started:
             return
         await self._bus.start()
+        # Built at start: by now the application has installed its OpenTelemetry providers, if any.
+        self._telemetry = Telemetry("orchestrator")
         topics = [self.topics.start, self.topics.results, self.topics.events, self.topics.dlq]
         for definition in self._workflows.values():
             for step in definition.get_steps():
@@ -332,7 +338,7 @@ class Orchestrator(IOrchestrator, Service):
                 continue
             events.append(event)
             sources.append(message)
-        outcomes = await self.process(events) if events else []
+        outcomes = await self.process(events, [m.headers for m in sources]) if events else []
         for outcome, message in zip(outcomes, sources, strict=True):
             if outcome.problem:
                 dead.append(self._dead(message, outcome.problem, outcome.detail))
@@ -340,6 +346,7 @@ class Orchestrator(IOrchestrator, Service):
             await self._bus.publish(dead)
 
     def _dead(self, message: InboundMessage, reason: str, detail: str) -> OutboxMessage:
+        self._telemetry.dead_letter(reason, message.topic)
         self._log.warning(
             "dead letter from %s[%d]@%d: %s (%s)",
             message.topic,
@@ -350,8 +357,9 @@ class Orchestrator(IOrchestrator, Service):
         )
         return dead_letter(message, self.topics.dlq, reason, detail)
 
-    async def process(self, events: Sequence[Event]) -> list[Outcome]:
+    async def process(self, events: Sequence[Event], headers: Sequence[Headers] = ()) -> list[Outcome]:
         """Decide and apply ``events`` (in order), publish what they produce; an outcome per event.
+        ``headers``, one per event when given, carry the events' trace context.
 
         Raises:
             StateStoreError, EventBusError: a backend failed; the caller retries the whole batch, and
@@ -365,7 +373,7 @@ class Orchestrator(IOrchestrator, Service):
             owners: list[int] = []
             now = self._clock()
             for i in pending:
-                write = self._decide(events[i], sagas, now, outcomes[i])
+                write = self._decide(events[i], sagas, now, outcomes[i], headers[i] if headers else ())
                 if write is not None:
                     writes.append(write)
                     owners.append(i)
@@ -375,6 +383,8 @@ class Orchestrator(IOrchestrator, Service):
             acks: dict[str, int] = {}
             for i, write, result in zip(owners, writes, results, strict=True):
                 self._remember(write, result.status)
+                if result.status == "applied" and self._telemetry.enabled:
+                    self._observe(events[i], outcomes[i], headers[i] if headers else (), now)
                 if result.status == "conflict":
                     retry.append(i)
                 elif result.status == "applied" and write.outbox:
@@ -429,7 +439,12 @@ class Orchestrator(IOrchestrator, Service):
         task.add_done_callback(self._acks.discard)
 
     def _decide(
-        self, event: Event, sagas: dict[str, SagaContext], now: datetime, outcome: Outcome
+        self,
+        event: Event,
+        sagas: dict[str, SagaContext],
+        now: datetime,
+        outcome: Outcome,
+        headers: Headers = (),
     ) -> TransitionWrite | None:
         tx, event_id = _tx_of(event), event.event_id
         # A fired timer is deleted by the write that handles it, so it fires once.
@@ -453,6 +468,14 @@ class Orchestrator(IOrchestrator, Service):
         if not transition.changed:
             return TransitionWrite(event_id, tx, expected, cancel_timers=fired)
         assert transition.saga is not None
+        if self._telemetry.enabled:
+            if saga is None:
+                started = self._telemetry.saga_started(transition.saga.workflow_id, tx, headers)
+                transition.saga.traceparent = started
+            elif isinstance(event, StepResult):
+                runtime = saga.steps.get(event.body.step)  # as it was before this result
+                if runtime and runtime.command_id == event.body.command_id and runtime.dispatched_at:
+                    outcome.latency = now.timestamp() - runtime.dispatched_at
         sagas[tx] = transition.saga
         return TransitionWrite(
             event_id,
@@ -465,8 +488,45 @@ class Orchestrator(IOrchestrator, Service):
         )
 
     def _outbox(self, transition: Transition) -> tuple[OutboxMessage, ...]:
-        key = transition.saga.transaction_id if transition.saga else ""
-        return tuple(OutboxMessage(o.topic, key, o.encode()) for o in transition.outgoing)
+        saga = transition.saga
+        key = saga.transaction_id if saga else ""
+        if saga is None or not self._telemetry.tracing:
+            return tuple(OutboxMessage(o.topic, key, o.encode()) for o in transition.outgoing)
+        return tuple(
+            OutboxMessage(
+                o.topic,
+                key,
+                o.encode(),
+                self._telemetry.dispatched(saga.traceparent, o.payload, o.topic)
+                if o.payload["event_type"] == "step.command"
+                else (),
+            )
+            for o in transition.outgoing
+        )
+
+    def _observe(self, event: Event, outcome: Outcome, headers: Headers, now: datetime) -> None:
+        """Spans and metrics of an applied transition."""
+        transition = outcome.transition
+        assert transition is not None and transition.saga is not None
+        saga = transition.saga
+        if isinstance(event, StepResult):
+            self._telemetry.result_taken(
+                headers, saga.transaction_id, event.body.step, event.body.status, outcome.latency
+            )
+        for o in transition.outgoing:
+            if o.payload["event_type"] == "saga.transition":
+                body = o.payload["body"]
+                self._telemetry.transition(
+                    saga.workflow_id,
+                    saga.transaction_id,
+                    body["from_state"],
+                    body["to_state"],
+                    body["actions"],
+                    saga.traceparent,
+                    saga.created_at,
+                    now,
+                    saga.error,
+                )
 
     # ---------------------------------------------------------------- timers and recovery
 
@@ -486,6 +546,8 @@ class Orchestrator(IOrchestrator, Service):
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self._sweep_interval
                     await self._sweep_outboxes()
+                    if self._telemetry.metering:
+                        await self._count_in_flight()
                 if len(timers) == self._max_batch:
                     continue
             except OrchestratorError as exc:
@@ -494,6 +556,13 @@ class Orchestrator(IOrchestrator, Service):
             except Exception:  # noqa: BLE001 - the timer loop must outlive any single failure
                 self._log.exception("timer loop failed")
             await asyncio.sleep(self._timer_interval)
+
+    async def _count_in_flight(self) -> None:
+        counts = dict.fromkeys(self._workflows, 0)
+        for state in (WorkflowState.PENDING, WorkflowState.RUNNING, WorkflowState.COMPENSATING):
+            for workflow_id in self._workflows:
+                counts[workflow_id] += len(await self._store.list_contexts(workflow_id, state.value))
+        self._telemetry.set_in_flight(counts)
 
     async def _sweep_outboxes(self, *, everything: bool = False) -> None:
         """Re-publish what a crash or a failed publish left in outboxes: at start-up everything; later,

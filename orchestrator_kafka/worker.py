@@ -10,6 +10,7 @@ handled are answered from a window of recent results instead of being run again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import os
@@ -30,7 +31,8 @@ from .errors import DecodeError, NonRetryableError, ValidationError
 from .lifecycle import Service
 from .models import Message, StepCommand
 from .orchestrator import dead_letter
-from .ports import IEventBus, ILogger, InboundMessage, OutboxMessage, Subscription
+from .ports import Headers, IEventBus, ILogger, InboundMessage, OutboxMessage, Subscription
+from .telemetry import Telemetry
 from .workflow import _check_name
 
 Handler = Callable[["StepContext"], Awaitable[dict[str, Any] | None] | dict[str, Any] | None]
@@ -85,6 +87,8 @@ class Worker(Service):
         self._window = dedupe_window
         self._max_batch = max_batch
         self._done: OrderedDict[str, OutboxMessage] = OrderedDict()
+        self._telemetry = Telemetry("worker")
+        self._trace_headers: dict[str, Headers] = {}
         self._log: ILogger = logger or logging.getLogger("orchestrator_kafka.worker")
         self._subscriptions: list[Subscription] = []
         self._started = False
@@ -131,6 +135,7 @@ class Worker(Service):
         if not self._handlers:
             raise ValidationError("register at least one handler before starting the worker")
         await self._bus.start()
+        self._telemetry = Telemetry("worker")  # now that the application's providers are installed
         await self._bus.ensure_topics([self.topics.results, self.topics.dlq])
         for name in sorted(self._handlers):
             limit = asyncio.Semaphore(self._concurrency)
@@ -181,6 +186,8 @@ class Worker(Service):
             elif cid not in seen:
                 seen.add(cid)
                 todo.append(command)
+                if self._telemetry.tracing:
+                    self._trace_headers[cid] = message.headers
 
         results = await self._run_all(name, limit, todo) if todo else []
         out.extend(results)
@@ -237,10 +244,27 @@ class Worker(Service):
         return results  # type: ignore[return-value]  # every index was filled
 
     def _dead(self, message: InboundMessage, reason: str, detail: str) -> OutboxMessage:
+        self._telemetry.dead_letter(reason, message.topic)
         self._log.warning("dead letter from %s@%d: %s (%s)", message.topic, message.offset, reason, detail)
         return dead_letter(message, self.topics.dlq, reason, detail)
 
     async def _run(self, name: str, command: StepCommand) -> OutboxMessage:
+        if not self._telemetry.tracing:
+            return await self._execute(name, command)
+        body = command.body
+        attributes = {
+            "saga.transaction_id": command.transaction_id,
+            "saga.workflow_id": command.workflow_id,
+            "saga.step": body.step,
+            "saga.kind": body.kind,
+            "saga.attempt": body.attempt,
+        }
+        headers = self._trace_headers.pop(body.command_id, ())
+        with self._telemetry.handling(name, headers, attributes) as reply_headers:
+            reply = await self._execute(name, command)
+        return dataclasses.replace(reply, headers=reply_headers)
+
+    async def _execute(self, name: str, command: StepCommand) -> OutboxMessage:
         body = command.body
         ctx = StepContext(
             transaction_id=command.transaction_id,

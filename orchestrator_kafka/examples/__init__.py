@@ -1,0 +1,1 @@
+"""Example workflows and handlers, importable by ``orchestrator-kafka run`` and ``worker``."""

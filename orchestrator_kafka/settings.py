@@ -1,0 +1,95 @@
+"""Process settings from the environment: the one place that names the variables the CLI, the Dockerfile,
+the compose file and the Kubernetes manifests use.
+
+Flags of the CLI override these; the library's classes take plain arguments and read nothing here, except
+that ``KafkaEventBus`` and ``RedisStateStore`` fall back to ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from .constants import (
+    DEFAULT_BOOTSTRAP_SERVERS,
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_REDIS_URL,
+    DEFAULT_TOPIC_PREFIX,
+    ENV_BOOTSTRAP_SERVERS,
+    ENV_REDIS_URL,
+)
+from .errors import ValidationError
+
+ENV_TOPIC_PREFIX = "ORCHESTRATOR_TOPIC_PREFIX"
+ENV_KEY_PREFIX = "ORCHESTRATOR_KEY_PREFIX"
+ENV_PARTITIONS = "ORCHESTRATOR_PARTITIONS"
+ENV_SECURITY_PROTOCOL = "KAFKA_SECURITY_PROTOCOL"
+ENV_SASL_MECHANISM = "KAFKA_SASL_MECHANISM"
+ENV_SASL_USERNAME = "KAFKA_SASL_USERNAME"
+ENV_SASL_PASSWORD = "KAFKA_SASL_PASSWORD"
+ENV_HEALTH_PORT = "ORCHESTRATOR_HEALTH_PORT"
+ENV_LOG_LEVEL = "ORCHESTRATOR_LOG_LEVEL"
+# OpenTelemetry's own variables, read by telemetry.configure().
+ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+ENV_SERVICE_NAME = "OTEL_SERVICE_NAME"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Where the services are and how this process names its topics and keys."""
+
+    bootstrap_servers: str = DEFAULT_BOOTSTRAP_SERVERS
+    redis_url: str = DEFAULT_REDIS_URL
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    partitions: int = 4
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    health_port: int | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every variable of :data:`ENV_VARS`; unset or empty ones keep their defaults.
+
+        Raises:
+            ValidationError: a number that is not one.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = env.get(ENV_VARS[field.name], "").strip()
+            if not raw:
+                continue
+            if field.name in ("partitions", "health_port"):
+                try:
+                    values[field.name] = int(raw)
+                except ValueError:
+                    raise ValidationError(
+                        f"{ENV_VARS[field.name]} must be a whole number, not {raw!r}"
+                    ) from None
+            else:
+                values[field.name] = raw
+        return cls(**values)  # type: ignore[arg-type]
+
+
+ENV_VARS: dict[str, str] = {
+    "bootstrap_servers": ENV_BOOTSTRAP_SERVERS,
+    "redis_url": ENV_REDIS_URL,
+    "topic_prefix": ENV_TOPIC_PREFIX,
+    "key_prefix": ENV_KEY_PREFIX,
+    "partitions": ENV_PARTITIONS,
+    "security_protocol": ENV_SECURITY_PROTOCOL,
+    "sasl_mechanism": ENV_SASL_MECHANISM,
+    "sasl_username": ENV_SASL_USERNAME,
+    "sasl_password": ENV_SASL_PASSWORD,
+    "health_port": ENV_HEALTH_PORT,
+    "log_level": ENV_LOG_LEVEL,
+}
+"""Each setting's environment variable."""
+
+OTEL_ENV_VARS = (ENV_OTLP_ENDPOINT, ENV_SERVICE_NAME)
+"""OpenTelemetry's standard variables this project honours."""

@@ -1,0 +1,157 @@
+"""OpenTelemetry: one trace per saga across the orchestrator and the worker, and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrator, Worker, telemetry
+from orchestrator_kafka import orchestrator as orchestrator_module
+from orchestrator_kafka import worker as worker_module
+from orchestrator_kafka.codec import encode
+from orchestrator_kafka.examples import orders
+from orchestrator_kafka.models import StartBody, StartSaga
+from orchestrator_kafka.ports import OutboxMessage
+
+FINAL = {"completed", "compensated", "failed", "cancelled"}
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class Providers:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.metrics = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.metrics])
+
+    def finished(self) -> list[ReadableSpan]:
+        return list(self.spans.get_finished_spans())
+
+    def points(self, name: str) -> list[Any]:
+        data = self.metrics.get_metrics_data()
+        assert data is not None
+        return [
+            point
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == name
+            for point in metric.data.data_points
+        ]
+
+    def count(self, name: str, **attributes: str) -> float:
+        return sum(
+            p.value for p in self.points(name) if all(p.attributes.get(k) == v for k, v in attributes.items())
+        )
+
+
+@pytest.fixture
+def providers(monkeypatch: pytest.MonkeyPatch) -> Iterator[Providers]:
+    found = Providers()
+    made = functools.partial(
+        telemetry.Telemetry, tracer_provider=found.tracer_provider, meter_provider=found.meter_provider
+    )
+    monkeypatch.setattr(orchestrator_module, "Telemetry", made)
+    monkeypatch.setattr(worker_module, "Telemetry", made)
+    yield found
+    found.tracer_provider.shutdown()
+    found.meter_provider.shutdown()
+
+
+async def run_orders(bus: InMemoryEventBus, store: InMemoryStateStore, starts: list[StartSaga]) -> None:
+    worker = Worker(InMemoryEventBus.sharing(bus))
+    for name, fn in orders.handlers.items():
+        worker.register(name, fn)
+    async with Orchestrator(orders.workflows, bus, store, timer_interval=0.01) as orchestrator, worker:
+        await bus.publish(
+            [
+                OutboxMessage(
+                    orchestrator.topics.start,
+                    s.transaction_id,
+                    encode(s),
+                    (("traceparent", TRACEPARENT.encode()),),
+                )
+                for s in starts
+            ]
+        )
+        for _ in range(400):
+            await asyncio.sleep(0.01)
+            found = await store.load_contexts([s.transaction_id for s in starts])
+            states = [saga.state.value for saga in found.values()]
+            if len(states) == len(starts) and all(state in FINAL for state in states):
+                return
+        raise AssertionError(f"sagas did not finish: {states}")
+
+
+def start(tx: str, address: str) -> StartSaga:
+    return StartSaga(
+        event_id=f"start-{tx}",
+        transaction_id=tx,
+        workflow_id="order_processing",
+        occurred_at=datetime.now(UTC),
+        body=StartBody(context={"order_id": tx, "amount": 5, "customer_tier": "premium", "address": address}),
+    )
+
+
+async def test_a_saga_is_one_trace_across_orchestrator_and_worker(providers: Providers) -> None:
+    bus, store = InMemoryEventBus(), InMemoryStateStore()
+    await run_orders(bus, store, [start("ok-1", "Oslo")])
+    spans = providers.finished()
+    by_id = {s.context.span_id: s for s in spans}
+    names = [s.name for s in spans]
+    # Every span of the saga is in the trace of the start event's headers.
+    assert {f"{s.context.trace_id:032x}" for s in spans} == {TRACEPARENT.split("-")[1]}
+    assert names.count("saga.start order_processing") == 1
+    assert names.count("saga order_processing") == 1
+    dispatches = [s for s in spans if s.name.startswith("saga.dispatch ")]
+    handles = [s for s in spans if s.name.startswith("saga.handle ")]
+    results = [s for s in spans if s.name.startswith("saga.result ")]
+    steps = ["check_inventory", "validate_payment", "reserve", "charge", "premium_processing", "ship"]
+    assert sorted(s.name.split()[1] for s in dispatches) == sorted(steps)
+    assert len(handles) == len(results) == len(steps)
+    # dispatch -> handle (in the worker, through the command's headers) -> result (through the reply's).
+    for handle in handles:
+        assert handle.parent is not None and by_id[handle.parent.span_id].name.startswith("saga.dispatch ")
+    for result in results:
+        assert result.parent is not None and by_id[result.parent.span_id].name.startswith("saga.handle ")
+    [root] = [s for s in spans if s.name == "saga.start order_processing"]
+    for dispatch in dispatches:
+        assert dispatch.parent is not None and dispatch.parent.span_id == root.context.span_id
+    [saga_span] = [s for s in spans if s.name == "saga order_processing"]
+    assert saga_span.attributes is not None and saga_span.attributes["saga.state"] == "completed"
+    assert saga_span.status.is_ok
+
+
+async def test_metrics_count_sagas_steps_retries_and_dead_letters(providers: Providers) -> None:
+    bus, store = InMemoryEventBus(), InMemoryStateStore()
+    await bus.start()
+    await bus.publish([OutboxMessage("saga.results", "x", b"{not json")])
+    await run_orders(bus, store, [start("ok-1", "Oslo"), start("bad-1", "nowhere")])
+    assert providers.count("saga.sagas", event="started") == 2
+    assert providers.count("saga.sagas", event="completed") == 1
+    assert providers.count("saga.sagas", event="compensated") == 1
+    assert providers.count("saga.sagas", event="failed") == 0
+    assert providers.count("saga.dead_letters", reason="malformed_json") == 1
+    durations = providers.points("saga.step.duration")
+    assert sum(p.count for p in durations) >= 6 + 5  # every result taken, both sagas
+    [failed_saga] = [
+        s for s in providers.finished() if s.name == "saga order_processing" and not s.status.is_ok
+    ]
+    assert failed_saga.attributes is not None and failed_saga.attributes["saga.state"] == "compensated"
+
+
+def test_telemetry_is_off_without_an_sdk_provider() -> None:
+    off = telemetry.Telemetry("orchestrator")
+    assert not off.enabled and not off.tracing and not off.metering
+    assert off.saga_started("wf", "tx", ()) is None
