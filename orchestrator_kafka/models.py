@@ -36,11 +36,17 @@ class _Frozen(BaseModel):
 class Envelope(_Frozen):
     """The fields every message carries."""
 
-    schema_version: str = Field(default=SCHEMA_VERSION, pattern=r"^\d+\.\d+$")
-    event_id: Identifier
-    transaction_id: Identifier
-    workflow_id: Identifier
-    occurred_at: datetime
+    schema_version: str = Field(
+        default=SCHEMA_VERSION,
+        pattern=r"^\d+\.\d+$",
+        description="major.minor of the wire contract; a major newer than the reader's is dead-lettered.",
+    )
+    event_id: Identifier = Field(
+        description="Unique per message; the orchestrator deduplicates on it, so a re-sent message keeps it."
+    )
+    transaction_id: Identifier = Field(description="The saga's id; also the Kafka message key.")
+    workflow_id: Identifier = Field(description="The workflow the saga runs.")
+    occurred_at: datetime = Field(description="When the message was made: an RFC 3339 date-time with offset.")
 
 
 class StartBody(_Frozen):
@@ -55,7 +61,7 @@ class StartSaga(Envelope):
 
 
 class CancelBody(_Frozen):
-    reason: str | None = None
+    reason: str | None = Field(default=None, description="Why, for the audit record.")
 
 
 class CancelSaga(Envelope):
@@ -67,12 +73,16 @@ class CancelSaga(Envelope):
 
 class CommandBody(_Frozen):
     command_id: Identifier = Field(description="Unique per command; workers deduplicate on it.")
-    step: Identifier
-    worker_name: Identifier
-    kind: StepKind
-    attempt: int = Field(ge=1)
+    step: Identifier = Field(description="The step's name in the workflow.")
+    worker_name: Identifier = Field(description="The handler to run: the <worker> of the topic it came on.")
+    kind: StepKind = Field(description="execute runs the step; compensate undoes it.")
+    attempt: int = Field(ge=1, description="1, then one more per retry; a compensation counts its own.")
     data: dict[str, Any] = Field(default_factory=dict, description="The saga's data at dispatch.")
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds until the orchestrator counts the attempt failed; null for no limit.",
+    )
 
 
 class StepCommand(Envelope):
@@ -84,19 +94,25 @@ class StepCommand(Envelope):
 
 
 class ErrorInfo(_Frozen):
-    type: str = Field(max_length=500)
+    """Why an attempt failed."""
+
+    type: str = Field(max_length=500, description="The kind of error, e.g. an exception's class name.")
     message: str = Field(max_length=10_000)
-    retryable: bool = True
+    retryable: bool = Field(
+        default=True, description="false fails the step at once; true lets the retry policy try again."
+    )
 
 
 class ResultBody(_Frozen):
-    command_id: Identifier
-    step: Identifier
-    kind: StepKind
-    attempt: int = Field(ge=1)
+    command_id: Identifier = Field(description="The command_id of the command answered.")
+    step: Identifier = Field(description="The command's step.")
+    kind: StepKind = Field(description="The command's kind.")
+    attempt: int = Field(ge=1, description="The command's attempt.")
     status: Literal["succeeded", "failed"]
-    result: dict[str, Any] | None = None
-    error: ErrorInfo | None = None
+    result: dict[str, Any] | None = Field(
+        default=None, description="On success, the step's output: merged into the saga's data."
+    )
+    error: ErrorInfo | None = Field(default=None, description="On failure, why; null on success.")
 
 
 class StepResult(Envelope):
@@ -120,7 +136,7 @@ class AuditAction(_Frozen):
 
 class TransitionBody(_Frozen):
     from_state: str | None = Field(description="The saga's state before the transition; null when created.")
-    to_state: str
+    to_state: str = Field(description="The saga's state after the transition.")
     version: int = Field(description="The saga's version after the transition.")
     actions: list[AuditAction]
 
