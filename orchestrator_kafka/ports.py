@@ -8,7 +8,7 @@ is a coroutine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -258,6 +258,17 @@ class IEventBus(ABC):
     @abstractmethod
     async def ensure_topics(self, topics: Sequence[str]) -> None:
         """Create the topics that do not exist yet."""
+
+    @abstractmethod
+    def read(self, topic: str, *, follow: bool = False) -> AsyncIterator[InboundMessage]:
+        """Every message kept on ``topic``, from the earliest, in order within each partition; with
+        ``follow``, then each new one as it arrives, until the caller stops iterating. Without it, ends at
+        the end the topic had when the read began. Joins no consumer group and commits nothing: for
+        operators auditing a topic.
+
+        Raises:
+            EventBusError: not started, or the topic does not exist.
+        """
 
 
 def header(headers: Headers | Mapping[str, bytes], name: str) -> bytes | None:

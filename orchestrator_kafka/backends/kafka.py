@@ -28,10 +28,10 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -716,6 +716,55 @@ class KafkaEventBus(IEventBus):
             raise EventBusError("the Kafka event bus was stopped while subscribing")
         self._subscriptions.add(sub)
         return sub
+
+
+    async def read(self, topic: str, *, follow: bool = False) -> AsyncIterator[InboundMessage]:
+        """Every message kept on ``topic``, from the earliest offset of each partition, by a consumer of
+        its own outside any group (nothing is committed); with ``follow``, then new messages as they
+        arrive. Without it, the read ends at the end offsets the partitions had when it began.
+
+        Raises:
+            EventBusError: not started, the broker unreachable, or no such topic.
+        """
+        self._require_started()
+        consumer = AIOKafkaConsumer(
+            client_id=f"{self.client_id}-reader",
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+            **self._common,
+        )
+        try:
+            try:
+                async with asyncio.timeout(self._start_timeout):
+                    [described] = await self._admin.describe_topics([topic])
+                    await consumer.start()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                raise EventBusError(f"cannot read {topic!r} from {self.bootstrap_servers}: {exc!r}") from exc
+            if described["error_code"] != 0 or not described["partitions"]:
+                raise EventBusError(f"no topic {topic!r} on {self.bootstrap_servers}")
+            numbers = sorted(p["partition"] for p in described["partitions"])
+            partitions = [TopicPartition(topic, p) for p in numbers]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends: dict[Any, int] = {}
+            if not follow:
+                begins = await consumer.beginning_offsets(partitions)
+                ends = await consumer.end_offsets(partitions)
+                ends = {tp: end for tp, end in ends.items() if end > begins[tp]}  # the non-empty ones
+            while follow or ends:
+                records = await consumer.getmany(*partitions, timeout_ms=500)
+                for tp, recs in records.items():
+                    end = ends.get(tp)
+                    for r in recs:
+                        if not follow and (end is None or r.offset >= end):
+                            break
+                        yield InboundMessage(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers))
+                    if end is not None and recs and recs[-1].offset >= end - 1:
+                        del ends[tp]
+        finally:
+            await _stop_consumer(consumer, self._start_timeout)
 
 
 _PARTITIONER = DefaultPartitioner()

@@ -15,7 +15,7 @@ import heapq
 import logging
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from ..constants import DEFAULT_TOPIC_PREFIX
@@ -230,6 +230,7 @@ class _Broker:
         self.logs: dict[str, list[list[InboundMessage]]] = {}
         self.committed: dict[tuple[str, str, int], int] = defaultdict(int)
         self.members: dict[str, list[_Member]] = defaultdict(list)
+        self.readers: set[asyncio.Event] = set()
 
     def log(self, topic: str) -> list[list[InboundMessage]]:
         log = self.logs.get(topic)
@@ -249,6 +250,8 @@ class _Broker:
             for member in members:
                 if touched.intersection(member.topics):
                     member.wake.set()
+        for reader in self.readers:
+            reader.set()
 
     def join(self, member: _Member) -> None:
         for topic in member.topics:
@@ -345,6 +348,33 @@ class InMemoryEventBus(IEventBus):
         member.task = asyncio.get_running_loop().create_task(member.run(), name=f"memory-bus:{group}")
         self._subscriptions.append(member)
         return member
+
+    async def read(self, topic: str, *, follow: bool = False) -> AsyncIterator[InboundMessage]:
+        """Every message of ``topic`` from the first, partition by partition; with ``follow``, then the
+        new ones as they arrive. No group, no commits.
+
+        Raises:
+            EventBusError: not started, or no such topic.
+        """
+        self._require_started()
+        if topic not in self._broker.logs:
+            raise EventBusError(f"no topic {topic!r}")
+        log = self._broker.logs[topic]
+        positions = [0] * len(log)
+        wake = asyncio.Event()
+        self._broker.readers.add(wake)
+        try:
+            while True:
+                wake.clear()
+                for partition, entries in enumerate(log):
+                    while positions[partition] < len(entries):
+                        positions[partition] += 1
+                        yield entries[positions[partition] - 1]
+                if not follow:
+                    return
+                await wake.wait()
+        finally:
+            self._broker.readers.discard(wake)
 
     def messages(self, topic: str) -> list[InboundMessage]:
         """Every message published to ``topic`` so far, partition by partition (for audits and tests)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
@@ -140,6 +141,35 @@ class EventBusContract:
         await asyncio.wait_for(all_in(), 60)
         values = sorted(int(m.value or b"") for m in a.messages + b.messages)
         assert values == list(range(40))  # each once, across the members
+
+    async def test_read_gives_every_message_without_a_group_and_follow_gives_new_ones(
+        self, make_bus: BusFactory, topic: str
+    ) -> None:
+        bus = make_bus()
+        await bus.start()
+        await bus.ensure_topics([topic])
+        await bus.publish([OutboxMessage(topic, f"k{i}", str(i).encode(), (("n", b"1"),)) for i in range(20)])
+        read = [m async for m in bus.read(topic)]  # ends at the end the topic had
+        assert sorted(int(m.value or b"") for m in read) == list(range(20))
+        assert all(dict(m.headers)["n"] == b"1" for m in read)
+        assert [int(m.value or b"") for m in read] != [] and [m async for m in bus.read(topic)] == read
+
+        async def follow(count: int) -> list[int]:
+            got: list[int] = []
+            async with contextlib.aclosing(bus.read(topic, follow=True)) as stream:
+                async for m in stream:
+                    got.append(int(m.value or b""))
+                    if len(got) == count:
+                        return got
+            raise AssertionError("the stream ended")
+
+        following = asyncio.create_task(follow(25))
+        await asyncio.sleep(0.5)
+        assert not following.done()  # waiting for more, past the 20 kept
+        await bus.publish([OutboxMessage(topic, "k", str(20 + i).encode()) for i in range(5)])
+        assert sorted(await asyncio.wait_for(following, 30)) == list(range(25))
+        with pytest.raises(EventBusError, match="no topic"):
+            [m async for m in bus.read(unique("missing"))]
 
     async def test_use_before_start_is_a_clear_error(self, make_bus: BusFactory, topic: str) -> None:
         bus = make_bus()
