@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .backends.memory import InMemoryEventBus, InMemoryStateStore
+from .client import SagaClient
 from .context import SagaContext, WorkflowState
 from .errors import (
     EventBusError,
@@ -43,6 +44,7 @@ __all__ = [
     "OrchestratorError",
     "RedisStateStore",
     "RetryPolicy",
+    "SagaClient",
     "SagaContext",
     "StateStoreError",
     "StepContext",

@@ -1,22 +1,497 @@
-"""The ``orchestrator-kafka`` command line."""
+"""The ``orchestrator-kafka`` command line: run the services, start, inspect, cancel and audit sagas.
+
+Settings come from the environment (:mod:`settings` names the variables) and the group's flags, which
+win. A service that cannot be reached or a saga that does not exist is one line on stderr and exit
+status 1, not a traceback.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import importlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
 import click
+import orjson
+from rich.console import Console
+
+from . import codec, render
+from .checks import check_context
+from .constants import Topics
+from .context import WorkflowState
+from .errors import DecodeError, OrchestratorError
+from .graph import mermaid
+from .models import SagaEvent
+from .settings import ENV_VARS, Settings
+from .workflow import WorkflowDefinition
+
+if TYPE_CHECKING:
+    from .backends.kafka import KafkaEventBus
+    from .backends.redis import RedisStateStore
+    from .client import SagaClient
+
+P = ParamSpec("P")
+T = TypeVar("T")
+_FINAL = {s.value for s in WorkflowState if s.is_final}
+_STATES = [s.value for s in WorkflowState]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _fail(message: str) -> click.ClickException:
+    return click.ClickException(message)
+
+
+def _run(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
+    """Run an async command on a fresh loop; the project's errors become one clear line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return asyncio.run(fn(*args, **kwargs))
+        except OrchestratorError as exc:
+            raise _fail(str(exc)) from None
+        except ValueError as exc:  # an unknown saga, from the API's ValueError contract
+            raise _fail(str(exc)) from None
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+def _settings() -> Settings:
+    settings = click.get_current_context().find_object(Settings)
+    assert settings is not None
+    return settings
+
+
+def _bus(settings: Settings, *, start_timeout: float = 30.0) -> KafkaEventBus:
+    from .backends.kafka import KafkaEventBus
+
+    return KafkaEventBus(
+        settings.bootstrap_servers,
+        topic_prefix=settings.topic_prefix,
+        partitions=settings.partitions,
+        security_protocol=settings.security_protocol,
+        sasl_mechanism=settings.sasl_mechanism,
+        sasl_plain_username=settings.sasl_username,
+        sasl_plain_password=settings.sasl_password,
+        start_timeout=start_timeout,
+    )
+
+
+def _store(settings: Settings) -> RedisStateStore:
+    from .backends.redis import RedisStateStore
+
+    return RedisStateStore(settings.redis_url, key_prefix=settings.key_prefix)
+
+
+@asynccontextmanager
+async def _client(*, bus: bool = True, store: bool = True) -> AsyncIterator[SagaClient]:
+    """A :class:`SagaClient` on the configured backends, closed on the way out."""
+    from .backends.memory import InMemoryEventBus
+    from .client import SagaClient
+
+    settings = _settings()
+    the_bus = (
+        _bus(settings, start_timeout=10.0) if bus else InMemoryEventBus(topic_prefix=settings.topic_prefix)
+    )
+    the_store = _store(settings) if store else None
+    try:
+        if bus:
+            await the_bus.start()
+        yield SagaClient(the_bus, the_store)
+    finally:
+        await the_bus.stop()
+        if the_store is not None:
+            await the_store.close()
+
+
+def load_object(spec: str, default_attr: str) -> object:
+    """The object ``module[:attr]`` names (``attr`` defaults to ``default_attr``; dots walk into it).
+
+    Raises:
+        click.BadParameter: the module does not import or has no such attribute.
+    """
+    module_name, _, attr = spec.partition(":")
+    sys.path.insert(0, str(Path.cwd()))  # as python -m does, so a user's module beside them imports
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
+    finally:
+        sys.path.pop(0)
+    found: object = module
+    for part in (attr or default_attr).split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise click.BadParameter(f"{module_name!r} has no attribute {attr or default_attr!r}") from None
+    return found
+
+
+def load_workflows(spec: str) -> list[WorkflowDefinition]:
+    """The workflow definitions ``module[:attr]`` names: a definition, a sequence of them, or a function
+    returning either (``attr`` defaults to ``workflows``).
+
+    Raises:
+        click.BadParameter: anything else.
+    """
+    found = load_object(spec, "workflows")
+    if callable(found) and not isinstance(found, WorkflowDefinition):
+        found = found()
+    items = [found] if isinstance(found, WorkflowDefinition) else found
+    if (
+        not isinstance(items, Sequence)
+        or not items
+        or not all(isinstance(w, WorkflowDefinition) for w in items)
+    ):
+        raise click.BadParameter(f"{spec!r} is not a workflow definition or a non-empty list of them")
+    return list(items)
+
+
+def load_handlers(spec: str) -> dict[str, Callable[..., Any]]:
+    """The handlers ``module[:attr]`` names: a mapping of worker name to function, or a function
+    returning one (``attr`` defaults to ``handlers``).
+
+    Raises:
+        click.BadParameter: anything else.
+    """
+    found = load_object(spec, "handlers")
+    if callable(found) and not isinstance(found, Mapping):
+        found = found()
+    if not isinstance(found, Mapping) or not found or not all(callable(f) for f in found.values()):
+        raise click.BadParameter(f"{spec!r} is not a non-empty mapping of worker names to handlers")
+    return dict(found)
+
+
+def _context_arg(value: str) -> dict[str, Any]:
+    """``--context``: JSON text, or ``@path`` to a JSON file, or ``@-`` for stdin."""
+    if value.startswith("@"):
+        path = value[1:]
+        try:
+            value = sys.stdin.read() if path == "-" else Path(path).read_text()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {path!r}: {exc.strerror}") from None
+    try:
+        return check_context(orjson.loads(value))
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from None
+    except OrchestratorError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,  # replaces the silencing handler the group installs
+    )
+
+
+# ---------------------------------------------------------------- the group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="orchestrator-kafka")
-def cli() -> None:
-    """A saga orchestrator on Apache Kafka and Redis."""
+@click.option(
+    "--bootstrap-servers", metavar="HOST:PORT", help=f"Kafka brokers [env {ENV_VARS['bootstrap_servers']}]."
+)
+@click.option("--redis-url", metavar="URL", help=f"Redis [env {ENV_VARS['redis_url']}].")
+@click.option("--topic-prefix", metavar="PREFIX", help=f"Topic name prefix [env {ENV_VARS['topic_prefix']}].")
+@click.option("--key-prefix", metavar="PREFIX", help=f"Redis key prefix [env {ENV_VARS['key_prefix']}].")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    bootstrap_servers: str | None,
+    redis_url: str | None,
+    topic_prefix: str | None,
+    key_prefix: str | None,
+) -> None:
+    """A saga orchestrator on Apache Kafka and Redis.
+
+    Settings come from the environment variables named in each option's help; the options win.
+    """
+    # The client libraries' own log lines would repeat, above it, the one-line error a command ends
+    # with; the services (run, worker) set logging up for real.
+    logging.getLogger().addHandler(logging.NullHandler())
+    try:
+        settings = Settings.from_env()
+    except OrchestratorError as exc:
+        raise _fail(str(exc)) from None
+    overrides = {
+        "bootstrap_servers": bootstrap_servers,
+        "redis_url": redis_url,
+        "topic_prefix": topic_prefix,
+        "key_prefix": key_prefix,
+    }
+    ctx.obj = Settings(**{**_as_dict(settings), **{k: v for k, v in overrides.items() if v}})
+
+
+def _as_dict(settings: Settings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in ENV_VARS}
+
+
+# ---------------------------------------------------------------- services
+
+
+_health_port = click.option(
+    "--health-port",
+    type=int,
+    help=f"Serve /healthz and /readyz on this port [env {ENV_VARS['health_port']}].",
+)
+_health_host = click.option(
+    "--health-host", default="0.0.0.0", show_default=True, help="Address the health endpoints bind."
+)
+
+
+def _health(port: int | None, host: str) -> tuple[str, int] | None:
+    port = port if port is not None else _settings().health_port
+    return (host, port) if port is not None else None
+
+
+@cli.command()
+@click.option("--workflows", "spec", required=True, metavar="MODULE[:ATTR]", help="Where the workflows are.")
+@_health_port
+@_health_host
+def run(spec: str, health_port: int | None, health_host: str) -> None:
+    """Run an orchestrator for the workflows a module defines, until SIGTERM."""
+    from .orchestrator import Orchestrator
+    from .service import serve
+    from .telemetry import configure
+
+    settings = _settings()
+    _configure_logging(settings.log_level)
+    workflows = load_workflows(spec)
+    health = _health(health_port, health_host)
+
+    @_run
+    async def main() -> None:
+        configure("orchestrator-kafka")
+        bus, store = _bus(settings), _store(settings)
+        orchestrator = Orchestrator(workflows, bus, store)
+        await serve(orchestrator, closers=[bus.stop, store.close], health=health)
+
+    main()
+
+
+@cli.command()
+@click.option("--handlers", "spec", required=True, metavar="MODULE[:ATTR]", help="Where the handlers are.")
+@click.option("--concurrency", default=64, show_default=True, help="Handlers run at once, per worker name.")
+@_health_port
+@_health_host
+def worker(spec: str, concurrency: int, health_port: int | None, health_host: str) -> None:
+    """Run the step handlers a module defines, until SIGTERM."""
+    from .service import serve
+    from .telemetry import configure
+    from .worker import Worker
+
+    settings = _settings()
+    _configure_logging(settings.log_level)
+    handlers = load_handlers(spec)
+    health = _health(health_port, health_host)
+
+    @_run
+    async def main() -> None:
+        configure("orchestrator-kafka-worker")
+        bus = _bus(settings)
+        the_worker = Worker(bus, concurrency=concurrency)
+        for name, fn in handlers.items():
+            the_worker.register(name, fn)
+        await serve(the_worker, closers=[bus.stop], health=health)
+
+    main()
+
+
+# ---------------------------------------------------------------- sagas
+
+
+@cli.command()
+@click.argument("workflow")
+@click.option("--context", "context", default="{}", metavar="JSON|@FILE", help="The saga's initial data.")
+@click.option("--id", "transaction_id", metavar="TX", help="The transaction id (an idempotency key).")
+@click.option("--wait", is_flag=True, help="Wait for the saga to end; exit 1 unless it completed.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds --wait waits.")
+def start(workflow: str, context: str, transaction_id: str | None, wait: bool, timeout: float) -> None:
+    """Ask for a saga of WORKFLOW: publish a start request; print its transaction id."""
+    data = _context_arg(context)
+    console = Console(highlight=False)
+
+    @_run
+    async def main() -> dict[str, Any] | None:
+        async with _client(store=wait) as client:
+            tx = await client.start_saga(workflow, data, transaction_id=transaction_id)
+            click.echo(tx)
+            if not wait:
+                return None
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        status = await client.get_status(tx)
+                    except ValueError:  # not taken by an orchestrator yet
+                        status = None
+                    if status is not None and status["state"] in _FINAL:
+                        return status
+                    await asyncio.sleep(0.1)
+
+    try:
+        status = main()
+    except TimeoutError:
+        raise _fail(f"the saga did not end within {timeout:g}s") from None
+    if status is not None:
+        console.print(render.status_table(status))
+        if status["state"] != "completed":
+            sys.exit(1)
+
+
+@cli.command()
+@click.argument("transaction_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(transaction_id: str, as_json: bool) -> None:
+    """Show a saga: its state, steps, results and error."""
+
+    @_run
+    async def main() -> dict[str, Any]:
+        async with _client(bus=False) as client:
+            return await client.get_status(transaction_id)
+
+    found = main()
+    if as_json:
+        click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+    else:
+        Console(highlight=False).print(render.status_table(found))
+
+
+@cli.command(name="list")
+@click.option("--workflow", help="Only this workflow's sagas.")
+@click.option("--state", type=click.Choice(_STATES), help="Only sagas in this state.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one status per saga.")
+def list_(workflow: str | None, state: str | None, as_json: bool) -> None:
+    """List sagas, in a table."""
+
+    @_run
+    async def main() -> list[dict[str, Any]]:
+        async with _client(bus=False) as client:
+            return await client.list_sagas(workflow, state)
+
+    found = main()
+    if as_json:
+        for s in found:
+            click.echo(orjson.dumps(s).decode())
+    else:
+        Console(highlight=False).print(render.sagas_table(found))
+
+
+@cli.command()
+@click.argument("transaction_id")
+@click.option("--reason", help="Recorded with the request.")
+def cancel(transaction_id: str, reason: str | None) -> None:
+    """Cancel a pending or running saga: its steps are compensated, then it ends cancelled."""
+
+    @_run
+    async def main() -> None:
+        async with _client() as client:
+            await client.cancel_saga(transaction_id, reason)
+
+    main()
+    click.echo(f"cancel requested for {transaction_id}")
+
+
+@cli.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new transitions as they happen.")
+@click.option("--json", "as_json", is_flag=True, help="Print each audit event as its JSON line.")
+@click.option("--id", "transaction_id", metavar="TX", help="Only this saga's transitions.")
+def tail(follow: bool, as_json: bool, transaction_id: str | None) -> None:
+    """Print the audit topic: every saga transition, with the states before and after."""
+    console = Console(highlight=False, soft_wrap=True)
+    topic = Topics(_settings().topic_prefix).events
+
+    @_run
+    async def main() -> None:
+        bus = _bus(_settings(), start_timeout=10.0)
+        try:
+            await bus.start()
+            async for message in bus.read(topic, follow=follow):
+                if transaction_id is not None and message.key != transaction_id.encode():
+                    continue
+                if as_json:
+                    click.echo((message.value or b"").decode("utf-8", "replace"))
+                    continue
+                try:
+                    event = codec.decode(message.value)
+                except DecodeError as exc:
+                    console.print(f"[red]undecodable audit record at offset {message.offset}: {exc}[/red]")
+                    continue
+                if isinstance(event, SagaEvent):
+                    console.print(render.transition(event))
+        finally:
+            await bus.stop()
+
+    main()
+
+
+# ---------------------------------------------------------------- definitions and topics
+
+
+@cli.command()
+@click.argument("workflow", required=False)
+@click.option("--workflows", "spec", required=True, metavar="MODULE[:ATTR]", help="Where the workflows are.")
+def graph(workflow: str | None, spec: str) -> None:
+    """Print a workflow as a Mermaid flowchart (the only one the module has, or WORKFLOW)."""
+    workflows = {w.get_id(): w for w in load_workflows(spec)}
+    if workflow is None and len(workflows) > 1:
+        raise click.UsageError(f"name one of the workflows: {', '.join(sorted(workflows))}")
+    chosen = workflows.get(workflow) if workflow else next(iter(workflows.values()))
+    if chosen is None:
+        raise _fail(f"no workflow {workflow!r} in {spec}; there are {', '.join(sorted(workflows))}")
+    click.echo(mermaid(chosen), nl=False)
+
+
+@cli.group()
+def topics() -> None:
+    """Manage the Kafka topics."""
+
+
+@topics.command(name="create")
+@click.option(
+    "--workflows", "spec", metavar="MODULE[:ATTR]", help="Also their command and compensation topics."
+)
+def topics_create(spec: str | None) -> None:
+    """Create the start, results, audit and dead-letter topics (and the workflows' own); idempotent."""
+    settings = _settings()
+    names = Topics(settings.topic_prefix)
+    wanted = {names.start, names.results, names.events, names.dlq}
+    for definition in load_workflows(spec) if spec else []:
+        for step in definition.get_steps():
+            wanted.add(names.commands(step.worker_name))
+            if step.compensation:
+                wanted.add(names.compensations(step.compensation))
+
+    @_run
+    async def main() -> None:
+        bus = _bus(settings, start_timeout=10.0)
+        try:
+            await bus.start()
+            await bus.ensure_topics(sorted(wanted))
+        finally:
+            await bus.stop()
+
+    main()
+    for name in sorted(wanted):
+        click.echo(name)
 
 
 @cli.command()
 def demo() -> None:
     """Run the order-processing demo in one process, on the in-memory backend."""
-    from .demo import main as run
+    from .demo import main as run_demo
 
-    run()
+    run_demo()
 
 
 def main() -> None:

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from . import codec
+from .checks import check_context, check_id
 from .constants import (
     HEADER_DLQ_DETAIL,
     HEADER_DLQ_OFFSET,
@@ -59,7 +58,6 @@ from .workflow import WorkflowDefinition
 
 Clock = Callable[[], datetime]
 _MAX_ROUNDS = 8
-_MAX_ID = 200
 
 
 def _utcnow() -> datetime:
@@ -88,14 +86,6 @@ def dead_letter(message: InboundMessage, topic: str, reason: str, detail: str) -
     )
     key = (message.key or b"").decode("utf-8", "replace")
     return OutboxMessage(topic, key, message.value or b"", headers)
-
-
-def _check_id(what: str, value: object) -> str:
-    if not isinstance(value, str) or not value or len(value) > _MAX_ID:
-        raise ValidationError(
-            f"{what} must be a non-empty str of at most {_MAX_ID} characters, got {value!r}"
-        )
-    return value
 
 
 class Orchestrator(IOrchestrator, Service):
@@ -239,13 +229,13 @@ class Orchestrator(IOrchestrator, Service):
                 keys, or a bad transaction id.
             WorkflowExecutionError: the orchestrator is not started, or the saga could not be recorded.
         """
-        _check_id("workflow_id", workflow_id)
+        check_id("workflow_id", workflow_id)
         if workflow_id not in self._workflows:
             raise ValidationError(
                 f"unknown workflow {workflow_id!r}; this orchestrator runs {sorted(self._workflows)}"
             )
-        context = _check_context(initial_context)
-        tx = _check_id("transaction_id", transaction_id) if transaction_id is not None else str(uuid.uuid4())
+        context = check_context(initial_context)
+        tx = check_id("transaction_id", transaction_id) if transaction_id is not None else str(uuid.uuid4())
         self._require_started()
         event = StartSaga(
             event_id=str(uuid.uuid4()),
@@ -300,7 +290,7 @@ class Orchestrator(IOrchestrator, Service):
 
     async def _load(self, transaction_id: str) -> SagaContext:
         try:
-            _check_id("transaction_id", transaction_id)
+            check_id("transaction_id", transaction_id)
         except ValidationError as exc:
             raise ValueError(str(exc)) from None
         saga = await self._store.load_context(transaction_id)
@@ -579,16 +569,3 @@ class Orchestrator(IOrchestrator, Service):
 
 def _tx_of(event: Event) -> str:
     return event.timer.transaction_id if isinstance(event, TimerFired) else event.transaction_id
-
-
-def _check_context(initial_context: object) -> dict[str, Any]:
-    if not isinstance(initial_context, dict):
-        raise ValidationError(f"initial_context must be a dict, got {type(initial_context).__name__}")
-    try:
-        # Round-trip so the saga never shares a mutable object with the caller.
-        copied = orjson.loads(orjson.dumps(initial_context))
-    except TypeError as exc:
-        raise ValidationError(f"initial_context must be JSON-serialisable: {exc}") from None
-    if not isinstance(copied, dict):  # pragma: no cover - orjson maps a dict to a dict
-        raise ValidationError("initial_context must be a dict")
-    return copied

@@ -92,7 +92,9 @@ def status_table(status: Mapping[str, Any]) -> Table:
 def sagas_table(statuses: Sequence[Mapping[str, Any]]) -> Table:
     """One row per saga: id, workflow, state, current step, last update, error."""
     table = Table(title=f"{len(statuses)} sagas", title_justify="left")
-    for column in ("transaction id", "workflow", "state", "step", "updated", "error"):
+    for column in ("transaction id", "workflow", "state"):
+        table.add_column(column, no_wrap=True)
+    for column in ("step", "updated", "error"):
         table.add_column(column, overflow="fold")
     for s in statuses:
         table.add_row(

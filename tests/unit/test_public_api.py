@@ -39,6 +39,7 @@ EXPECTED = {
     "OrchestratorError",
     "RedisStateStore",
     "RetryPolicy",
+    "SagaClient",
     "SagaContext",
     "StateStoreError",
     "StepContext",

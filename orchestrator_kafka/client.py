@@ -1,0 +1,126 @@
+""":class:`SagaClient`: start, cancel and inspect sagas from any service, without running an orchestrator."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from . import codec
+from .checks import check_context, check_id
+from .constants import Topics
+from .context import SagaContext
+from .errors import StateStoreError, ValidationError, WorkflowExecutionError
+from .models import CancelBody, CancelSaga, StartBody, StartSaga, derived_event_id
+from .ports import IEventBus, IStateStore, OutboxMessage
+from .telemetry import context_headers
+
+
+class SagaClient:
+    """Publishes start and cancel requests to the start topic, where the orchestrators consume them, and
+    reads sagas from the state store. The bus (and the store) belong to the caller, who starts and stops
+    them.
+
+    A request is asynchronous: :meth:`start_saga` returns once the request is on the topic, and the saga
+    exists once an orchestrator has taken it. Each request carries the caller's trace context, so the
+    saga's spans join the caller's trace.
+    """
+
+    def __init__(
+        self,
+        event_bus: IEventBus,
+        state_store: IStateStore | None = None,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._bus = event_bus
+        self._store = state_store
+        self._clock = clock
+        self.topics = Topics(event_bus.topic_prefix)
+
+    async def start_saga(
+        self, workflow_id: str, context: dict[str, Any], *, transaction_id: str | None = None
+    ) -> str:
+        """Ask for a saga of ``workflow_id`` on ``context``; return its transaction id. A given
+        ``transaction_id`` is an idempotency key: a second request with it starts nothing.
+
+        Raises:
+            ValidationError: a bad workflow id, transaction id or context.
+            EventBusError: the request could not be published.
+        """
+        check_id("workflow_id", workflow_id)
+        data = check_context(context)
+        tx = check_id("transaction_id", transaction_id) if transaction_id is not None else str(uuid.uuid4())
+        request = StartSaga(
+            event_id=derived_event_id("start", tx),  # the same for a repeated request: deduplicated
+            transaction_id=tx,
+            workflow_id=workflow_id,
+            occurred_at=self._clock(),
+            body=StartBody(context=data),
+        )
+        await self._publish(request)
+        return tx
+
+    async def cancel_saga(self, transaction_id: str, reason: str | None = None) -> None:
+        """Ask for a pending or running saga to be cancelled (compensated, then ``cancelled``).
+
+        Raises:
+            ValueError: no such saga.
+            WorkflowExecutionError: the saga is compensating or has ended.
+            StateStoreError, EventBusError: a backend failed.
+        """
+        saga = await self._load(transaction_id)
+        if saga.state.is_final or saga.state.value == "compensating":
+            raise WorkflowExecutionError(f"cannot cancel {transaction_id!r}: it is {saga.state.value}")
+        request = CancelSaga(
+            event_id=str(uuid.uuid4()),
+            transaction_id=transaction_id,
+            workflow_id=saga.workflow_id,
+            occurred_at=self._clock(),
+            body=CancelBody(reason=reason or "cancelled by request"),
+        )
+        await self._publish(request)
+
+    async def get_status(self, transaction_id: str) -> dict[str, Any]:
+        """The saga's status, as ``Orchestrator.get_status`` gives it.
+
+        Raises:
+            ValueError: no such saga.
+            StateStoreError: the store failed or none was given.
+        """
+        return (await self._load(transaction_id)).to_status()
+
+    async def list_sagas(
+        self, workflow_id: str | None = None, state: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The statuses of the sagas of ``workflow_id`` in ``state`` (None matches any), by id.
+
+        Raises:
+            StateStoreError: the store failed or none was given.
+        """
+        store = self._require_store()
+        ids = await store.list_contexts(workflow_id, state)
+        found = await store.load_contexts(ids) if ids else {}
+        return [found[tx].to_status() for tx in ids if tx in found]
+
+    async def _publish(self, request: StartSaga | CancelSaga) -> None:
+        message = OutboxMessage(
+            self.topics.start, request.transaction_id, codec.encode(request), context_headers()
+        )
+        await self._bus.publish([message])
+
+    async def _load(self, transaction_id: str) -> SagaContext:
+        try:
+            check_id("transaction_id", transaction_id)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
+        saga = await self._require_store().load_context(transaction_id)
+        if saga is None:
+            raise ValueError(f"unknown transaction id {transaction_id!r}")
+        return saga
+
+    def _require_store(self) -> IStateStore:
+        if self._store is None:
+            raise StateStoreError("this SagaClient was made without a state store")
+        return self._store

@@ -1,0 +1,111 @@
+"""Running an orchestrator or a worker as a process: signals, health endpoints, orderly shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+from .lifecycle import Service
+
+_log = logging.getLogger(__name__)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class HealthServer:
+    """Plain HTTP for probes: ``GET /healthz`` answers 200 while the event loop runs; ``GET /readyz``
+    answers 200 while the service is started and not stopping, else 503. Anything else is a 404."""
+
+    def __init__(self, host: str, port: int, ready: Callable[[], bool]) -> None:
+        self._host, self._port, self._ready = host, port, ready
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one asked for, or the one picked for port 0)."""
+        assert self._server is not None, "not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Listen; raises OSError when the port is taken."""
+        self._server = await asyncio.start_server(self._answer, self._host, self._port)
+        _log.info("health endpoints on http://%s:%d/healthz and /readyz", self._host, self.port)
+
+    async def stop(self) -> None:
+        """Stop listening; idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readline()
+                while (await reader.readline()).strip():  # the headers, unused
+                    pass
+            parts = request.split()
+            path = parts[1].decode("latin-1") if len(parts) > 1 else ""
+            if path == "/healthz":
+                status, body = "200 OK", "ok"
+            elif path == "/readyz":
+                status, body = (
+                    ("200 OK", "ready") if self._ready() else ("503 Service Unavailable", "not ready")
+                )
+            else:
+                status, body = "404 Not Found", "not found"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n{body}".encode()
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def serve(
+    service: Service,
+    *,
+    closers: Sequence[Callable[[], Awaitable[None]]] = (),
+    health: tuple[str, int] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Start ``service``, run until SIGTERM or SIGINT (or ``stop`` is set), then stop it and run
+    ``closers`` (the bus's and the store's close), in order. ``health`` = (host, port) serves the
+    probes of :class:`HealthServer` for as long as the process runs.
+
+    The stop is graceful: the batches in hand finish and are committed, and the consumers leave their
+    groups, so the partitions move to the other instances at once.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    ready = False
+    probes = HealthServer(health[0], health[1], lambda: ready) if health else None
+    try:
+        if probes is not None:
+            await probes.start()
+        await service.start()
+        ready = True
+        _log.info("%s running; SIGTERM or Ctrl-C stops it", type(service).__name__)
+        await stop.wait()
+        _log.info("stopping %s", type(service).__name__)
+    finally:
+        ready = False
+        try:
+            await service.stop()
+        finally:
+            for close in closers:
+                await close()
+            if probes is not None:
+                await probes.stop()
+            for sig in _STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+    _log.info("stopped")

@@ -1,0 +1,203 @@
+"""The command line against real Kafka and Redis: the services as processes, the commands as a user runs
+them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ..conftest import require_kafka, require_redis, unique
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.kafka, pytest.mark.redis]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Cli:
+    env: dict[str, str]
+
+    def __call__(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator_kafka", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator_kafka", *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
+def ready(port: int, path: str = "/readyz") -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def wait_ready(port: int, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"exited {process.returncode}: {process.stdout.read() if process.stdout else ''}"
+            )
+        if ready(port) == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError("not ready in time")
+
+
+def stop(process: subprocess.Popen[str], timeout: float = 30, sig: int = signal.SIGTERM) -> tuple[int, str]:
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+@pytest.fixture
+def cli() -> Iterator[Cli]:
+    env = dict(os.environ)
+    prefix = unique("t")
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=require_kafka(),
+        REDIS_URL=require_redis(),
+        ORCHESTRATOR_TOPIC_PREFIX=prefix,
+        ORCHESTRATOR_KEY_PREFIX=prefix,
+        ORCHESTRATOR_PARTITIONS="2",
+    )
+    yield Cli(env)
+    import redis
+
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def test_run_worker_start_status_list_tail_cancel_and_graceful_stop(cli: Cli) -> None:
+    created = cli("topics", "create", "--workflows", "tests.cli.app")
+    assert created.returncode == 0, created.stderr
+    prefix = cli.env["ORCHESTRATOR_TOPIC_PREFIX"]
+    assert f"{prefix}.commands.cli_hold" in created.stdout.split()
+    orchestrator_port, worker_port = free_port(), free_port()
+    health = ("--health-host", "127.0.0.1", "--health-port")
+    orchestrator = cli.spawn("run", "--workflows", "tests.cli.app", *health, str(orchestrator_port))
+    worker = cli.spawn("worker", "--handlers", "tests.cli.app", *health, str(worker_port))
+    try:
+        wait_ready(orchestrator_port, orchestrator)
+        wait_ready(worker_port, worker)
+        assert ready(orchestrator_port, "/healthz") == 200 and ready(orchestrator_port, "/nope") == 404
+        follower = cli.spawn("tail", "--follow", "--json")
+
+        ok = cli("start", "payment", "--context", '{"amount": 5}', "--id", "pay-ok", "--wait")
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.splitlines()[0] == "pay-ok" and "completed" in ok.stdout
+
+        context_file = ROOT / "build" / f"{prefix}.json"
+        context_file.parent.mkdir(exist_ok=True)
+        context_file.write_text('{"amount": 500}')
+        try:
+            bad = cli("start", "payment", "--context", f"@{context_file}", "--id", "pay-bad", "--wait")
+        finally:
+            context_file.unlink()
+        assert bad.returncode == 1 and "compensated" in bad.stdout and "amount over the limit" in bad.stdout
+
+        slow = cli("start", "payment", "--context", '{"amount": 1, "slow": true}', "--id", "pay-slow")
+        assert slow.returncode == 0 and slow.stdout.strip() == "pay-slow"
+        for _ in range(100):
+            status = cli("status", "pay-slow", "--json")
+            if status.returncode == 0 and json.loads(status.stdout)["state"] == "running":
+                break
+            time.sleep(0.1)
+        cancelled = cli("cancel", "pay-slow")
+        assert cancelled.returncode == 0, cancelled.stderr
+        for _ in range(100):
+            state = json.loads(cli("status", "pay-slow", "--json").stdout)["state"]
+            if state == "cancelled":
+                break
+            time.sleep(0.1)
+        assert state == "cancelled"
+
+        listed = cli("list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        states = {s["transaction_id"]: s["state"] for s in map(json.loads, listed.stdout.splitlines())}
+        assert states == {"pay-ok": "completed", "pay-bad": "compensated", "pay-slow": "cancelled"}
+        only = cli("list", "--state", "compensated", "--json")
+        assert [json.loads(line)["transaction_id"] for line in only.stdout.splitlines()] == ["pay-bad"]
+        table = cli("list")
+        assert "3 sagas" in table.stdout and "pay-bad" in table.stdout
+        human = cli("status", "pay-bad")
+        assert "compensated" in human.stdout and "amount over the limit" in human.stdout
+
+        # The audit: every transition once, the states before and after, readable without following.
+        audit = cli("tail", "--json", "--id", "pay-bad")
+        records = [json.loads(line) for line in audit.stdout.splitlines()]
+        versions = [r["body"]["version"] for r in records]
+        assert sorted(versions) == list(range(1, len(versions) + 1))
+        assert records[-1]["body"]["to_state"] == "compensated"
+        assert all(r["transaction_id"] == "pay-bad" for r in records)
+        pretty = cli("tail", "--id", "pay-ok")
+        assert "running -> completed" in pretty.stdout
+        code, followed = stop(follower, sig=signal.SIGINT)  # Ctrl-C
+        assert (
+            code == 130
+            and "Traceback" not in followed
+            and followed.count('"pay-ok"') >= 1
+            and followed.count('"pay-slow"') >= 1
+        )
+    finally:
+        orchestrator_code, orchestrator_log = stop(orchestrator)
+        worker_code, worker_log = stop(worker)
+    assert orchestrator_code == 0, orchestrator_log
+    assert worker_code == 0, worker_log
+    assert "LeaveGroup" in orchestrator_log and "Traceback" not in orchestrator_log + worker_log
+
+
+def test_errors_are_one_line_without_a_traceback(cli: Cli) -> None:
+    unknown = cli("status", "no-such-saga")
+    assert (
+        unknown.returncode == 1 and unknown.stderr.strip() == "Error: unknown transaction id 'no-such-saga'"
+    )
+    no_kafka = cli("--bootstrap-servers", f"127.0.0.1:{free_port()}", "start", "payment")
+    assert no_kafka.returncode == 1 and len(no_kafka.stderr.strip().splitlines()) == 1
+    assert "cannot connect to Kafka" in no_kafka.stderr
+    no_redis = cli("--redis-url", f"redis://127.0.0.1:{free_port()}/0", "list")
+    assert no_redis.returncode == 1 and len(no_redis.stderr.strip().splitlines()) == 1
+    assert "Redis" in no_redis.stderr
+    bad_json = cli("start", "payment", "--context", "{nope")
+    assert bad_json.returncode == 2 and "not JSON" in bad_json.stderr
+    bad_module = cli("run", "--workflows", "no_such_module")
+    assert bad_module.returncode == 2 and "cannot import 'no_such_module'" in bad_module.stderr
+    for result in (unknown, no_kafka, no_redis, bad_json, bad_module):
+        assert "Traceback" not in result.stderr

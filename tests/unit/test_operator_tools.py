@@ -1,0 +1,102 @@
+"""The CLI's parts that need no services: settings, loading user modules, the Mermaid graph, probes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator_kafka import ValidationError, WorkflowBuilder
+from orchestrator_kafka.cli import cli
+from orchestrator_kafka.graph import mermaid
+from orchestrator_kafka.service import HealthServer
+from orchestrator_kafka.settings import ENV_VARS, Settings
+
+
+def test_settings_come_from_the_environment_and_keep_defaults_otherwise() -> None:
+    assert Settings.from_env({}) == Settings()
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
+        "REDIS_URL": "redis://redis:6379/1",
+        "ORCHESTRATOR_TOPIC_PREFIX": "shop",
+        "ORCHESTRATOR_PARTITIONS": "12",
+        "ORCHESTRATOR_HEALTH_PORT": " ",
+    }
+    settings = Settings.from_env(env)
+    assert (settings.bootstrap_servers, settings.redis_url) == ("kafka:9092", "redis://redis:6379/1")
+    assert (settings.topic_prefix, settings.partitions, settings.health_port) == ("shop", 12, None)
+    with pytest.raises(ValidationError, match="ORCHESTRATOR_PARTITIONS must be a whole number"):
+        Settings.from_env({"ORCHESTRATOR_PARTITIONS": "many"})
+    assert set(ENV_VARS) == set(Settings.__dataclass_fields__)
+
+
+def graph_of(*args: str) -> str:
+    result = CliRunner().invoke(cli, ["graph", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_graph_draws_parallel_groups_conditions_and_compensations() -> None:
+    text = graph_of("--workflows", "orchestrator_kafka.examples.orders")
+    lines = text.splitlines()
+    assert lines[0] == "flowchart TD"
+    assert '  subgraph parallel_0["parallel"]' in lines
+    # The parallel branches join before the next stage.
+    assert "  s_check_inventory --> s_reserve" in lines and "  s_validate_payment --> s_reserve" in lines
+    # The conditional step may be skipped: both ways lead on to ship.
+    assert "  if_s_premium_processing -- yes --> s_premium_processing" in lines
+    assert "  if_s_premium_processing -- no --> s_ship" in lines
+    assert (
+        "  s_charge -.-> undo_s_charge" in lines and "  undo_s_charge[/compensate: refund_payment/]" in lines
+    )
+    assert "  s_ship --> done" in lines
+    assert "timeout 5s" in text
+
+
+def test_graph_names_a_named_condition_and_makes_safe_node_ids() -> None:
+    def is_vip(ctx: object) -> bool:
+        return True
+
+    definition = (
+        WorkflowBuilder("w").add_step("a", "wa").add_conditional_step("b.x-1", "wb", condition=is_vip).build()
+    )
+    text = mermaid(definition)
+    assert '  if_s_b_x_1{"is_vip?"}' in text and '  s_b_x_1["b.x-1<br/>' in text
+
+
+def test_graph_and_loading_errors_are_clear() -> None:
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["graph", "nope", "--workflows", "orchestrator_kafka.examples.orders"])
+    assert missing.exit_code == 1 and "no workflow 'nope'" in missing.output
+    no_module = runner.invoke(cli, ["graph", "--workflows", "no_such_module_here"])
+    assert no_module.exit_code == 2 and "cannot import 'no_such_module_here'" in no_module.output
+    no_attr = runner.invoke(cli, ["graph", "--workflows", "orchestrator_kafka.examples.orders:nothing"])
+    assert no_attr.exit_code == 2 and "has no attribute 'nothing'" in no_attr.output
+    not_workflows = runner.invoke(
+        cli, ["graph", "--workflows", "orchestrator_kafka.examples.orders:handlers"]
+    )
+    assert not_workflows.exit_code == 2 and "is not a workflow definition" in not_workflows.output
+
+
+async def test_health_server_answers_liveness_and_readiness() -> None:
+    ready = False
+    server = HealthServer("127.0.0.1", 0, lambda: ready)
+    await server.start()
+
+    async def get(path: str) -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        return answer.decode().splitlines()[0]
+
+    try:
+        assert await get("/healthz") == "HTTP/1.1 200 OK"
+        assert await get("/readyz") == "HTTP/1.1 503 Service Unavailable"
+        ready = True
+        assert await get("/readyz") == "HTTP/1.1 200 OK"
+        assert await get("/other") == "HTTP/1.1 404 Not Found"
+    finally:
+        await server.stop()
