@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .constants import SCHEMA_VERSION
 
 Identifier = Annotated[str, Field(min_length=1, max_length=200)]
+# "<transaction id>:<step>:<execute|compensate>:<attempt or late-n>": two 200-character ids and the rest.
+CommandId = Annotated[str, Field(min_length=1, max_length=512)]
 StepKind = Literal["execute", "compensate"]
 _NAMESPACE_BYTES = uuid.UUID("6f1c2b1e-0a53-4d8e-9a0e-5b7f4c1d2e3f").bytes
 
@@ -72,7 +74,7 @@ class CancelSaga(Envelope):
 
 
 class CommandBody(_Frozen):
-    command_id: Identifier = Field(description="Unique per command; workers deduplicate on it.")
+    command_id: CommandId = Field(description="Unique per command; workers deduplicate on it.")
     step: Identifier = Field(description="The step's name in the workflow.")
     worker_name: Identifier = Field(description="The handler to run: the <worker> of the topic it came on.")
     kind: StepKind = Field(description="execute runs the step; compensate undoes it.")
@@ -104,7 +106,7 @@ class ErrorInfo(_Frozen):
 
 
 class ResultBody(_Frozen):
-    command_id: Identifier = Field(description="The command_id of the command answered.")
+    command_id: CommandId = Field(description="The command_id of the command answered.")
     step: Identifier = Field(description="The command's step.")
     kind: StepKind = Field(description="The command's kind.")
     attempt: int = Field(ge=1, description="The command's attempt.")

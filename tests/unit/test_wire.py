@@ -42,3 +42,14 @@ def test_outgoing_payloads_encode_exactly_as_their_models() -> None:
         assert outgoing.encode() == codec.encode(model)
     assert orjson.loads(t.outgoing[0].encode())["body"]["data"] == {"k": [1, "é"]}
     assert t.commands[0][1].body.timeout == 2.5 and t.audit is not None and t.audit.body.version == 1
+
+
+def test_the_longest_ids_still_make_decodable_commands() -> None:
+    # A 200-character transaction id and a 200-character step name give a 400-odd-character command id.
+    step = "s" * 200
+    workflow = WorkflowBuilder("wf").add_step(step, "w" * 200).build()
+    now = datetime(2026, 1, 2, tzinfo=UTC)
+    start = StartSaga(event_id="e", transaction_id="t" * 200, workflow_id="wf", occurred_at=now)
+    [command, _audit] = decide(workflow, None, start, now).outgoing
+    decoded = codec.decode(command.encode())
+    assert decoded.event_type == "step.command" and len(decoded.body.command_id) > 400
