@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,3 +161,55 @@ def test_telemetry_is_off_without_an_sdk_provider() -> None:
     off = telemetry.Telemetry("orchestrator")
     assert not off.enabled and not off.tracing and not off.metering
     assert off.saga_started("wf", "tx", ()) is None
+
+
+def test_configure_exports_spans_and_metrics_over_otlp_when_an_endpoint_is_set(tmp_path: Path) -> None:
+    """A process that calls configure() with OTEL_EXPORTER_OTLP_ENDPOINT set sends its spans and metrics
+    to that endpoint over OTLP/HTTP (here a local collector stand-in that records the paths posted)."""
+    posted: list[str] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            posted.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    script = tmp_path / "traced.py"
+    script.write_text(
+        "import asyncio\n"
+        "from opentelemetry import metrics, trace\n"
+        "from orchestrator_kafka import telemetry\n"
+        "from orchestrator_kafka.demo import run_demo\n"
+        "from rich.console import Console\n"
+        "assert telemetry.configure('test-service')\n"
+        "asyncio.run(run_demo(Console(quiet=True)))\n"
+        "trace.get_tracer_provider().shutdown()\n"
+        "metrics.get_meter_provider().shutdown()\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    assert "/v1/traces" in posted and "/v1/metrics" in posted
+
+
+def test_configure_does_nothing_without_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    assert telemetry.configure("test-service") is False
