@@ -383,6 +383,8 @@ class KafkaEventBus(IEventBus):
         self._subscriptions: set[KafkaSubscription] = set()
         # Partition of each recently published key, per partition layout (see _TopicPlan).
         self._partition_caches: dict[tuple[int, ...], dict[str, int]] = {}
+        # Per (topic, partition): serialises handing batches to the producer (see _send_batches).
+        self._enqueue_locks: dict[tuple[str, int], asyncio.Lock] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -634,8 +636,19 @@ class KafkaEventBus(IEventBus):
                     continue
                 batch = batches[r]
                 batch.close()  # nothing else may be appended once it is queued
+                where = (topic, partition)
+                lock = self._enqueue_locks.get(where)
+                if lock is None:
+                    lock = self._enqueue_locks[where] = asyncio.Lock()
                 try:
-                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    # One caller at a time per partition, first come first served. aiokafka's add_batch
+                    # lets a batch wait while the partition has one queued, and takes the *total* time
+                    # waited off its timeout after every wake-up: with a few hundred concurrent publish
+                    # calls (a service starting sagas per request) the waits add up quadratically and
+                    # the later calls fail with KafkaTimeoutError after a second or so of real waiting.
+                    # Behind this lock, a batch waits for at most the one queued before it.
+                    async with lock:
+                        futures.append(await producer.send_batch(batch, topic, partition=partition))
                 except (KafkaError, OSError) as exc:
                     # Retrieve the queued deliveries so none is left with an unobserved exception.
                     await asyncio.gather(*futures, return_exceptions=True)
