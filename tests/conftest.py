@@ -88,8 +88,16 @@ def require_redis() -> str:
     return started
 
 
+# Every name unique() gave out in this session: the session-end cleanup deletes only their topics, so
+# two pytest sessions on one broker (a developer's and CI's, or two shells) never delete each other's
+# topics mid-test.
+_made: set[str] = set()
+
+
 def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    _made.add(name)
+    return name
 
 
 @dataclass
@@ -186,7 +194,8 @@ _TEST_TOPIC = re.compile(r"^(t|c|topic)-[0-9a-f]{10}(\.|$)")
 
 @pytest.fixture(scope="session", autouse=True)
 def delete_test_topics() -> Iterator[None]:
-    """Delete the session's topics at its end, so a long-lived broker does not pile up thousands."""
+    """Delete the session's topics at its end, so a long-lived broker does not pile up thousands; only
+    this session's (named by unique()), never those of another session running on the same broker."""
     yield
     host, _, port = KAFKA.split(",")[0].rpartition(":")
     if not _reachable(host or "127.0.0.1", int(port)):
@@ -198,7 +207,11 @@ def delete_test_topics() -> Iterator[None]:
         admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
         await admin.start()
         try:
-            doomed = [t for t in await admin.list_topics() if _TEST_TOPIC.match(t)]
+            doomed = [
+                t
+                for t in await admin.list_topics()
+                if _TEST_TOPIC.match(t) and t.split(".", 1)[0] in _made
+            ]
             for i in range(0, len(doomed), 200):
                 await admin.delete_topics(doomed[i : i + 200])
         finally:

@@ -25,12 +25,14 @@ from orchestrator_kafka.backends.kafka import KafkaEventBus, KafkaSubscription
 from orchestrator_kafka.errors import EventBusError, ValidationError
 from orchestrator_kafka.ports import InboundMessage, OutboxMessage
 
+from ..conftest import unique
+
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 ALL_PARTITIONS = 4
 
 
 def _uid(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:10]}"
+    return unique(name)  # recorded, so the session-end cleanup deletes this session's topics
 
 
 def _require_kafka() -> None:
