@@ -408,16 +408,7 @@ class KafkaEventBus(IEventBus):
             ok = False
             try:
                 async with asyncio.timeout(self._start_timeout):
-                    producer = AIOKafkaProducer(
-                        client_id=f"{self.client_id}-producer",
-                        acks="all",
-                        enable_idempotence=True,
-                        linger_ms=self._linger_ms,
-                        max_batch_size=_MAX_BATCH_BYTES,
-                        max_request_size=_MAX_REQUEST_BYTES,
-                        compression_type=None,
-                        **self._common,
-                    )
+                    producer = self._make_producer()
                     admin = AIOKafkaAdminClient(client_id=f"{self.client_id}-admin", **self._common)
                     await producer.start()
                     await admin.start()
@@ -440,6 +431,44 @@ class KafkaEventBus(IEventBus):
                         await _quietly("admin close", admin.close(), self._start_timeout)
             self._producer = producer
             self._admin = admin
+
+    def _make_producer(self) -> Any:
+        return AIOKafkaProducer(
+            client_id=f"{self.client_id}-producer",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=self._linger_ms,
+            max_batch_size=_MAX_BATCH_BYTES,
+            max_request_size=_MAX_REQUEST_BYTES,
+            compression_type=None,
+            **self._common,
+        )
+
+    async def _replace_producer(self, dead: Any) -> Any:
+        """Swap a dead producer for a new one; the producer to use (the dead one if the new one cannot
+        start yet: the next publish tries again).
+
+        aiokafka's idempotent producer dies for good on some errors (OutOfOrderSequenceNumber after a
+        rejected batch, aio-libs/aiokafka#1017): its sender task ends and every later send raises the
+        same error. Only a new producer (a new producer id) publishes again.
+        """
+        async with self._lifecycle:
+            if self._producer is not dead:  # replaced meanwhile, or the bus was stopped
+                return self._producer if self._producer is not None else dead
+            task = dead._sender.sender_task
+            reason = task.exception() if task.done() and not task.cancelled() else None
+            _log.warning("the Kafka producer died (%r); starting a new one", reason)
+            fresh = self._make_producer()
+            try:
+                async with asyncio.timeout(self._start_timeout):
+                    await fresh.start()
+            except (TimeoutError, KafkaError, OSError) as exc:
+                _log.warning("could not start a new Kafka producer yet: %r", exc)
+                await _quietly("new producer stop", fresh.stop(), self._start_timeout)
+                return dead
+            self._producer = fresh
+            await _quietly("dead producer stop", dead.stop(), self._start_timeout)
+            return fresh
 
     async def stop(self) -> None:
         """Stop every subscription, flush and stop the producer, close the admin client; idempotent.
@@ -549,8 +578,15 @@ class KafkaEventBus(IEventBus):
         known = self._known_topics
         if any(m.topic not in known for m in messages):
             await self.ensure_topics([m.topic for m in messages])
+        if _dead(producer):
+            producer = await self._replace_producer(producer)
         plans = await self._build_batches(producer, messages)
-        await self._send_batches(producer, plans, len(messages))
+        try:
+            await self._send_batches(producer, plans, len(messages))
+        except EventBusError:
+            if _dead(producer):
+                await self._replace_producer(producer)  # for the caller's retry
+            raise
 
     async def _build_batches(self, producer: Any, messages: Sequence[OutboxMessage]) -> dict[str, _TopicPlan]:
         """Append every message to its partition's batches; nothing is sent yet. This loop is the hot
@@ -804,6 +840,12 @@ class _TopicPlan:
         partition: int = _PARTITIONER(key.encode(), list(self.all_partitions), self.available)
         cache[key] = partition
         return partition
+
+
+def _dead(producer: Any) -> bool:
+    """True when an aiokafka producer's sender task has ended: it will never deliver again."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    return task is not None and task.done()
 
 
 def _all_led(described: Iterable[Any], names: Sequence[str]) -> bool:
