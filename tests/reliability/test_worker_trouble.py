@@ -114,6 +114,17 @@ async def test_timeout_storm_late_and_duplicate_results_and_results_for_ended_sa
                 }
                 out.append(OutboxMessage(results, tx, answer(again)))
                 out.append(OutboxMessage(results, tx, answer(again, "failed")))
+    # A cancelled saga can end before its in-flight reserve answers; that genuine late answer moves it
+    # once more (its compensation). Let every real answer be handled before taking the versions.
+    deadline = time.monotonic() + 60
+    holds = {f"{tx}:reserve:execute:1" for tx in regular if tx.endswith("-hold")}
+    while not holds <= {k.decode() for k in await world.record.hkeys(f"{world.prefix}:ok")}:
+        assert time.monotonic() < deadline, "the hold sagas' reserve steps never answered"
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(2)  # the worker publishes right after recording
+    await drained(world)
+    await world.wait_outboxes_empty()
+    await world.wait_final([*storm, *regular])
     before = {tx: s.version for tx, s in (await world.sagas(regular)).items()}
     await world.bus.publish(out)
     await drained(world)
