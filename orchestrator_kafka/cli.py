@@ -192,6 +192,10 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,  # replaces the silencing handler the group installs
     )
+    from .service import RepeatFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatFilter())
 
 
 # ---------------------------------------------------------------- the group

@@ -14,6 +14,30 @@ _log = logging.getLogger(__name__)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class RepeatFilter(logging.Filter):
+    """Lets a log line of the same template from the same logger through at most once per ``interval``
+    seconds, then says how many it held back. While a broker is down aiokafka logs a connection error
+    per client per retry: tens of thousands of lines a minute that would bury everything else."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        seen = self._last.get(key)
+        if seen is not None and record.created - seen[0] < self._interval:
+            self._last[key] = (seen[0], seen[1] + 1)
+            return False
+        if seen is not None and seen[1]:
+            record.msg = f"{record.msg} (and {seen[1]} more like it in the last {self._interval:g}s)"
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[key] = (record.created, 0)
+        return True
+
+
 class HealthServer:
     """Plain HTTP for probes: ``GET /healthz`` answers 200 while the event loop runs; ``GET /readyz``
     answers 200 while the service is started and not stopping, else 503. Anything else is a 404."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from click.testing import CliRunner
@@ -100,3 +101,21 @@ async def test_health_server_answers_liveness_and_readiness() -> None:
         assert await get("/other") == "HTTP/1.1 404 Not Found"
     finally:
         await server.stop()
+
+
+def test_repeated_log_lines_are_held_back_and_counted() -> None:
+    from orchestrator_kafka.service import RepeatFilter
+
+    repeat = RepeatFilter(interval=10)
+
+    def record(msg: str, at: float, name: str = "aiokafka") -> logging.LogRecord:
+        made = logging.LogRecord(name, logging.ERROR, __file__, 1, msg, ("h", 1), None)
+        made.created = at
+        return made
+
+    assert repeat.filter(record("Unable connect to %s:%s", 100.0))
+    assert not any(repeat.filter(record("Unable connect to %s:%s", 100.0 + i / 10)) for i in range(1, 50))
+    assert repeat.filter(record("another line", 101.0))  # other templates pass
+    assert repeat.filter(record("Unable connect to %s:%s", 101.0, name="other"))  # other loggers pass
+    later = record("Unable connect to %s:%s", 111.0)
+    assert repeat.filter(later) and "and 49 more like it in the last 10s" in later.getMessage()
