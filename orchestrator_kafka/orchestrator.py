@@ -519,7 +519,12 @@ class Orchestrator(IOrchestrator, Service):
         saga = transition.saga
         if isinstance(event, StepResult):
             self._telemetry.result_taken(
-                headers, saga.transaction_id, event.body.step, event.body.status, outcome.latency
+                headers,
+                saga.traceparent,
+                saga.transaction_id,
+                event.body.step,
+                event.body.status,
+                outcome.latency,
             )
         for o in transition.outgoing:
             if o.payload["event_type"] == "saga.transition":

@@ -15,9 +15,12 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class RepeatFilter(logging.Filter):
-    """Lets a log line of the same template from the same logger through at most once per ``interval``
-    seconds, then says how many it held back. While a broker is down aiokafka logs a connection error
-    per client per retry: tens of thousands of lines a minute that would bury everything else."""
+    """Lets a log line of the client libraries (``aiokafka``, ``redis``) with the same template from the
+    same logger through at most once per ``interval`` seconds, then says how many it held back. While a
+    broker is down aiokafka logs a connection error per client per retry: tens of thousands of lines a
+    minute that would bury everything else. The project's own lines (a dead letter each) all pass."""
+
+    _LIBRARIES = ("aiokafka", "redis")
 
     def __init__(self, interval: float = 10.0) -> None:
         super().__init__()
@@ -25,6 +28,8 @@ class RepeatFilter(logging.Filter):
         self._last: dict[tuple[str, object], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._LIBRARIES):
+            return True
         key = (record.name, record.msg)
         seen = self._last.get(key)
         if seen is not None and record.created - seen[0] < self._interval:

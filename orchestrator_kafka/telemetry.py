@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -89,20 +90,10 @@ class Telemetry:
         self.enabled = self.tracing or self.metering
         self._component = component
         self._tracer = tracer_provider.get_tracer(_NAME)
-        meter = meter_provider.get_meter(_NAME)
-        self._sagas = meter.create_counter("saga.sagas", description="Sagas started and ended, by event.")
-        self._duration = meter.create_histogram(
-            "saga.step.duration", unit="s", description="Time from a command's dispatch to its result."
-        )
-        self._retries = meter.create_counter("saga.retries", description="Retries scheduled.")
-        self._dead = meter.create_counter("saga.dead_letters", description="Messages dead-lettered.")
-        self._in_flight: dict[str, int] = {}
-        if self.metering:
-            meter.create_observable_gauge(
-                "saga.in_flight",
-                callbacks=[self._observe_in_flight],
-                description="Sagas pending, running or compensating, by workflow.",
-            )
+        instruments = _instruments(meter_provider)
+        self._sagas, self._duration = instruments.sagas, instruments.duration
+        self._retries, self._dead = instruments.retries, instruments.dead
+        self._in_flight = instruments.in_flight
 
     # ---------------------------------------------------------------- orchestrator
 
@@ -139,13 +130,23 @@ class Telemetry:
             return context_headers()
 
     def result_taken(
-        self, headers: Headers, transaction_id: str, step: str, status: str, latency: float | None
+        self,
+        headers: Headers,
+        traceparent: str | None,
+        transaction_id: str,
+        step: str,
+        status: str,
+        latency: float | None,
     ) -> None:
-        """Record the orchestrator's taking of a step result, child of the worker's span."""
+        """Record the orchestrator's taking of a step result: a child of the worker's span, or of the
+        saga's start when the result carries no trace context (a worker without tracing)."""
         if self.tracing:
+            parent = headers_context(headers)
+            if not trace.get_current_span(parent).get_span_context().is_valid:
+                parent = _traceparent_context(traceparent) or parent
             span = self._tracer.start_span(
                 f"saga.result {step}",
-                context=headers_context(headers),
+                context=parent,
                 kind=SpanKind.CONSUMER,
                 attributes={"saga.transaction_id": transaction_id, "saga.step": step, "saga.status": status},
             )
@@ -198,11 +199,9 @@ class Telemetry:
             )
 
     def set_in_flight(self, counts: Mapping[str, int]) -> None:
-        """The latest count of unfinished sagas, by workflow, for the gauge."""
-        self._in_flight = dict(counts)
-
-    def _observe_in_flight(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
-        return [metrics.Observation(n, {"saga.workflow_id": w}) for w, n in self._in_flight.items()]
+        """The latest count of unfinished sagas in the store, by workflow, for the gauge."""
+        self._in_flight.clear()
+        self._in_flight.update(counts)
 
     # ---------------------------------------------------------------- worker
 
@@ -222,6 +221,38 @@ class Telemetry:
             attributes=dict(attributes),
         ):
             yield context_headers()
+
+
+class _Instruments:
+    """A meter provider's instruments, made once: an SDK keeps the first instrument of a name and drops
+    later ones, so a second :class:`Telemetry` (a component built, then started) must share them."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.sagas = meter.create_counter("saga.sagas", description="Sagas started and ended, by event.")
+        self.duration = meter.create_histogram(
+            "saga.step.duration", unit="s", description="Time from a command's dispatch to its result."
+        )
+        self.retries = meter.create_counter("saga.retries", description="Retries scheduled.")
+        self.dead = meter.create_counter("saga.dead_letters", description="Messages dead-lettered.")
+        self.in_flight: dict[str, int] = {}
+        meter.create_observable_gauge(
+            "saga.in_flight",
+            callbacks=[self._observe],
+            description="Sagas pending, running or compensating in the store, by workflow.",
+        )
+
+    def _observe(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [metrics.Observation(n, {"saga.workflow_id": w}) for w, n in self.in_flight.items()]
+
+
+_BY_PROVIDER: weakref.WeakKeyDictionary[metrics.MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
+
+
+def _instruments(provider: metrics.MeterProvider) -> _Instruments:
+    found = _BY_PROVIDER.get(provider)
+    if found is None:
+        found = _BY_PROVIDER[provider] = _Instruments(provider.get_meter(_NAME))
+    return found
 
 
 def configure(service_name: str) -> bool:

@@ -116,6 +116,10 @@ def test_repeated_log_lines_are_held_back_and_counted() -> None:
     assert repeat.filter(record("Unable connect to %s:%s", 100.0))
     assert not any(repeat.filter(record("Unable connect to %s:%s", 100.0 + i / 10)) for i in range(1, 50))
     assert repeat.filter(record("another line", 101.0))  # other templates pass
-    assert repeat.filter(record("Unable connect to %s:%s", 101.0, name="other"))  # other loggers pass
+    assert repeat.filter(record("Unable connect to %s:%s", 101.0, name="redis.asyncio"))  # other loggers
+    # The project's own lines are never held back: each dead letter is a line.
+    assert all(
+        repeat.filter(record("dead letter from %s", 100.0 + i, name="orchestrator_kafka.x")) for i in range(5)
+    )
     later = record("Unable connect to %s:%s", 111.0)
     assert repeat.filter(later) and "and 49 more like it in the last 10s" in later.getMessage()

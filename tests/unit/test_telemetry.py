@@ -21,7 +21,16 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrator, Worker, telemetry
+from orchestrator_kafka import (
+    InMemoryEventBus,
+    InMemoryStateStore,
+    NonRetryableError,
+    Orchestrator,
+    StepContext,
+    Worker,
+    WorkflowBuilder,
+    telemetry,
+)
 from orchestrator_kafka import orchestrator as orchestrator_module
 from orchestrator_kafka import worker as worker_module
 from orchestrator_kafka.codec import encode
@@ -149,6 +158,7 @@ async def test_metrics_count_sagas_steps_retries_and_dead_letters(providers: Pro
     assert providers.count("saga.sagas", event="compensated") == 1
     assert providers.count("saga.sagas", event="failed") == 0
     assert providers.count("saga.dead_letters", reason="malformed_json") == 1
+    assert providers.count("saga.retries") == 0
     durations = providers.points("saga.step.duration")
     assert sum(p.count for p in durations) >= 6 + 5  # every result taken, both sagas
     [failed_saga] = [
@@ -213,3 +223,74 @@ def test_configure_exports_spans_and_metrics_over_otlp_when_an_endpoint_is_set(t
 def test_configure_does_nothing_without_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
     assert telemetry.configure("test-service") is False
+
+
+async def test_retries_timers_and_compensations_stay_in_the_saga_trace(providers: Providers) -> None:
+    attempts: dict[str, int] = {}
+
+    async def flaky(ctx: StepContext) -> dict[str, Any]:
+        attempts[ctx.step] = attempts.get(ctx.step, 0) + 1
+        if attempts[ctx.step] == 1:
+            raise RuntimeError("first attempt fails")
+        return {}
+
+    async def refuse(ctx: StepContext) -> dict[str, Any]:
+        raise NonRetryableError("no")
+
+    workflow = (
+        WorkflowBuilder("wf")
+        .add_step("a", "wa", compensation="ua")
+        .add_step("b", "wb")
+        .with_retry_config(max_retries=2, initial_delay=0.01, max_delay=0.01)
+        .build()
+    )
+    bus, store = InMemoryEventBus(), InMemoryStateStore()
+    worker = Worker(InMemoryEventBus.sharing(bus))
+    worker.register("wa", flaky)
+    worker.register("wb", refuse)
+    # A worker without tracing (as one in another language may be): its replies carry no trace context.
+    plain = Worker(InMemoryEventBus.sharing(bus))
+    plain.register("ua", lambda ctx: {})
+    async with Orchestrator(workflow, bus, store, timer_interval=0.01) as orchestrator, worker, plain:
+        plain._telemetry = telemetry.Telemetry("worker")  # the global providers: none, so off
+        tx = await orchestrator.execute_workflow("wf", {})
+        for _ in range(300):
+            if (await orchestrator.get_status(tx))["state"] == "compensated":
+                break
+            await asyncio.sleep(0.01)
+    spans = providers.finished()
+    assert len({s.context.trace_id for s in spans}) == 1  # the retry and the compensation included
+    names = [s.name for s in spans]
+    assert names.count("saga.dispatch a") == 3  # attempt 1, its retry, and the compensation
+    assert names.count("saga.result a") == 3 and "saga.handle ua" not in names
+    assert providers.count("saga.retries") == 1
+    assert providers.count("saga.sagas", event="compensated") == 1
+
+
+async def test_in_flight_counts_the_unfinished_sagas_in_the_store(providers: Providers) -> None:
+    release = asyncio.Event()
+
+    async def wait(ctx: StepContext) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    bus, store = InMemoryEventBus(), InMemoryStateStore()
+    worker = Worker(InMemoryEventBus.sharing(bus))
+    worker.register("wa", wait)
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
+    # Built before it starts, as the CLI does: the gauge must still report what the started one counts.
+    orchestrator = Orchestrator(workflow, bus, store, outbox_sweep_interval=0.05)
+
+    async def gauge(expected: float) -> None:
+        for _ in range(200):
+            if providers.count("saga.in_flight", **{"saga.workflow_id": "wf"}) == expected:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"in flight never {expected}: {providers.points('saga.in_flight')}")
+
+    async with orchestrator, worker:
+        for _ in range(3):
+            await orchestrator.execute_workflow("wf", {})
+        await gauge(3)
+        release.set()
+        await gauge(0)
