@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -27,19 +26,18 @@ from .constants import Topics
 from .context import WorkflowState
 from .errors import DecodeError, OrchestratorError
 from .graph import mermaid
+from .loading import load_handlers, load_workflows
 from .models import SagaEvent
 from .settings import ENV_VARS, Settings
-from .workflow import WorkflowDefinition
 
 if TYPE_CHECKING:
-    from .backends.kafka import KafkaEventBus
-    from .backends.redis import RedisStateStore
     from .client import SagaClient
 
 P = ParamSpec("P")
 T = TypeVar("T")
 _FINAL = {s.value for s in WorkflowState if s.is_final}
 _STATES = [s.value for s in WorkflowState]
+_NOT_TAKEN_AFTER = 10.0  # seconds start --wait waits for an orchestrator to record the saga
 
 
 def _fail(message: str) -> click.ClickException:
@@ -56,6 +54,8 @@ def _run(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
         except OrchestratorError as exc:
             raise _fail(str(exc)) from None
         except ValueError as exc:  # an unknown saga, from the API's ValueError contract
+            raise _fail(str(exc).splitlines()[0]) from None
+        except OSError as exc:  # e.g. the health port is taken
             raise _fail(str(exc)) from None
         except KeyboardInterrupt:
             sys.exit(130)
@@ -69,104 +69,23 @@ def _settings() -> Settings:
     return settings
 
 
-def _bus(settings: Settings, *, start_timeout: float = 30.0) -> KafkaEventBus:
-    from .backends.kafka import KafkaEventBus
-
-    return KafkaEventBus(
-        settings.bootstrap_servers,
-        topic_prefix=settings.topic_prefix,
-        partitions=settings.partitions,
-        security_protocol=settings.security_protocol,
-        sasl_mechanism=settings.sasl_mechanism,
-        sasl_plain_username=settings.sasl_username,
-        sasl_plain_password=settings.sasl_password,
-        start_timeout=start_timeout,
-    )
-
-
-def _store(settings: Settings) -> RedisStateStore:
-    from .backends.redis import RedisStateStore
-
-    return RedisStateStore(settings.redis_url, key_prefix=settings.key_prefix)
-
-
 @asynccontextmanager
 async def _client(*, bus: bool = True, store: bool = True) -> AsyncIterator[SagaClient]:
-    """A :class:`SagaClient` on the configured backends, closed on the way out."""
-    from .backends.memory import InMemoryEventBus
+    """A :class:`SagaClient` on the configured backends (the bus started), closed on the way out."""
     from .client import SagaClient
 
     settings = _settings()
-    the_bus = (
-        _bus(settings, start_timeout=10.0) if bus else InMemoryEventBus(topic_prefix=settings.topic_prefix)
-    )
-    the_store = _store(settings) if store else None
+    the_bus = settings.event_bus(start_timeout=10.0) if bus else None
+    the_store = settings.state_store() if store else None
     try:
-        if bus:
+        if the_bus is not None:
             await the_bus.start()
-        yield SagaClient(the_bus, the_store)
+        yield SagaClient(the_bus, the_store, topic_prefix=settings.topic_prefix)
     finally:
-        await the_bus.stop()
+        if the_bus is not None:
+            await the_bus.stop()
         if the_store is not None:
             await the_store.close()
-
-
-def load_object(spec: str, default_attr: str) -> object:
-    """The object ``module[:attr]`` names (``attr`` defaults to ``default_attr``; dots walk into it).
-
-    Raises:
-        click.BadParameter: the module does not import or has no such attribute.
-    """
-    module_name, _, attr = spec.partition(":")
-    sys.path.insert(0, str(Path.cwd()))  # as python -m does, so a user's module beside them imports
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
-    finally:
-        sys.path.pop(0)
-    found: object = module
-    for part in (attr or default_attr).split("."):
-        try:
-            found = getattr(found, part)
-        except AttributeError:
-            raise click.BadParameter(f"{module_name!r} has no attribute {attr or default_attr!r}") from None
-    return found
-
-
-def load_workflows(spec: str) -> list[WorkflowDefinition]:
-    """The workflow definitions ``module[:attr]`` names: a definition, a sequence of them, or a function
-    returning either (``attr`` defaults to ``workflows``).
-
-    Raises:
-        click.BadParameter: anything else.
-    """
-    found = load_object(spec, "workflows")
-    if callable(found) and not isinstance(found, WorkflowDefinition):
-        found = found()
-    items = [found] if isinstance(found, WorkflowDefinition) else found
-    if (
-        not isinstance(items, Sequence)
-        or not items
-        or not all(isinstance(w, WorkflowDefinition) for w in items)
-    ):
-        raise click.BadParameter(f"{spec!r} is not a workflow definition or a non-empty list of them")
-    return list(items)
-
-
-def load_handlers(spec: str) -> dict[str, Callable[..., Any]]:
-    """The handlers ``module[:attr]`` names: a mapping of worker name to function, or a function
-    returning one (``attr`` defaults to ``handlers``).
-
-    Raises:
-        click.BadParameter: anything else.
-    """
-    found = load_object(spec, "handlers")
-    if callable(found) and not isinstance(found, Mapping):
-        found = found()
-    if not isinstance(found, Mapping) or not found or not all(callable(f) for f in found.values()):
-        raise click.BadParameter(f"{spec!r} is not a non-empty mapping of worker names to handlers")
-    return dict(found)
 
 
 def _context_arg(value: str) -> dict[str, Any]:
@@ -277,7 +196,7 @@ def run(spec: str, health_port: int | None, health_host: str) -> None:
     @_run
     async def main() -> None:
         configure("orchestrator-kafka")
-        bus, store = _bus(settings), _store(settings)
+        bus, store = settings.event_bus(), settings.state_store()
         orchestrator = Orchestrator(workflows, bus, store)
         await serve(orchestrator, closers=[bus.stop, store.close], health=health)
 
@@ -303,7 +222,7 @@ def worker(spec: str, concurrency: int, health_port: int | None, health_host: st
     @_run
     async def main() -> None:
         configure("orchestrator-kafka-worker")
-        bus = _bus(settings)
+        bus = settings.event_bus()
         the_worker = Worker(bus, concurrency=concurrency)
         for name, fn in handlers.items():
             the_worker.register(name, fn)
@@ -333,12 +252,20 @@ def start(workflow: str, context: str, transaction_id: str | None, wait: bool, t
             click.echo(tx)
             if not wait:
                 return None
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + min(timeout, _NOT_TAKEN_AFTER)
             async with asyncio.timeout(timeout):
                 while True:
                     try:
                         status = await client.get_status(tx)
                     except ValueError:  # not taken by an orchestrator yet
                         status = None
+                        if loop.time() > give_up:
+                            raise _fail(
+                                f"no orchestrator took {tx} within {_NOT_TAKEN_AFTER:g}s: is one running for"
+                                f" {workflow!r}? (a start for an unknown workflow goes to the dead-letter"
+                                " topic)"
+                            ) from None
                     if status is not None and status["state"] in _FINAL:
                         return status
                     await asyncio.sleep(0.1)
@@ -417,7 +344,7 @@ def tail(follow: bool, as_json: bool, transaction_id: str | None) -> None:
 
     @_run
     async def main() -> None:
-        bus = _bus(_settings(), start_timeout=10.0)
+        bus = _settings().event_bus(start_timeout=10.0)
         try:
             await bus.start()
             async for message in bus.read(topic, follow=follow):
@@ -478,7 +405,7 @@ def topics_create(spec: str | None) -> None:
 
     @_run
     async def main() -> None:
-        bus = _bus(settings, start_timeout=10.0)
+        bus = settings.event_bus(start_timeout=10.0)
         try:
             await bus.start()
             await bus.ensure_topics(sorted(wanted))

@@ -9,9 +9,9 @@ from typing import Any
 
 from . import codec
 from .checks import check_context, check_id
-from .constants import Topics
+from .constants import DEFAULT_TOPIC_PREFIX, Topics
 from .context import SagaContext
-from .errors import StateStoreError, ValidationError, WorkflowExecutionError
+from .errors import EventBusError, StateStoreError, ValidationError, WorkflowExecutionError
 from .models import CancelBody, CancelSaga, StartBody, StartSaga, derived_event_id
 from .ports import IEventBus, IStateStore, OutboxMessage
 from .telemetry import context_headers
@@ -20,7 +20,7 @@ from .telemetry import context_headers
 class SagaClient:
     """Publishes start and cancel requests to the start topic, where the orchestrators consume them, and
     reads sagas from the state store. The bus (and the store) belong to the caller, who starts and stops
-    them.
+    them; either may be None when only the other is used (``topic_prefix`` then names the topics).
 
     A request is asynchronous: :meth:`start_saga` returns once the request is on the topic, and the saga
     exists once an orchestrator has taken it. Each request carries the caller's trace context, so the
@@ -29,15 +29,17 @@ class SagaClient:
 
     def __init__(
         self,
-        event_bus: IEventBus,
+        event_bus: IEventBus | None,
         state_store: IStateStore | None = None,
         *,
+        topic_prefix: str | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._bus = event_bus
         self._store = state_store
         self._clock = clock
-        self.topics = Topics(event_bus.topic_prefix)
+        prefix = topic_prefix or (event_bus.topic_prefix if event_bus is not None else DEFAULT_TOPIC_PREFIX)
+        self.topics = Topics(prefix)
 
     async def start_saga(
         self, workflow_id: str, context: dict[str, Any], *, transaction_id: str | None = None
@@ -105,6 +107,8 @@ class SagaClient:
         return [found[tx].to_status() for tx in ids if tx in found]
 
     async def _publish(self, request: StartSaga | CancelSaga) -> None:
+        if self._bus is None:
+            raise EventBusError("this SagaClient was made without an event bus")
         message = OutboxMessage(
             self.topics.start, request.transaction_id, codec.encode(request), context_headers()
         )

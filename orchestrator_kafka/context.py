@@ -87,7 +87,9 @@ class SagaContext(BaseModel):
     one with every transition the store applies.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # Unknown fields are ignored, not refused: during a rolling upgrade (or a rollback) an orchestrator
+    # must read the sagas that a newer one wrote with fields it does not know yet.
+    model_config = ConfigDict(extra="ignore", validate_assignment=False)
 
     transaction_id: str
     workflow_id: str

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
 from .workflow import WorkflowDefinition, WorkflowStep
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
 def mermaid(definition: WorkflowDefinition) -> str:
@@ -14,8 +10,20 @@ def mermaid(definition: WorkflowDefinition) -> str:
 
     Stages run top to bottom; a parallel group is a subgraph whose branches fork and join; a
     conditional step is drawn behind a decision that may skip it; each compensation hangs off its step
-    by a dotted edge, and the rollback order (reverse of completion) is stated in a note.
+    by a dotted edge (they run in reverse order of completion, the failed step's own first).
+    Node ids are by position, so distinct step names never share a node.
     """
+    ids = {step.name: f"s{i}" for i, step in enumerate(definition.get_steps())}
+
+    def _id(step: WorkflowStep) -> str:
+        return ids[step.name]
+
+    def _node(step: WorkflowStep) -> str:
+        label = f"{step.name}<br/><small>worker: {step.worker_name}"
+        if step.timeout is not None:
+            label += f", timeout {step.timeout:g}s"
+        return f'{_id(step)}["{_quote(label)}</small>"]'
+
     lines = ["flowchart TD", "  start([start])"]
     previous = ["start"]
     for index, stage in enumerate(definition.stages):
@@ -51,18 +59,6 @@ def mermaid(definition: WorkflowDefinition) -> str:
     if undos:
         lines.append(f"  class {','.join(undos)} compensation")
     return "\n".join(lines) + "\n"
-
-
-def _id(step: WorkflowStep) -> str:
-    return "s_" + _UNSAFE.sub("_", step.name)
-
-
-def _node(step: WorkflowStep) -> str:
-    label = f"{step.name}<br/><small>worker: {step.worker_name}"
-    if step.timeout is not None:
-        label += f", timeout {step.timeout:g}s"
-    label += "</small>"
-    return f'{_id(step)}["{_quote(label)}"]'
 
 
 def _condition_label(step: WorkflowStep) -> str:

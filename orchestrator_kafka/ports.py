@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from .errors import EventBusError
+
 if TYPE_CHECKING:
     from .context import SagaContext
     from .workflow import WorkflowStep
@@ -259,7 +261,6 @@ class IEventBus(ABC):
     async def ensure_topics(self, topics: Sequence[str]) -> None:
         """Create the topics that do not exist yet."""
 
-    @abstractmethod
     def read(self, topic: str, *, follow: bool = False) -> AsyncIterator[InboundMessage]:
         """Every message kept on ``topic``, from the earliest, in order within each partition; with
         ``follow``, then each new one as it arrives, until the caller stops iterating. Without it, ends at
@@ -267,8 +268,10 @@ class IEventBus(ABC):
         operators auditing a topic.
 
         Raises:
-            EventBusError: not started, or the topic does not exist.
+            EventBusError: not started, the topic does not exist, or this bus cannot read topics (the
+                default, so that buses written before this method keep working).
         """
+        raise EventBusError(f"{type(self).__name__} cannot read topics outside a consumer group")
 
 
 def header(headers: Headers | Mapping[str, bytes], name: str) -> bytes | None:

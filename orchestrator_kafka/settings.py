@@ -7,9 +7,11 @@ that ``KafkaEventBus`` and ``RedisStateStore`` fall back to ``KAFKA_BOOTSTRAP_SE
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from .constants import (
     DEFAULT_BOOTSTRAP_SERVERS,
@@ -20,6 +22,10 @@ from .constants import (
     ENV_REDIS_URL,
 )
 from .errors import ValidationError
+
+if TYPE_CHECKING:
+    from .backends.kafka import KafkaEventBus
+    from .backends.redis import RedisStateStore
 
 ENV_TOPIC_PREFIX = "ORCHESTRATOR_TOPIC_PREFIX"
 ENV_KEY_PREFIX = "ORCHESTRATOR_KEY_PREFIX"
@@ -51,12 +57,39 @@ class Settings:
     health_port: int | None = None
     log_level: str = "INFO"
 
+    def __post_init__(self) -> None:
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise ValidationError(
+                f"{ENV_LOG_LEVEL} must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}"
+            )
+
+    def event_bus(self, *, start_timeout: float = 30.0) -> KafkaEventBus:
+        """A :class:`KafkaEventBus` on these settings (not started)."""
+        from .backends.kafka import KafkaEventBus
+
+        return KafkaEventBus(
+            self.bootstrap_servers,
+            topic_prefix=self.topic_prefix,
+            partitions=self.partitions,
+            security_protocol=self.security_protocol,
+            sasl_mechanism=self.sasl_mechanism,
+            sasl_plain_username=self.sasl_username,
+            sasl_plain_password=self.sasl_password,
+            start_timeout=start_timeout,
+        )
+
+    def state_store(self) -> RedisStateStore:
+        """A :class:`RedisStateStore` on these settings (it connects on first use)."""
+        from .backends.redis import RedisStateStore
+
+        return RedisStateStore(self.redis_url, key_prefix=self.key_prefix)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every variable of :data:`ENV_VARS`; unset or empty ones keep their defaults.
 
         Raises:
-            ValidationError: a number that is not one.
+            ValidationError: a number that is not one, or an unknown log level.
         """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}

@@ -793,25 +793,30 @@ class KafkaEventBus(IEventBus):
                 raise EventBusError(f"cannot read {topic!r} from {self.bootstrap_servers}: {exc!r}") from exc
             if described["error_code"] != 0 or not described["partitions"]:
                 raise EventBusError(f"no topic {topic!r} on {self.bootstrap_servers}")
-            numbers = sorted(p["partition"] for p in described["partitions"])
-            partitions = [TopicPartition(topic, p) for p in numbers]
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            ends: dict[Any, int] = {}
-            if not follow:
-                begins = await consumer.beginning_offsets(partitions)
-                ends = await consumer.end_offsets(partitions)
-                ends = {tp: end for tp, end in ends.items() if end > begins[tp]}  # the non-empty ones
-            while follow or ends:
-                records = await consumer.getmany(*partitions, timeout_ms=500)
-                for tp, recs in records.items():
-                    end = ends.get(tp)
-                    for r in recs:
-                        if not follow and (end is None or r.offset >= end):
-                            break
-                        yield InboundMessage(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers))
-                    if end is not None and recs and recs[-1].offset >= end - 1:
-                        del ends[tp]
+            try:
+                numbers = sorted(p["partition"] for p in described["partitions"])
+                partitions = [TopicPartition(topic, p) for p in numbers]
+                consumer.assign(partitions)
+                await consumer.seek_to_beginning(*partitions)
+                ends: dict[Any, int] = {}
+                if not follow:
+                    begins = await consumer.beginning_offsets(partitions)
+                    ends = await consumer.end_offsets(partitions)
+                    ends = {tp: end for tp, end in ends.items() if end > begins[tp]}  # the non-empty ones
+                while follow or ends:
+                    records = await consumer.getmany(*partitions, timeout_ms=500)
+                    for tp, recs in records.items():
+                        end = ends.get(tp)
+                        for r in recs:
+                            if not follow and (end is None or r.offset >= end):
+                                break
+                            headers = tuple(r.headers)
+                            yield InboundMessage(r.topic, r.partition, r.offset, r.key, r.value, headers)
+                        if end is not None and recs and recs[-1].offset >= end - 1:
+                            del ends[tp]
+            except (KafkaError, OSError) as exc:
+                where = self.bootstrap_servers
+                raise EventBusError(f"reading {topic!r} from {where} failed: {exc!r}") from exc
         finally:
             await _stop_consumer(consumer, self._start_timeout)
 

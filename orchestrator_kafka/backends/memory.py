@@ -361,13 +361,14 @@ class InMemoryEventBus(IEventBus):
             raise EventBusError(f"no topic {topic!r}")
         log = self._broker.logs[topic]
         positions = [0] * len(log)
+        ends = [len(entries) for entries in log]  # without follow: the end when the read began
         wake = asyncio.Event()
         self._broker.readers.add(wake)
         try:
             while True:
                 wake.clear()
                 for partition, entries in enumerate(log):
-                    while positions[partition] < len(entries):
+                    while positions[partition] < (len(entries) if follow else ends[partition]):
                         positions[partition] += 1
                         yield entries[positions[partition] - 1]
                 if not follow:

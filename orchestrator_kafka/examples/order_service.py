@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from ..backends.kafka import KafkaEventBus
 from ..client import SagaClient
 from ..settings import Settings
 
@@ -28,7 +27,7 @@ def order(n: int) -> dict[str, object]:
 async def publish_orders(count: int, first: int = 1) -> list[str]:
     """Publish ``count`` start requests, ``order-<n>``, and return their transaction ids."""
     settings = Settings.from_env()
-    bus = KafkaEventBus(settings.bootstrap_servers, topic_prefix=settings.topic_prefix)
+    bus = settings.event_bus()
     await bus.start()
     try:
         client = SagaClient(bus)

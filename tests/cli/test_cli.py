@@ -199,5 +199,15 @@ def test_errors_are_one_line_without_a_traceback(cli: Cli) -> None:
     assert bad_json.returncode == 2 and "not JSON" in bad_json.stderr
     bad_module = cli("run", "--workflows", "no_such_module")
     assert bad_module.returncode == 2 and "cannot import 'no_such_module'" in bad_module.stderr
-    for result in (unknown, no_kafka, no_redis, bad_json, bad_module):
+    nobody = cli("start", "no_such_workflow", "--wait")  # no orchestrator runs here
+    assert nobody.returncode == 1 and "no orchestrator took" in nobody.stderr
+    with socket.socket() as held:  # the health port is taken
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        health = ("--health-host", "127.0.0.1", "--health-port", port)
+        taken = cli("run", "--workflows", "tests.cli.app", *health)
+    assert taken.returncode == 1 and len(taken.stderr.strip().splitlines()) == 1, taken.stderr
+    assert "address already in use" in taken.stderr
+    for result in (unknown, no_kafka, no_redis, bad_json, bad_module, nobody, taken):
         assert "Traceback" not in result.stderr

@@ -44,26 +44,32 @@ def test_graph_draws_parallel_groups_conditions_and_compensations() -> None:
     assert lines[0] == "flowchart TD"
     assert '  subgraph parallel_0["parallel"]' in lines
     # The parallel branches join before the next stage.
-    assert "  s_check_inventory --> s_reserve" in lines and "  s_validate_payment --> s_reserve" in lines
+    assert "  s0 --> s2" in lines and "  s1 --> s2" in lines
     # The conditional step may be skipped: both ways lead on to ship.
-    assert "  if_s_premium_processing -- yes --> s_premium_processing" in lines
-    assert "  if_s_premium_processing -- no --> s_ship" in lines
+    assert "  if_s4 -- yes --> s4" in lines
+    assert "  if_s4 -- no --> s5" in lines
     assert (
-        "  s_charge -.-> undo_s_charge" in lines and "  undo_s_charge[/compensate: refund_payment/]" in lines
+        "  s3 -.-> undo_s3" in lines and "  undo_s3[/compensate: refund_payment/]" in lines
     )
-    assert "  s_ship --> done" in lines
+    assert "  s5 --> done" in lines
     assert "timeout 5s" in text
 
 
-def test_graph_names_a_named_condition_and_makes_safe_node_ids() -> None:
+def test_graph_names_a_named_condition_and_keeps_similar_names_apart() -> None:
     def is_vip(ctx: object) -> bool:
         return True
 
     definition = (
-        WorkflowBuilder("w").add_step("a", "wa").add_conditional_step("b.x-1", "wb", condition=is_vip).build()
+        WorkflowBuilder("w")
+        .add_step("a.b", "wa")
+        .add_step("a-b", "wb")
+        .add_conditional_step("a_b", "wc", condition=is_vip)
+        .build()
     )
     text = mermaid(definition)
-    assert '  if_s_b_x_1{"is_vip?"}' in text and '  s_b_x_1["b.x-1<br/>' in text
+    assert '  if_s2{"is_vip?"}' in text
+    assert '  s0["a.b<br/>' in text and '  s1["a-b<br/>' in text and '  s2["a_b<br/>' in text
+    assert "  s0 --> s1" in text and "  s1 --> if_s2" in text
 
 
 def test_graph_and_loading_errors_are_clear() -> None:
