@@ -23,6 +23,8 @@ HEADER_DLQ_DETAIL = "dlq.detail"
 HEADER_DLQ_TOPIC = "dlq.source.topic"
 HEADER_DLQ_PARTITION = "dlq.source.partition"
 HEADER_DLQ_OFFSET = "dlq.source.offset"
+# On a dead letter whose value had to be cut to fit: the original value's length in bytes.
+HEADER_DLQ_TRUNCATED = "dlq.truncated"
 
 # Consumer groups (prefixed by the topic prefix).
 ORCHESTRATOR_GROUP = "orchestrator"

@@ -292,7 +292,7 @@ class _Run:
             worker = step.worker_name
             topic = self.topics.commands(worker)
         else:
-            assert step.compensation is not None and self.topics is not None
+            assert step.compensation is not None
             rt.status, rt.compensation_attempt = StepStatus.COMPENSATING, attempt
             worker = step.compensation
             topic = self.topics.compensations(worker)

@@ -25,6 +25,7 @@ from .constants import (
     HEADER_DLQ_PARTITION,
     HEADER_DLQ_REASON,
     HEADER_DLQ_TOPIC,
+    HEADER_DLQ_TRUNCATED,
     ORCHESTRATOR_GROUP,
     TIMER_LEASE_SECONDS,
     Topics,
@@ -74,8 +75,6 @@ class Outcome:
     latency: float | None = None  # seconds from a result's command dispatch to the result, when known
 
 
-# Header on a dead letter whose value had to be cut to fit: the original value's length in bytes.
-HEADER_DLQ_TRUNCATED = "dlq.truncated"
 # The most a dead letter's key, value and headers may take: under the bus's 1 MiB record batch limit
 # with room for the batch and record framing.
 _DEAD_LETTER_BYTES = 1_040_000
@@ -526,20 +525,18 @@ class Orchestrator(IOrchestrator, Service):
                 event.body.status,
                 outcome.latency,
             )
-        for o in transition.outgoing:
-            if o.payload["event_type"] == "saga.transition":
-                body = o.payload["body"]
-                self._telemetry.transition(
-                    saga.workflow_id,
-                    saga.transaction_id,
-                    body["from_state"],
-                    body["to_state"],
-                    body["actions"],
-                    saga.traceparent,
-                    saga.created_at,
-                    now,
-                    saga.error,
-                )
+        body = transition.outgoing[-1].payload["body"]  # an applied transition's audit record comes last
+        self._telemetry.transition(
+            saga.workflow_id,
+            saga.transaction_id,
+            body["from_state"],
+            body["to_state"],
+            body["actions"],
+            saga.traceparent,
+            saga.created_at,
+            now,
+            saga.error,
+        )
 
     # ---------------------------------------------------------------- timers and recovery
 

@@ -734,19 +734,15 @@ class KafkaEventBus(IEventBus):
         if max_batch < 1:
             raise ValidationError("max_batch must be at least 1")
         await self.ensure_topics(topics)
-        consumer = AIOKafkaConsumer(
-            client_id=f"{self.client_id}-consumer",
+        consumer = self._consumer(
+            "consumer",
             group_id=group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
             max_poll_interval_ms=self._max_poll_interval_ms,
             session_timeout_ms=self._session_timeout_ms,
             # aiokafka defaults the rebalance timeout to the session timeout; the Java client (and
             # the meaning of max_poll_interval) give a member in the middle of a batch that long.
             rebalance_timeout_ms=self._max_poll_interval_ms,
             heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
-            fetch_max_wait_ms=self.fetch_max_wait_ms,
-            **self._common,
         )
         sub = KafkaSubscription(
             consumer,
@@ -766,6 +762,16 @@ class KafkaEventBus(IEventBus):
         self._subscriptions.add(sub)
         return sub
 
+    def _consumer(self, role: str, **settings: Any) -> Any:
+        """An aiokafka consumer of this bus: manual commits, new groups from the earliest offset."""
+        return AIOKafkaConsumer(
+            client_id=f"{self.client_id}-{role}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+            **settings,
+            **self._common,
+        )
 
     async def read(self, topic: str, *, follow: bool = False) -> AsyncIterator[InboundMessage]:
         """Every message kept on ``topic``, from the earliest offset of each partition, by a consumer of
@@ -776,14 +782,7 @@ class KafkaEventBus(IEventBus):
             EventBusError: not started, the broker unreachable, or no such topic.
         """
         self._require_started()
-        consumer = AIOKafkaConsumer(
-            client_id=f"{self.client_id}-reader",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self.fetch_max_wait_ms,
-            **self._common,
-        )
+        consumer = self._consumer("reader", group_id=None)
         try:
             try:
                 async with asyncio.timeout(self._start_timeout):
