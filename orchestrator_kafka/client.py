@@ -55,7 +55,7 @@ class SagaClient:
         data = check_context(context)
         tx = check_id("transaction_id", transaction_id) if transaction_id is not None else str(uuid.uuid4())
         request = StartSaga(
-            event_id=derived_event_id("start", tx),  # the same for a repeated request: deduplicated
+            event_id=derived_event_id(f"start:{tx}"),  # the same for a repeated request: deduplicated
             transaction_id=tx,
             workflow_id=workflow_id,
             occurred_at=self._clock(),

@@ -120,28 +120,12 @@ def decide(
         return _Run(definition, _new_saga(event, now), now, topics or _TOPICS).start()
     if saga is None:
         return Transition(None, False, note="unknown saga")
-    run = _Run(definition, _working_copy(saga), now, topics or _TOPICS, original=saga)
+    run = _Run(definition, saga.copy(), now, topics or _TOPICS, original=saga)
     if isinstance(event, CancelSaga):
         return run.cancel(event.body.reason)
     if isinstance(event, StepResult):
         return run.result(event)
     return run.timer(event.timer)
-
-
-def _working_copy(saga: SagaContext) -> SagaContext:
-    """A copy the decision may change, leaving ``saga`` as it was. The engine replaces the values in
-    ``data`` and ``step_results`` but never changes them in place, so copying the containers is
-    enough, and far cheaper than a deep copy."""
-    return saga.model_copy(
-        update={
-            "data": dict(saga.data),
-            "step_results": dict(saga.step_results),
-            "steps": {name: rt.copy() for name, rt in saga.steps.items()},
-            "completed": list(saga.completed),
-            "compensation_queue": list(saga.compensation_queue),
-            "late_compensations": list(saga.late_compensations),
-        }
-    )
 
 
 def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
@@ -190,14 +174,14 @@ class _Run:
         # The id is derived, so a record re-published from an outbox keeps it.
         audit = {
             "schema_version": SCHEMA_VERSION,
-            "event_id": derived_event_id(s.transaction_id, s.version, "audit"),
+            "event_id": derived_event_id(f"{s.transaction_id}:{s.version}:audit"),
             "transaction_id": s.transaction_id,
             "workflow_id": s.workflow_id,
             "occurred_at": self.now,
             "event_type": "saga.transition",
             "body": {
-                "from_state": self.from_state.value if self.from_state is not None else None,
-                "to_state": s.state.value,
+                "from_state": self.from_state,
+                "to_state": s.state,
                 "version": s.version,
                 "actions": self.actions,
             },
@@ -221,7 +205,7 @@ class _Run:
         self.actions.append(
             {
                 "action": action,
-                "state": self.s.state.value,
+                "state": self.s.state,
                 "step": step,
                 "worker_name": worker,
                 "kind": kind,

@@ -439,6 +439,9 @@ if __name__ == "__main__":
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args()
     if args.role:
+        from orchestrator_kafka.service import tune_gc
+
+        tune_gc()  # as the CLI's run and worker commands do
         role = {"orchestrator": role_orchestrator, "worker": role_worker, "echo": role_echo}[args.role]
         profile_dir = os.environ.get("BENCH_PROFILE")  # a folder: each role writes <role>.prof there
         if profile_dir:

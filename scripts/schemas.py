@@ -153,7 +153,7 @@ def examples() -> dict[str, Envelope]:
             ),
         ),
         "saga.transition": SagaEvent(
-            event_id=derived_event_id(_TX, 4, "audit"),
+            event_id=derived_event_id(f"{_TX}:4:audit"),
             transaction_id=_TX,
             workflow_id=_WORKFLOW,
             occurred_at=_AT,

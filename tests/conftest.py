@@ -208,9 +208,7 @@ def delete_test_topics() -> Iterator[None]:
         await admin.start()
         try:
             doomed = [
-                t
-                for t in await admin.list_topics()
-                if _TEST_TOPIC.match(t) and t.split(".", 1)[0] in _made
+                t for t in await admin.list_topics() if _TEST_TOPIC.match(t) and t.split(".", 1)[0] in _made
             ]
             for i in range(0, len(doomed), 200):
                 await admin.delete_topics(doomed[i : i + 200])

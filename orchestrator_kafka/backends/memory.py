@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from ..constants import DEFAULT_TOPIC_PREFIX
-from ..context import SagaContext
+from ..context import SagaContext, storable
 from ..errors import EventBusError
 from ..ports import (
     ApplyResult,
@@ -43,7 +43,7 @@ _log = logging.getLogger("orchestrator_kafka.memory")
 @dataclass(slots=True)
 class _Record:
     # Stored as JSON so no caller ever holds a reference into the store's state.
-    json: str
+    json: bytes
     version: int
     workflow_id: str
     state: str
@@ -61,10 +61,10 @@ class InMemoryStateStore(IStateStore):
         self._by_workflow: dict[str, set[str]] = defaultdict(set)
         self._by_state: dict[str, set[str]] = defaultdict(set)
 
-    def _put(self, ctx: SagaContext) -> None:
+    def _put(self, ctx: SagaContext, raw: bytes | None = None) -> None:
         self._unindex(ctx.transaction_id)
         self._sagas[ctx.transaction_id] = _Record(
-            ctx.model_dump_json(), ctx.version, ctx.workflow_id, ctx.state.value
+            ctx.to_json() if raw is None else raw, ctx.version, ctx.workflow_id, ctx.state.value
         )
         self._by_workflow[ctx.workflow_id].add(ctx.transaction_id)
         self._by_state[ctx.state.value].add(ctx.transaction_id)
@@ -76,15 +76,15 @@ class InMemoryStateStore(IStateStore):
             self._by_state[old.state].discard(tx)
 
     async def save_context(self, context: SagaContext) -> None:
-        self._put(context)
+        self._put(context, storable(context))
 
     async def load_context(self, transaction_id: str) -> SagaContext | None:
         record = self._sagas.get(transaction_id)
-        return None if record is None else SagaContext.model_validate_json(record.json)
+        return None if record is None else SagaContext.from_json(record.json)
 
     async def load_contexts(self, transaction_ids: Sequence[str]) -> dict[str, SagaContext]:
         return {
-            tx: SagaContext.model_validate_json(record.json)
+            tx: SagaContext.from_json(record.json)
             for tx in transaction_ids
             if (record := self._sagas.get(tx)) is not None
         }

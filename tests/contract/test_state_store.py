@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from orchestrator_kafka import InMemoryStateStore, SagaContext, WorkflowState
+from orchestrator_kafka.errors import ValidationError
 from orchestrator_kafka.ports import IStateStore, OutboxMessage, Timer, TransitionWrite
 
 from ..conftest import require_redis, unique
@@ -53,6 +54,14 @@ class StateStoreContract:
         assert await store.load_context("a") is None
         assert await store.list_contexts(workflow_id="w1") == ["b"]
         assert set(await store.load_contexts(["a", "b", "c", "zz"])) == {"b", "c"}
+
+    async def test_an_invalid_saga_is_refused_and_nothing_written(self, store: IStateStore) -> None:
+        bad = SagaContext(transaction_id="t1", workflow_id="wf", state="nonsense")  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="not a valid saga"):
+            await store.save_context(bad)
+        with pytest.raises(ValidationError, match="expected a SagaContext"):
+            await store.save_context({"transaction_id": "t1"})  # type: ignore[arg-type]
+        assert await store.load_context("t1") is None
 
     async def test_a_loaded_saga_is_a_copy(self, store: IStateStore) -> None:
         original = saga("a", 1)

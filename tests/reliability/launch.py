@@ -56,11 +56,7 @@ def _install_crash(spec: str) -> None:
             results = await original_apply(self, writes)
             if point == "after_write" and real and hit():
                 _crash(point)
-            if (
-                point == "compensating"
-                and any(w.saga.state.value == "compensating" for w in real)
-                and hit()
-            ):
+            if point == "compensating" and any(w.saga.state.value == "compensating" for w in real) and hit():
                 _crash(point)
             return results
 

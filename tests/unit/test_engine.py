@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import timedelta
 from typing import Any
 
@@ -133,7 +134,7 @@ def test_decide_does_not_mutate_its_input() -> None:
     d.start()
     before = d.saga
     assert before is not None
-    snapshot = before.model_copy(deep=True)
+    snapshot = copy.deepcopy(before)
     t = decide(d.definition, before, result_event(d.command("reserve"), result={"x": 1}), T0)
     assert t.changed and t.saga is not before
     assert before == snapshot

@@ -48,9 +48,7 @@ def test_graph_draws_parallel_groups_conditions_and_compensations() -> None:
     # The conditional step may be skipped: both ways lead on to ship.
     assert "  if_s4 -- yes --> s4" in lines
     assert "  if_s4 -- no --> s5" in lines
-    assert (
-        "  s3 -.-> undo_s3" in lines and "  undo_s3[/compensate: refund_payment/]" in lines
-    )
+    assert "  s3 -.-> undo_s3" in lines and "  undo_s3[/compensate: refund_payment/]" in lines
     assert "  s5 --> done" in lines
     assert "timeout 5s" in text
 
