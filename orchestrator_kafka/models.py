@@ -27,11 +27,11 @@ def derived_event_id(name: str) -> str:
     """A deterministic name-based (version 5) UUID of ``name``, so that the same transition always
     makes the same message. Built by hand: ``uuid.uuid5`` costs several times more on the hot path."""
     d = hashlib.sha1(_NAMESPACE_BYTES + name.encode()).hexdigest()
-    return f"{d[:8]}-{d[8:12]}-5{d[13:16]}-{_VARIANT[d[16]]}{d[17:20]}-{d[20:32]}"
+    return f"{d[:8]}-{d[8:12]}-5{d[13:16]}-{UUID_VARIANT_DIGIT[d[16]]}{d[17:20]}-{d[20:32]}"
 
 
 # The RFC 4122 variant's first hex digit for each value of the digest's: 10xx in binary.
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+UUID_VARIANT_DIGIT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 class _Frozen(BaseModel):

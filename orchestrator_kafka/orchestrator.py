@@ -498,7 +498,7 @@ class Orchestrator(IOrchestrator, Service):
         saga = transition.saga
         key = saga.transaction_id if saga else ""
         if saga is None or not self._telemetry.tracing:
-            return tuple(OutboxMessage(o.topic, key, o.encode()) for o in transition.outgoing)
+            return tuple([OutboxMessage(o.topic, key, o.encode()) for o in transition.outgoing])
         return tuple(
             OutboxMessage(
                 o.topic,
