@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,6 +63,15 @@ _MAX_ROUNDS = 8
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class _Round:
+    """The writes one round of deciding made, with the index of the event each belongs to."""
+
+    now: datetime
+    writes: list[TransitionWrite] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -159,6 +168,8 @@ class Orchestrator(IOrchestrator, Service):
         self._cache: OrderedDict[str, SagaContext] = OrderedDict()
         self._cache_size = cache_size
         self._swept: dict[str, int] = {}
+        # The completion of the last batch handed over by the bus (see _on_batch).
+        self._pipeline: asyncio.Task[None] | None = None
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -220,8 +231,9 @@ class Orchestrator(IOrchestrator, Service):
             # wait(), not await: a cancel of stop() itself must not be taken for the ticker's.
             await asyncio.wait({ticker})
         if self._subscription is not None:
-            await self._subscription.stop()
+            await self._subscription.stop()  # settles the batches in flight
             self._subscription = None
+        self._pipeline = None
         if self._acks:
             # Bounded: a lost ack costs only a second publish by the next start-up sweep.
             await asyncio.wait(self._acks, timeout=5.0)
@@ -323,7 +335,11 @@ class Orchestrator(IOrchestrator, Service):
 
     # ---------------------------------------------------------------- the hot path
 
-    async def _on_batch(self, batch: Sequence[InboundMessage]) -> None:
+    async def _on_batch(self, batch: Sequence[InboundMessage]) -> asyncio.Task[None]:
+        """Decode and decide ``batch``, and return its completion: the task that applies and publishes
+        it, once the batch before has been. The bus hands over the next batch meanwhile, so deciding
+        it overlaps this one's round trips to Redis and Kafka, and commits this batch's offsets only
+        when the completion has finished."""
         events: list[Event] = []
         sources: list[InboundMessage] = []
         dead: list[OutboxMessage] = []
@@ -345,12 +361,41 @@ class Orchestrator(IOrchestrator, Service):
                 continue
             events.append(event)
             sources.append(message)
-        outcomes = await self.process(events, [m.headers for m in sources]) if events else []
-        for outcome, message in zip(outcomes, sources, strict=True):
-            if outcome.problem:
-                dead.append(self._dead(message, outcome.problem, outcome.detail))
-        if dead:
-            await self._bus.publish(dead)
+        headers = [m.headers for m in sources]
+        outcomes = [Outcome() for _ in events]
+        # The batch before, while it is still being written: this one is decided on top of it. One that
+        # has finished needs no waiting, and one that failed has had its batches rewound by the bus.
+        previous = self._pipeline if self._pipeline is not None and not self._pipeline.done() else None
+        try:
+            first = await self._decide_round(events, headers, list(range(len(events))), outcomes)
+        except BaseException:
+            self._cache.clear()  # it may hold states decided for this batch
+            raise
+
+        async def complete() -> None:
+            if previous is not None:
+                # This batch was decided on top of the one before: it cannot be applied if that failed.
+                await asyncio.wait({previous})
+                if previous.cancelled() or previous.exception() is not None:
+                    raise OrchestratorError("not applied: the batch before failed; both are redelivered")
+            try:
+                await self._settle(events, headers, outcomes, first)
+                for outcome, message in zip(outcomes, sources, strict=True):
+                    if outcome.problem:
+                        dead.append(self._dead(message, outcome.problem, outcome.detail))
+                if dead:
+                    await self._bus.publish(dead)
+            except BaseException:
+                self._cache.clear()  # it holds states decided on top of writes that did not happen
+                raise
+
+        task = asyncio.get_running_loop().create_task(complete(), name="orchestrator-batch")
+        self._pipeline = task
+        if previous is not None:
+            # At most one batch decided ahead: the next fetch then takes everything that arrived while
+            # the batch before was written, instead of racing ahead in small batches.
+            await asyncio.wait({previous})
+        return task
 
     def _dead(self, message: InboundMessage, reason: str, detail: str) -> OutboxMessage:
         self._telemetry.dead_letter(reason, message.topic)
@@ -373,25 +418,39 @@ class Orchestrator(IOrchestrator, Service):
                 dedupe makes the retry safe.
         """
         outcomes = [Outcome() for _ in events]
-        pending = list(range(len(events)))
+        first = await self._decide_round(events, headers, list(range(len(events))), outcomes)
+        await self._settle(events, headers, outcomes, first)
+        return outcomes
+
+    async def _decide_round(
+        self, events: Sequence[Event], headers: Sequence[Headers], pending: list[int], outcomes: list[Outcome]
+    ) -> _Round:
+        """Decide the events ``pending`` (indexes into ``events``) on the sagas as this instance last
+        decided them: the cache holds each saga's newest state, written or still being written."""
+        sagas = await self._sagas_of({_tx_of(events[i]) for i in pending})
+        decided = _Round(self._clock())
+        for i in pending:
+            write = self._decide(events[i], sagas, decided.now, outcomes[i], headers[i] if headers else ())
+            if write is not None:
+                decided.writes.append(write)
+                decided.owners.append(i)
+        return decided
+
+    async def _settle(
+        self, events: Sequence[Event], headers: Sequence[Headers], outcomes: list[Outcome], decided: _Round
+    ) -> None:
+        """Apply a decided round, publish what it produced, and decide and apply again what conflicted."""
         for _ in range(_MAX_ROUNDS):
-            sagas = await self._sagas_of({_tx_of(events[i]) for i in pending})
-            writes: list[TransitionWrite] = []
-            owners: list[int] = []
-            now = self._clock()
-            for i in pending:
-                write = self._decide(events[i], sagas, now, outcomes[i], headers[i] if headers else ())
-                if write is not None:
-                    writes.append(write)
-                    owners.append(i)
-            results = await self._store.apply(writes) if writes else []
+            results = await self._store.apply(decided.writes) if decided.writes else []
             retry: list[int] = []
             publish: list[OutboxMessage] = []
             acks: dict[str, int] = {}
-            for i, write, result in zip(owners, writes, results, strict=True):
-                self._remember(write, result.status)
+            for i, write, result in zip(decided.owners, decided.writes, results, strict=True):
+                if result.status in ("conflict", "duplicate"):
+                    # The saga was not what this instance had decided on: forget it, load it afresh.
+                    self._cache.pop(write.transaction_id, None)
                 if result.status == "applied" and self._telemetry.enabled:
-                    self._observe(events[i], outcomes[i], headers[i] if headers else (), now)
+                    self._observe(events[i], outcomes[i], headers[i] if headers else (), decided.now)
                 if result.status == "conflict":
                     retry.append(i)
                 elif result.status == "applied" and write.outbox:
@@ -405,9 +464,9 @@ class Orchestrator(IOrchestrator, Service):
                 await self._bus.publish(publish)
                 self._ack_later(acks)
             if not retry:
-                return outcomes
-            pending = retry
-        raise StateStoreError(f"{len(pending)} events still conflicted after {_MAX_ROUNDS} rounds")
+                return
+            decided = await self._decide_round(events, headers, retry, outcomes)
+        raise StateStoreError(f"{len(decided.owners)} events still conflicted after {_MAX_ROUNDS} rounds")
 
     async def _sagas_of(self, transaction_ids: set[str]) -> dict[str, SagaContext]:
         """The sagas, from the cache where it has them, else from the store in one round trip."""
@@ -418,18 +477,16 @@ class Orchestrator(IOrchestrator, Service):
             found.update(await self._store.load_contexts(missing))
         return found
 
-    def _remember(self, write: TransitionWrite, status: str) -> None:
-        """Keep the state a write stored. The cache may go stale (another instance took the partition,
-        an operator saved the saga): the version check then refuses the write, and the saga is
-        forgotten and loaded afresh."""
-        tx = write.transaction_id
-        if status == "applied" and write.saga is not None:
-            self._cache[tx] = write.saga
-            self._cache.move_to_end(tx)
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        elif status in ("conflict", "duplicate"):
-            self._cache.pop(tx, None)
+    def _remember(self, saga: SagaContext) -> None:
+        """Keep the state this instance decided for a saga, before it is written: the next event of the
+        saga, even in the next batch, needs no read. The cache may go stale (the write conflicts,
+        another instance took the partition, an operator saved the saga): the version check then
+        refuses the next write, and the saga is forgotten and loaded afresh."""
+        tx = saga.transaction_id
+        self._cache[tx] = saga
+        self._cache.move_to_end(tx)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     def _ack_later(self, acks: dict[str, int]) -> None:
         """Forget published outbox entries off the hot path: the offsets need not wait for it, and an
@@ -484,6 +541,7 @@ class Orchestrator(IOrchestrator, Service):
                 if runtime and runtime.command_id == event.body.command_id and runtime.dispatched_at:
                     outcome.latency = now.timestamp() - runtime.dispatched_at
         sagas[tx] = transition.saga
+        self._remember(transition.saga)
         return TransitionWrite(
             event_id,
             tx,

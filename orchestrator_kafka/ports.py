@@ -209,7 +209,11 @@ class InboundMessage:
     headers: Headers = ()
 
 
-BatchHandler = Callable[[Sequence[InboundMessage]], Awaitable[None]]
+BatchHandler = Callable[[Sequence[InboundMessage]], Awaitable[Awaitable[None] | None]]
+"""Handles one consumed batch. It may return an awaitable, the batch's *completion*: the bus then
+commits the batch's offsets only once the completion has finished, and treats a completion that raises
+as the handler raising. Meanwhile the bus may hand over the next batches, so a handler can decide batch
+N+1 while batch N is still being written; completions are awaited, and offsets committed, in order."""
 
 
 class Subscription(ABC):
@@ -223,8 +227,8 @@ class Subscription(ABC):
 class IEventBus(ABC):
     """Topics with keys and consumer groups, at-least-once.
 
-    A subscriber's handler gets batches; the bus commits their offsets only after the handler returns,
-    and redelivers the batch when it raises.
+    A subscriber's handler gets batches; the bus commits their offsets only after the handler returns
+    (and after the completion it returned, if any, finished), and redelivers the batch when it raises.
     """
 
     topic_prefix: str

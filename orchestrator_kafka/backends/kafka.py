@@ -12,6 +12,10 @@ What it promises (DESIGN sections 5 and 7):
 * A subscriber's handler gets whole ``getmany`` batches; their offsets are committed once per batch,
   only after the handler returns. When it raises, nothing is committed, the batch's partitions are sought
   back to the batch's first offsets and the batch is redelivered after a backoff (at-least-once).
+* A handler may return the batch's completion (see ``BatchHandler``): the next batches are fetched and
+  handed over while it runs, and the batch is committed once it finishes, in order. When a completion
+  raises, no later batch is committed either; once everything in flight has settled, each partition is
+  sought back to the earliest offset of a failed batch.
 * A batch's commit runs while the next batch is fetched and handled: one commit in flight at a time,
   the batches handled meanwhile merged into the next one, all settled before a rebalance gives the
   partitions away and before ``stop`` returns. The broker's commit round trip (~7 ms on Kafka 4.x, whose
@@ -24,11 +28,12 @@ Headers pass through untouched both ways: the telemetry module puts W3C ``tracep
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -122,6 +127,18 @@ class KafkaSubscription(Subscription):
         # batches are fetched and handled.
         self._to_commit: dict[Any, int] = {}
         self._commit_task: asyncio.Task[None] | None = None
+        # Handled batches whose completion (see BatchHandler) has not finished yet, oldest first: each
+        # with its first and next offset per partition. The finisher task awaits them in order and
+        # passes their offsets on to the commit loop.
+        self._inflight: collections.deque[tuple[dict[Any, tuple[int, int]], Awaitable[None] | None]] = (
+            collections.deque()
+        )
+        self._finisher: asyncio.Task[None] | None = None
+        # After a batch failed (its handler or its completion raised): the offset each partition must be
+        # sought back to. Nothing handled after the failure is committed; the loop rewinds once every
+        # batch in flight has settled.
+        self._rewind_to: dict[Any, int] = {}
+        self._backoff = _BACKOFF_START  # before redelivering after a failure; doubles up to _BACKOFF_MAX
         self._assigned = asyncio.Event()
 
     @property
@@ -178,7 +195,7 @@ class KafkaSubscription(Subscription):
         # The last handled batch's commit must land before the member leaves the group.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._stop_grace):
-                await self._settle_commit()
+                await self._settle()
         # Bounded: aiokafka's close waits for its coordination task, which can sit in a JoinGroup (up to
         # the rebalance timeout) or wait for a coordinator forever while the broker is down.
         await _stop_consumer(self._consumer, self._stop_grace)
@@ -186,8 +203,14 @@ class KafkaSubscription(Subscription):
 
     async def _run(self) -> None:
         consumer = self._consumer
-        backoff = _BACKOFF_START
         while not self._stopping:
+            if self._rewind_to:
+                # A batch failed: let everything in flight settle, go back to the earliest offset not
+                # committed, and wait before trying again.
+                await self._settle_inflight()
+                self._rewind()
+                await self._pause()
+                continue
             self._cancellable = True
             try:
                 records: dict[Any, list[Any]] = await consumer.getmany(
@@ -198,52 +221,93 @@ class KafkaSubscription(Subscription):
             except Exception:  # noqa: BLE001 - a consumer that dies silently is the worst outcome
                 # Connection loss is retried inside aiokafka and never gets here; what does is
                 # e.g. an authorization or record-size error. Keep going, slowly.
-                _log.exception("group %s: fetch failed; retrying in %.1fs", self.group, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
+                _log.exception("group %s: fetch failed; retrying in %.1fs", self.group, self._backoff)
+                await self._pause()
                 continue
             finally:
                 self._cancellable = False
             if not records:
                 continue
+            if self._rewind_to:
+                # A batch failed meanwhile: these records come again after the rewind, theirs included.
+                self._failed({tp: (recs[0].offset, recs[-1].offset + 1) for tp, recs in records.items()})
+                continue
             self._idle.clear()
             try:
-                handled = await self._handle(records, backoff)
+                await self._handle(records)
             finally:
                 self._idle.set()
-            if handled:
-                backoff = _BACKOFF_START
-            elif not self._stopping:
-                self._cancellable = True
-                try:
-                    await asyncio.sleep(backoff)
-                finally:
-                    self._cancellable = False
-                backoff = min(backoff * 2, _BACKOFF_MAX)
 
-    async def _handle(self, records: dict[Any, list[Any]], backoff: float) -> bool:
-        """Run the handler on one batch and commit it; False when the handler raised."""
+    async def _pause(self) -> None:
+        """Sleep the backoff (cancellable by stop), then double it; a committed batch resets it."""
+        if self._stopping:
+            return
+        self._cancellable = True
+        try:
+            await asyncio.sleep(self._backoff)
+        finally:
+            self._cancellable = False
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+
+    async def _handle(self, records: dict[Any, list[Any]]) -> None:
+        """Run the handler on one batch and queue its commit, or mark it for redelivery."""
         batch = [
             InboundMessage(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers))
             for recs in records.values()
             for r in recs
         ]
+        offsets = {tp: (recs[0].offset, recs[-1].offset + 1) for tp, recs in records.items()}
         try:
-            await self._handler(batch)
+            completion = await self._handler(batch)
         except Exception:  # noqa: BLE001 - a failing handler gets its batch again
             _log.exception(
-                "group %s: handler failed on a batch of %d messages; redelivering it in %.1fs",
-                self.group,
-                len(batch),
-                backoff,
+                "group %s: handler failed on a batch of %d messages; redelivering it", self.group, len(batch)
             )
-            self._rewind(records)
-            return False
-        for tp, recs in records.items():
-            self._to_commit[tp] = recs[-1].offset + 1
+            self._failed(offsets)
+            return
+        if completion is None and not self._inflight:
+            self._commit(offsets)
+        else:
+            # Behind a completion still running, even a batch done at once waits its turn: offsets are
+            # committed in order.
+            self._inflight.append((offsets, completion))
+            if self._finisher is None:
+                self._finisher = asyncio.create_task(self._finish())
+
+    async def _finish(self) -> None:
+        """Await the completions in flight in order; commit each batch whose completion finished, and
+        none after one that failed."""
+        try:
+            while self._inflight:
+                offsets, completion = self._inflight[0]
+                ok = not self._rewind_to
+                if completion is not None:
+                    try:
+                        await completion
+                    except Exception:  # noqa: BLE001 - a failed completion gets its batch again
+                        if ok:
+                            _log.exception(
+                                "group %s: a batch's completion failed; redelivering from it", self.group
+                            )
+                        ok = False
+                self._inflight.popleft()
+                if ok:
+                    self._commit(offsets)
+                else:
+                    self._failed(offsets)
+        finally:
+            self._finisher = None
+
+    def _commit(self, offsets: dict[Any, tuple[int, int]]) -> None:
+        self._backoff = _BACKOFF_START
+        for tp, (_, end) in offsets.items():
+            self._to_commit[tp] = end
         if self._commit_task is None:
             self._commit_task = asyncio.create_task(self._commit_loop())
-        return True
+
+    def _failed(self, offsets: dict[Any, tuple[int, int]]) -> None:
+        for tp, (first, _) in offsets.items():
+            self._rewind_to[tp] = min(first, self._rewind_to.get(tp, first))
 
     async def _commit_loop(self) -> None:
         # One commit in flight at a time, so committed offsets only move forward; the batches handled
@@ -265,19 +329,26 @@ class KafkaSubscription(Subscription):
         finally:
             self._commit_task = None
 
-    async def _settle_commit(self) -> None:
-        """Wait until every handled batch's commit was attempted (failures are logged, not raised)."""
+    async def _settle_inflight(self) -> None:
+        """Wait until every batch in flight has finished (committed or marked for redelivery)."""
+        while self._finisher is not None:
+            await asyncio.shield(self._finisher)
+
+    async def _settle(self) -> None:
+        """Wait until every handled batch is settled and its commit attempted (failures are logged)."""
+        await self._settle_inflight()
         while self._commit_task is not None:
             await asyncio.shield(self._commit_task)
 
-    def _rewind(self, records: dict[Any, list[Any]]) -> None:
-        # Seek each partition back to the batch's first offset, dropping anything prefetched after
-        # it, so the next getmany returns the same messages.
-        for tp, recs in records.items():
+    def _rewind(self) -> None:
+        # Seek each partition back to the earliest offset of a batch that failed, dropping anything
+        # prefetched after it, so the next getmany returns those messages again.
+        rewind, self._rewind_to = self._rewind_to, {}
+        for tp, offset in rewind.items():
             # A partition revoked meanwhile cannot be sought: its new owner reads from the committed
             # offset anyway.
             with contextlib.suppress(IllegalStateError):
-                self._consumer.seek(tp, recs[0].offset)
+                self._consumer.seek(tp, offset)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka's ABC is untyped
@@ -293,7 +364,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka's 
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._sub._revoke_wait):
                 await self._sub._idle.wait()
-                await self._sub._settle_commit()
+                await self._sub._settle()
 
     async def on_partitions_assigned(self, assigned: set[Any]) -> None:
         _log.debug("group %s: assigned %s", self._sub.group, sorted(map(str, assigned)))

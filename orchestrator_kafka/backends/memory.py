@@ -179,6 +179,8 @@ class InMemoryStateStore(IStateStore):
 
 # ---------------------------------------------------------------- the event bus
 
+_STOP_GRACE = 30.0  # seconds a stopping member waits for the batch in hand
+
 
 @dataclass(eq=False)
 class _Member(Subscription):
@@ -192,25 +194,37 @@ class _Member(Subscription):
     assigned: list[tuple[str, int]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
 
+    stopping: bool = False
+
     async def stop(self) -> None:
+        """Stop after the batch in hand (and its completion) is handled and committed; idempotent."""
         if self.task is None:
             return
         task, self.task = self.task, None
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        self.stopping = True
+        self.wake.set()
+        # Bounded like the Kafka bus's grace period: a batch still running then is cancelled uncommitted.
+        done, _ = await asyncio.wait({task}, timeout=_STOP_GRACE)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self.broker.leave(self)
 
     async def run(self) -> None:
         backoff = self.redelivery_delay
-        while True:
+        while not self.stopping:
             batch = self.broker.fetch(self)
             if not batch:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             try:
-                await self.handler(batch)
+                completion = await self.handler(batch)
+                if completion is not None:
+                    # Fetching starts at the committed offsets: no pipelining here, the batch's
+                    # completion finishes before the commit and the next fetch.
+                    await completion
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a failing handler gets its batch again, as on Kafka
@@ -296,7 +310,8 @@ class InMemoryEventBus(IEventBus):
     """Topics, partitions by key, consumer groups and committed offsets, in this process.
 
     Delivery is at least once: a handler that raises gets the same messages again after
-    ``redelivery_delay`` (doubling up to 2 s), and offsets are committed only after it returns.
+    ``redelivery_delay`` (doubling up to 2 s), and offsets are committed only after it returns (and
+    its completion, if it returned one, finished: the next batch is fetched only then).
     :meth:`sharing` makes another client of the same in-process broker, as two Kafka clients share one
     cluster: each has its own lifecycle and subscriptions.
     """

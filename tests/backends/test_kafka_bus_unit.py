@@ -343,6 +343,78 @@ async def test_failed_batch_is_redelivered_and_only_handled_batches_are_committe
 
 
 @pytest.mark.kafka
+async def test_completions_that_fail_while_batches_keep_coming_lose_nothing(bus: KafkaEventBus) -> None:
+    """Pipelined handling across four partitions: completions fail while later batches are fetched and
+    handed over. Every message still completes, and once all have, everything is committed."""
+    topic = _topic(bus, "completions")
+    group = _uid("g")
+    await bus.ensure_topics([topic])
+    completed: set[int] = set()
+    calls = 0
+
+    async def handler(batch: Sequence[InboundMessage]) -> asyncio.Task[None]:
+        nonlocal calls
+        calls += 1
+        fails = calls in (1, 6, 11)  # these completions fail after later batches were handed over
+        ids = _ids(batch)
+
+        async def complete() -> None:
+            await asyncio.sleep(0.05)
+            if fails:
+                raise RuntimeError("completion failed")
+            completed.update(ids)
+
+        return asyncio.create_task(complete())
+
+    sub = await bus.subscribe([topic], group, handler, max_batch=20)
+    # Published while batches fail, so records also arrive while a rewind is pending.
+    for start in range(0, 400, 10):
+        await bus.publish(_msgs(topic, 10, start=start, keys=40))
+        await asyncio.sleep(0.01)
+    await _poll_until(lambda: len(completed) == 400, 60)
+    await sub.stop()
+    assert calls > 20  # 400 messages in batches of at most 20, and the failed ones came again
+    # Everything completed was committed: a new member of the group gets only what is new.
+    await bus.publish(_msgs(topic, 5, start=400, keys=40))
+    later = Collector()
+    sub2 = await bus.subscribe([topic], group, later)
+    await later.wait_for(5)
+    await asyncio.sleep(0.5)
+    assert sorted(_ids(later.messages)) == list(range(400, 405))
+    await sub2.stop()
+
+
+@pytest.mark.kafka
+async def test_records_fetched_while_a_failed_completion_is_rewound_come_again(bus: KafkaEventBus) -> None:
+    """A completion fails while the loop waits for new records, which then arrive on other partitions:
+    the loop must rewind those partitions too, or their records would be skipped."""
+    topic = _topic(bus, "rewind-window")
+    await bus.ensure_topics([topic])
+    go = asyncio.Event()
+    handled: list[int] = []
+
+    async def handler(batch: Sequence[InboundMessage]) -> asyncio.Task[None]:
+        first = not handled and not go.is_set()
+        ids = _ids(batch)
+
+        async def complete() -> None:
+            if first:
+                await go.wait()
+                raise RuntimeError("completion failed")
+            handled.extend(ids)
+
+        return asyncio.create_task(complete())
+
+    sub = await bus.subscribe([topic], _uid("g"), handler)
+    await bus.publish(_msgs(topic, 1, keys=1))
+    await asyncio.sleep(0.5)  # batch 0 handed over; its completion waits; the loop waits for records
+    await bus.publish(_msgs(topic, 20, start=1, keys=20))  # on every partition
+    go.set()  # the completion fails while those records are on their way to the loop
+    await _poll_until(lambda: set(handled) == set(range(21)), 30)
+    await sub.stop()
+
+
+@pytest.mark.kafka
 async def test_a_failed_batch_of_one_partition_is_the_next_batch(bus: KafkaEventBus) -> None:
     topic = _topic(bus, "same-batch")
     await bus.publish(_msgs(topic, 120, keys=1))  # one key: one partition

@@ -114,6 +114,70 @@ class EventBusContract:
         await asyncio.sleep(0.5)
         assert [m.value for m in later.messages] == [b"5"]
 
+    async def test_a_batch_is_committed_once_its_completion_finishes_and_redelivered_when_it_fails(
+        self, make_bus: BusFactory, topic: str
+    ) -> None:
+        bus = make_bus()
+        await bus.start()
+        group = unique("g")
+        await bus.publish([OutboxMessage(topic, "k", str(i).encode()) for i in range(5)])
+        seen: list[bytes] = []
+        failures = [2]  # the first two completions fail
+
+        async def handler(batch: Sequence[InboundMessage]) -> asyncio.Task[None]:
+            values = [m.value or b"" for m in batch]
+
+            async def complete() -> None:
+                await asyncio.sleep(0.05)
+                if failures[0] > 0:
+                    failures[0] -= 1
+                    raise RuntimeError("completion failed")
+                seen.extend(values)
+
+            return asyncio.create_task(complete())
+
+        subscription = await bus.subscribe([topic], group, handler)
+
+        async def all_seen() -> None:
+            while sorted(set(seen)) != [str(i).encode() for i in range(5)]:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(all_seen(), 30)
+        assert failures == [0]
+        await subscription.stop()
+        # Everything whose completion finished was committed: a new member of the group starts after it.
+        await bus.publish([OutboxMessage(topic, "k", b"5")])
+        later = Collector()
+        await bus.subscribe([topic], group, later)
+        assert [m.value for m in await later.wait(1)] == [b"5"]
+        await asyncio.sleep(0.5)
+        assert [m.value for m in later.messages] == [b"5"]
+
+    async def test_stop_waits_for_the_completion_in_flight(self, make_bus: BusFactory, topic: str) -> None:
+        bus = make_bus()
+        await bus.start()
+        group = unique("g")
+        await bus.publish([OutboxMessage(topic, "k", b"0")])
+        started, finished = asyncio.Event(), asyncio.Event()
+
+        async def handler(batch: Sequence[InboundMessage]) -> asyncio.Task[None]:
+            async def complete() -> None:
+                await asyncio.sleep(0.3)
+                finished.set()
+
+            started.set()
+            return asyncio.create_task(complete())
+
+        subscription = await bus.subscribe([topic], group, handler)
+        await asyncio.wait_for(started.wait(), 30)
+        await subscription.stop()
+        assert finished.is_set()
+        # ... and committed the batch before leaving: the group does not get it again.
+        await bus.publish([OutboxMessage(topic, "k", b"1")])
+        later = Collector()
+        await bus.subscribe([topic], group, later)
+        assert [m.value for m in await later.wait(1)] == [b"1"]
+
     async def test_every_group_gets_every_message(self, make_bus: BusFactory, topic: str) -> None:
         bus = make_bus()
         await bus.start()
@@ -218,3 +282,45 @@ class TestKafkaEventBus(EventBusContract):
         yield make
         for bus in made:
             await bus.stop()
+
+    async def test_the_next_batch_is_handed_over_while_a_completion_runs_and_commits_stay_in_order(
+        self, make_bus: BusFactory
+    ) -> None:
+        """Pipelining: batch 2 reaches the handler before batch 1's completion finishes. Batch 1's
+        completion then fails: batch 2's succeeded, but it is not committed past batch 1, and both come
+        again."""
+        bus = make_bus()
+        await bus.start()
+        topic, group = unique("topic"), unique("g")
+        await bus.ensure_topics([topic])
+        release = asyncio.Event()
+        calls: list[list[bytes]] = []
+
+        async def handler(batch: Sequence[InboundMessage]) -> asyncio.Task[None]:
+            values = [m.value or b"" for m in batch]
+            calls.append(values)
+            first_try = len(calls) == 1
+
+            async def complete() -> None:
+                if first_try:
+                    await release.wait()
+                    raise RuntimeError("the first batch's completion fails")
+
+            return asyncio.create_task(complete())
+
+        await bus.subscribe([topic], group, handler)
+        await bus.publish([OutboxMessage(topic, "k", b"a")])
+
+        async def calls_at_least(n: int) -> None:
+            while len(calls) < n:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(calls_at_least(1), 30)
+        await bus.publish([OutboxMessage(topic, "k", b"b")])
+        await asyncio.wait_for(calls_at_least(2), 30)  # handed over while batch 1's completion waits
+        assert calls[:2] == [[b"a"], [b"b"]]
+        release.set()
+        await asyncio.wait_for(calls_at_least(3), 30)
+        assert calls[2][0] == b"a"  # redelivered from the failed batch, batch 2 included
+        await asyncio.wait_for(calls_at_least(3 if len(calls[2]) == 2 else 4), 30)
+        assert [v for c in calls[2:] for v in c] == [b"a", b"b"]

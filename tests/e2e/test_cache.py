@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import pytest
+
 from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrator, WorkflowBuilder
-from orchestrator_kafka.models import ResultBody, StartBody, StartSaga, StepResult
+from orchestrator_kafka.codec import encode
+from orchestrator_kafka.errors import OrchestratorError, StateStoreError
+from orchestrator_kafka.models import CancelSaga, ResultBody, StartBody, StartSaga, StepResult
+from orchestrator_kafka.ports import ApplyResult, InboundMessage, TransitionWrite
 
 
 def result(tx: str, step: str) -> StepResult:
@@ -43,3 +50,63 @@ async def test_two_instances_with_stale_caches_apply_each_transition_once() -> N
     saga = await store.load_context("tx")
     assert saga is not None and saga.version == 3
     assert saga.completed == ["a", "b"] and saga.current_step == "c"
+
+
+class _BlockingStore(InMemoryStateStore):
+    """Holds its next apply until released, then fails it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold: asyncio.Event | None = None
+        self.applies = 0
+
+    async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
+        self.applies += 1
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            await hold.wait()
+            raise StateStoreError("Redis went away")
+        return await super().apply(writes)
+
+
+def _inbound(topic: str, message: StartSaga | CancelSaga, offset: int) -> InboundMessage:
+    return InboundMessage(topic, 0, offset, message.transaction_id.encode(), encode(message))
+
+
+async def test_a_batch_decided_on_top_of_a_failed_write_is_not_applied_and_both_come_again() -> None:
+    """Pipelining: batch 2 is decided on the state batch 1 is writing. When batch 1's write fails, batch
+    2's completion fails too without writing, the cache forgets what was decided, and the redelivered
+    batches end as if nothing had happened."""
+    workflow = WorkflowBuilder("wf").add_step("a", "wa", compensation="ua").build()
+    store = _BlockingStore()
+    orchestrator = Orchestrator(workflow, InMemoryEventBus(), store)
+    await orchestrator.start()
+    try:
+        topic = orchestrator.topics.start
+        now = datetime.now(UTC)
+        start = StartSaga(
+            event_id="s", transaction_id="tx", workflow_id="wf", occurred_at=now, body=StartBody()
+        )
+        cancel = CancelSaga(event_id="c", transaction_id="tx", workflow_id="wf", occurred_at=now)
+        batch1, batch2 = [_inbound(topic, start, 0)], [_inbound(topic, cancel, 1)]
+        release = store.hold = asyncio.Event()
+        first = await orchestrator._on_batch(batch1)  # decided; its write now waits in the store
+        handing = asyncio.create_task(orchestrator._on_batch(batch2))  # decided on top of batch 1
+        await asyncio.sleep(0.05)
+        assert not handing.done()  # at most one batch ahead: the handler waits for batch 1
+        release.set()
+        second = await handing
+        with pytest.raises(StateStoreError):
+            await first
+        with pytest.raises(OrchestratorError, match="the batch before failed"):
+            await second
+        assert store.applies == 1  # batch 2 never reached the store
+        assert await store.load_context("tx") is None
+        assert not orchestrator._cache
+        # Redelivered, in order: the saga starts, then the cancel takes it.
+        await (await orchestrator._on_batch(batch1))
+        await (await orchestrator._on_batch(batch2))
+        saga = await store.load_context("tx")
+        assert saga is not None and saga.cancel_requested and saga.version == 2
+    finally:
+        await orchestrator.stop()
