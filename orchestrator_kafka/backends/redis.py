@@ -18,7 +18,7 @@ still checked and applied on its own: one call per batch, not one per event, is 
 CPU per transition in the tens of microseconds (DESIGN section 7). A batch travels as two arguments: a
 small JSON document (orjson in, Lua ``cjson`` out) with each write's ids, versions and the lengths of its
 large values, and those values (saga JSON, outbox and timer entries) raw and back to back, so neither side
-escapes or unescapes them. Message bytes are stored as latin-1 code points, which round-trip every byte.
+escapes or unescapes them. An outbox entry keeps its messages' bytes raw too (see _dump_outbox).
 
 The index and timer keys are global and the scripts build keys from the arguments, so the store targets
 a single Redis server (or a primary with replicas), **not Redis Cluster**.
@@ -39,6 +39,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.client import NEVER_DECODE
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
@@ -70,36 +71,43 @@ _Messages = tuple[OutboxMessage, ...]
 
 # ---------------------------------------------------------------- encodings
 #
-# Outbox entries and timers are stored as compact JSON arrays. Bytes become latin-1 strings: a bijection
-# between bytes and the code points 0-255, so any byte sequence (JSON or not, UTF-8 or not) comes back
-# exactly, and ASCII (the usual JSON payload) costs nothing beyond a copy.
+# An outbox entry is a small JSON head, a newline, then the messages' values back to back, raw:
+#     [outbox_id, [topic, key, value_length, [[header, value], ...]], ...] \n value value ...
+# The outbox id makes every entry unique in the outbox's sorted set even when two transitions publish
+# the same messages. The values (message JSON, usually) go raw so nothing escapes them; header values are
+# short and go as latin-1 strings, a bijection between bytes and the code points 0-255. orjson never
+# writes a raw newline, so the first one ends the head. An entry without one is the older all-JSON form
+# (values as latin-1 strings too), still read so that an upgrade finds its outboxes.
 
 
 def _dump_outbox(outbox_id: int, messages: _Messages) -> bytes:
-    # [outbox_id, [topic, key, value, [[name, value], ...]], ...]; the outbox id makes every entry unique
-    # in the outbox's sorted set even when two transitions publish the same messages.
-    entry: list[Any] = [outbox_id]
+    head: list[Any] = [outbox_id]
     for m in messages:
         headers = m.headers
-        entry.append(
-            (
-                m.topic,
-                m.key,
-                m.value.decode("latin-1"),
-                [(k, v.decode("latin-1")) for k, v in headers] if headers else (),
-            )
+        head.append(
+            (m.topic, m.key, len(m.value), [(k, v.decode("latin-1")) for k, v in headers] if headers else ())
         )
-    return orjson.dumps(entry)
+    return b"".join((orjson.dumps(head), b"\n", *(m.value for m in messages)))
 
 
 def _load_outbox(entry: bytes) -> _Messages:
-    _, *messages = orjson.loads(entry)
-    return tuple(
-        OutboxMessage(
-            topic, key, value.encode("latin-1"), tuple((k, v.encode("latin-1")) for k, v in headers)
+    raw_head, newline, values = entry.partition(b"\n")
+    if not newline:  # the older all-JSON form
+        _, *old = orjson.loads(entry)
+        return tuple(
+            OutboxMessage(topic, key, value.encode("latin-1"), tuple((k, v.encode("latin-1")) for k, v in hs))
+            for topic, key, value, hs in old
         )
-        for topic, key, value, headers in messages
-    )
+    _, *heads = orjson.loads(raw_head)
+    messages: list[OutboxMessage] = []
+    at = 0
+    for topic, key, length, headers in heads:
+        value = values[at : at + length]
+        at += length
+        messages.append(OutboxMessage(topic, key, value, tuple((k, v.encode("latin-1")) for k, v in headers)))
+    if at != len(values):
+        raise ValueError(f"an outbox entry's values take {len(values)} bytes, its head says {at}")
+    return tuple(messages)
 
 
 def _dump_timer(t: Timer) -> bytes:
@@ -248,13 +256,15 @@ class RedisStateStore(IStateStore):
         """Run ``op`` of the store's script: EVALSHA, loading the script on NOSCRIPT."""
         self._check_open()
         execute = self._execute
+        # Replies stay bytes even for a client that decodes responses: outbox entries hold raw bytes.
+        raw = {NEVER_DECODE: True}
         try:
             try:
-                return await execute("EVALSHA", _SHA, 0, op, self._prefix, *args)
+                return await execute("EVALSHA", _SHA, 0, op, self._prefix, *args, **raw)
             except NoScriptError:
                 # First use on this server, or after SCRIPT FLUSH / a restart: NOSCRIPT means nothing ran.
                 await execute("SCRIPT", "LOAD", _SCRIPT)
-                return await execute("EVALSHA", _SHA, 0, op, self._prefix, *args)
+                return await execute("EVALSHA", _SHA, 0, op, self._prefix, *args, **raw)
         except (RedisError, OSError) as exc:
             raise StateStoreError(f"Redis state store: {op} failed: {type(exc).__name__}: {exc}") from exc
 

@@ -527,6 +527,23 @@ async def test_client_that_decodes_responses() -> None:
         await _drop(prefix)
 
 
+async def test_outbox_entries_keep_any_bytes_and_the_older_form_still_reads(
+    store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    awkward = OutboxMessage("saga.events", "k\n{", b'\n\x00\xff{"a":"\\n"}\n', (("h\n", b"\xff\n\x00"),))
+    messages = (msg(1), awkward, msg(3, b""))
+    await store.apply([create("t1", outbox=messages)])
+    [duplicate] = await store.apply([create("t1")])  # the same event again: the outbox comes back
+    assert duplicate.status == "duplicate" and duplicate.outbox == messages
+    # An entry written in the older all-JSON form (values as latin-1 strings) is still read.
+    old = b'[7,["saga.events","k2","\\u00ff\\n{}",[["h","\\u00ff"]]]]'
+    await cmd(raw, "ZADD", f"{store.key_prefix}:{{t2}}:outbox", 7, old)
+    await cmd(raw, "SADD", f"{store.key_prefix}:outboxes", "t2")
+    pending = {p.transaction_id: p for p in await store.pending_outboxes()}
+    assert pending["t1"].messages == messages
+    assert pending["t2"].messages == (OutboxMessage("saga.events", "k2", b"\xff\n{}", (("h", b"\xff"),)),)
+
+
 async def test_corrupt_outbox_entry_raises_state_store_error(
     store: RedisStateStore, raw: aioredis.Redis
 ) -> None:
