@@ -170,6 +170,7 @@ class Orchestrator(IOrchestrator, Service):
         self._swept: dict[str, int] = {}
         # The completion of the last batch handed over by the bus (see _on_batch).
         self._pipeline: asyncio.Task[None] | None = None
+        self._written: asyncio.Future[bool] | None = None  # resolved when that batch is written
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -233,7 +234,7 @@ class Orchestrator(IOrchestrator, Service):
         if self._subscription is not None:
             await self._subscription.stop()  # settles the batches in flight
             self._subscription = None
-        self._pipeline = None
+        self._pipeline = self._written = None
         if self._acks:
             # Bounded: a lost ack costs only a second publish by the next start-up sweep.
             await asyncio.wait(self._acks, timeout=5.0)
@@ -336,10 +337,10 @@ class Orchestrator(IOrchestrator, Service):
     # ---------------------------------------------------------------- the hot path
 
     async def _on_batch(self, batch: Sequence[InboundMessage]) -> asyncio.Task[None]:
-        """Decode and decide ``batch``, and return its completion: the task that applies and publishes
-        it, once the batch before has been. The bus hands over the next batch meanwhile, so deciding
-        it overlaps this one's round trips to Redis and Kafka, and commits this batch's offsets only
-        when the completion has finished."""
+        """Decode and decide ``batch``, and return its completion: the task that writes it once the batch
+        before is written, and publishes it once the batch before is published. The bus hands over the
+        next batch meanwhile, so deciding it overlaps this one's round trips to Redis and Kafka, and
+        commits this batch's offsets only when the completion has finished."""
         events: list[Event] = []
         sources: list[InboundMessage] = []
         dead: list[OutboxMessage] = []
@@ -366,6 +367,8 @@ class Orchestrator(IOrchestrator, Service):
         # The batch before, while it is still being written: this one is decided on top of it. One that
         # has finished needs no waiting, and one that failed has had its batches rewound by the bus.
         previous = self._pipeline if self._pipeline is not None and not self._pipeline.done() else None
+        before_written = self._written if previous is not None else None
+        written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         try:
             first = await self._decide_round(events, headers, list(range(len(events))), outcomes)
         except BaseException:
@@ -373,28 +376,28 @@ class Orchestrator(IOrchestrator, Service):
             raise
 
         async def complete() -> None:
-            if previous is not None:
-                # This batch was decided on top of the one before: it cannot be applied if that failed.
-                await asyncio.wait({previous})
-                if previous.cancelled() or previous.exception() is not None:
-                    raise OrchestratorError("not applied: the batch before failed; both are redelivered")
             try:
-                await self._settle(events, headers, outcomes, first)
+                # Decided on top of the batch before, this one is written after it, or not at all.
+                if before_written is not None and not await before_written:
+                    raise OrchestratorError("not applied: the batch before failed; both are redelivered")
+                await self._settle(events, headers, outcomes, first, written=written, after=previous)
                 for outcome, message in zip(outcomes, sources, strict=True):
                     if outcome.problem:
                         dead.append(self._dead(message, outcome.problem, outcome.detail))
                 if dead:
                     await self._bus.publish(dead)
             except BaseException:
+                if not written.done():
+                    written.set_result(False)
                 self._cache.clear()  # it holds states decided on top of writes that did not happen
                 raise
 
         task = asyncio.get_running_loop().create_task(complete(), name="orchestrator-batch")
-        self._pipeline = task
-        if previous is not None:
-            # At most one batch decided ahead: the next fetch then takes everything that arrived while
-            # the batch before was written, instead of racing ahead in small batches.
-            await asyncio.wait({previous})
+        self._pipeline, self._written = task, written
+        if before_written is not None:
+            # At most one batch decided ahead of the one being written: the next fetch then takes
+            # everything that arrived meanwhile, instead of racing ahead in small batches.
+            await asyncio.wait({before_written})
         return task
 
     def _dead(self, message: InboundMessage, reason: str, detail: str) -> OutboxMessage:
@@ -437,11 +440,33 @@ class Orchestrator(IOrchestrator, Service):
         return decided
 
     async def _settle(
-        self, events: Sequence[Event], headers: Sequence[Headers], outcomes: list[Outcome], decided: _Round
+        self,
+        events: Sequence[Event],
+        headers: Sequence[Headers],
+        outcomes: list[Outcome],
+        decided: _Round,
+        *,
+        written: asyncio.Future[bool] | None = None,
+        after: asyncio.Task[None] | None = None,
     ) -> None:
-        """Apply a decided round, publish what it produced, and decide and apply again what conflicted."""
+        """Apply a decided round, publish what it produced, and decide and apply again what conflicted.
+
+        ``written`` is resolved once the first round is written; the first publish waits for ``after``
+        (the batch before) to be published, so one saga's messages keep their order across batches.
+
+        Raises:
+            OrchestratorError: the batch before failed; this batch's writes stand and are published again
+                from the outbox when it is redelivered.
+        """
         for _ in range(_MAX_ROUNDS):
             results = await self._store.apply(decided.writes) if decided.writes else []
+            if written is not None and not written.done():
+                written.set_result(True)
+            if after is not None:
+                await asyncio.wait({after})
+                if after.cancelled() or after.exception() is not None:
+                    raise OrchestratorError("not published: the batch before failed; both are redelivered")
+                after = None
             retry: list[int] = []
             publish: list[OutboxMessage] = []
             acks: dict[str, int] = {}

@@ -11,9 +11,9 @@ import pytest
 
 from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrator, WorkflowBuilder
 from orchestrator_kafka.codec import encode
-from orchestrator_kafka.errors import OrchestratorError, StateStoreError
+from orchestrator_kafka.errors import EventBusError, OrchestratorError, StateStoreError
 from orchestrator_kafka.models import CancelSaga, ResultBody, StartBody, StartSaga, StepResult
-from orchestrator_kafka.ports import ApplyResult, InboundMessage, TransitionWrite
+from orchestrator_kafka.ports import ApplyResult, InboundMessage, OutboxMessage, TransitionWrite
 
 
 def result(tx: str, step: str) -> StepResult:
@@ -108,5 +108,58 @@ async def test_a_batch_decided_on_top_of_a_failed_write_is_not_applied_and_both_
         await (await orchestrator._on_batch(batch2))
         saga = await store.load_context("tx")
         assert saga is not None and saga.cancel_requested and saga.version == 2
+    finally:
+        await orchestrator.stop()
+
+
+class _HeldBus(InMemoryEventBus):
+    """Holds its next publish until released, then fails it; records what it published."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold: asyncio.Event | None = None
+        self.published: list[str] = []
+
+    async def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            await hold.wait()
+            raise EventBusError("the broker went away")
+        self.published.extend(m.key for m in messages)
+        await super().publish(messages)
+
+
+async def test_a_batch_is_written_while_the_one_before_publishes_but_never_published_before_it() -> None:
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
+    store = _BlockingStore()
+    bus = _HeldBus()
+    orchestrator = Orchestrator(workflow, bus, store)
+    await orchestrator.start()
+    try:
+        topic = orchestrator.topics.start
+        now = datetime.now(UTC)
+        starts = [
+            StartSaga(event_id=tx, transaction_id=tx, workflow_id="wf", occurred_at=now, body=StartBody())
+            for tx in ("one", "two")
+        ]
+        batch1, batch2 = [_inbound(topic, starts[0], 0)], [_inbound(topic, starts[1], 1)]
+        release = bus.hold = asyncio.Event()
+        first = await orchestrator._on_batch(batch1)  # written; its publish is held
+        second = await orchestrator._on_batch(batch2)  # returns once batch 1 is written
+        await asyncio.sleep(0.05)
+        assert store.applies == 2  # batch 2 is written while batch 1 still publishes ...
+        assert bus.published == []  # ... but not published before it
+        release.set()
+        with pytest.raises(EventBusError):
+            await first
+        with pytest.raises(OrchestratorError, match="not published: the batch before failed"):
+            await second
+        assert bus.published == []
+        assert await store.load_context("two") is not None  # its write stands
+        # Redelivered: both are duplicates now, and their outboxes are published, in order.
+        await (await orchestrator._on_batch(batch1))
+        await (await orchestrator._on_batch(batch2))
+        assert [key for key in bus.published if key in ("one", "two")][:1] == ["one"]
+        assert {"one", "two"} <= set(bus.published)
     finally:
         await orchestrator.stop()
