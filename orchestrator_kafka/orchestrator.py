@@ -70,6 +70,7 @@ class _Round:
     """The writes one round of deciding made, with the index of the event each belongs to."""
 
     now: datetime
+    remembered: bool = True  # the cache took the new states when they were decided
     writes: list[TransitionWrite] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
 
@@ -170,7 +171,10 @@ class Orchestrator(IOrchestrator, Service):
         self._swept: dict[str, int] = {}
         # The completion of the last batch handed over by the bus (see _on_batch).
         self._pipeline: asyncio.Task[None] | None = None
-        self._written: asyncio.Future[bool] | None = None  # resolved when that batch is written
+        # Resolved once that batch is written: with the sagas it did not write as decided, or None if it
+        # failed. And the batch before it, while in flight.
+        self._written: asyncio.Future[frozenset[str] | None] | None = None
+        self._older: asyncio.Task[None] | None = None
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -234,7 +238,13 @@ class Orchestrator(IOrchestrator, Service):
         if self._subscription is not None:
             await self._subscription.stop()  # settles the batches in flight
             self._subscription = None
-        self._pipeline = self._written = None
+        pipeline, self._pipeline, self._written, self._older = self._pipeline, None, None, None
+        if pipeline is not None and not pipeline.done():
+            # The bus gave up waiting for it: a batch still being written is cut short, uncommitted, and
+            # redelivered to whoever takes its partitions.
+            await asyncio.wait({pipeline}, timeout=5.0)
+            pipeline.cancel()
+            await asyncio.wait({pipeline})
         if self._acks:
             # Bounded: a lost ack costs only a second publish by the next start-up sweep.
             await asyncio.wait(self._acks, timeout=5.0)
@@ -364,11 +374,13 @@ class Orchestrator(IOrchestrator, Service):
             sources.append(message)
         headers = [m.headers for m in sources]
         outcomes = [Outcome() for _ in events]
-        # The batch before, while it is still being written: this one is decided on top of it. One that
-        # has finished needs no waiting, and one that failed has had its batches rewound by the bus.
+        # The batch before, while it is still in flight: this one is decided on top of it. One that has
+        # finished needs no waiting; after one that failed, the bus hands over nothing until it has
+        # rewound, so a batch that comes after a failure starts afresh.
         previous = self._pipeline if self._pipeline is not None and not self._pipeline.done() else None
         before_written = self._written if previous is not None else None
-        written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        older = self._older if previous is not None else None
+        written: asyncio.Future[frozenset[str] | None] = asyncio.get_running_loop().create_future()
         try:
             first = await self._decide_round(events, headers, list(range(len(events))), outcomes)
         except BaseException:
@@ -377,10 +389,14 @@ class Orchestrator(IOrchestrator, Service):
 
         async def complete() -> None:
             try:
-                # Decided on top of the batch before, this one is written after it, or not at all.
-                if before_written is not None and not await before_written:
+                # Decided on top of the batch before, this one is written after it, or not at all; the
+                # sagas the batch before did not write as decided are decided again.
+                redo = await before_written if before_written is not None else frozenset()
+                if redo is None:
                     raise OrchestratorError("not applied: the batch before failed; both are redelivered")
-                await self._settle(events, headers, outcomes, first, written=written, after=previous)
+                await self._settle(
+                    events, headers, outcomes, first, written=written, after=previous, redo=redo
+                )
                 for outcome, message in zip(outcomes, sources, strict=True):
                     if outcome.problem:
                         dead.append(self._dead(message, outcome.problem, outcome.detail))
@@ -388,16 +404,19 @@ class Orchestrator(IOrchestrator, Service):
                     await self._bus.publish(dead)
             except BaseException:
                 if not written.done():
-                    written.set_result(False)
+                    written.set_result(None)
                 self._cache.clear()  # it holds states decided on top of writes that did not happen
                 raise
 
         task = asyncio.get_running_loop().create_task(complete(), name="orchestrator-batch")
-        self._pipeline, self._written = task, written
+        self._pipeline, self._written, self._older = task, written, previous
+        # At most one batch decided ahead of the one being written, and two publishing: the next fetch
+        # then takes everything that arrived meanwhile, instead of racing ahead in small batches, and a
+        # slow broker holds the consumer back.
         if before_written is not None:
-            # At most one batch decided ahead of the one being written: the next fetch then takes
-            # everything that arrived meanwhile, instead of racing ahead in small batches.
             await asyncio.wait({before_written})
+        if older is not None:
+            await asyncio.wait({older})
         return task
 
     def _dead(self, message: InboundMessage, reason: str, detail: str) -> OutboxMessage:
@@ -421,19 +440,40 @@ class Orchestrator(IOrchestrator, Service):
                 dedupe makes the retry safe.
         """
         outcomes = [Outcome() for _ in events]
-        first = await self._decide_round(events, headers, list(range(len(events))), outcomes)
-        await self._settle(events, headers, outcomes, first)
+        # Decided on the sagas as stored, not as a batch in flight may still write them, and published
+        # after that batch's messages, so a request never overtakes what a saga already sent.
+        first = await self._decide_round(
+            events, headers, list(range(len(events))), outcomes, speculative=False
+        )
+        in_flight = self._pipeline if self._pipeline is not None and not self._pipeline.done() else None
+        await self._settle(events, headers, outcomes, first, after=in_flight, after_may_fail=True)
         return outcomes
 
     async def _decide_round(
-        self, events: Sequence[Event], headers: Sequence[Headers], pending: list[int], outcomes: list[Outcome]
+        self,
+        events: Sequence[Event],
+        headers: Sequence[Headers],
+        pending: list[int],
+        outcomes: list[Outcome],
+        *,
+        speculative: bool = True,
     ) -> _Round:
-        """Decide the events ``pending`` (indexes into ``events``) on the sagas as this instance last
-        decided them: the cache holds each saga's newest state, written or still being written."""
-        sagas = await self._sagas_of({_tx_of(events[i]) for i in pending})
-        decided = _Round(self._clock())
+        """Decide the events ``pending`` (indexes into ``events``). ``speculative``: on the sagas as this
+        instance last decided them (the cache holds each saga's newest state, written or still being
+        written), remembering the new states at once; otherwise on the sagas as stored, remembering a
+        new state once it is written."""
+        ids = {_tx_of(events[i]) for i in pending}
+        sagas = await self._sagas_of(ids) if speculative else await self._store.load_contexts(list(ids))
+        decided = _Round(self._clock(), remembered=speculative)
         for i in pending:
-            write = self._decide(events[i], sagas, decided.now, outcomes[i], headers[i] if headers else ())
+            write = self._decide(
+                events[i],
+                sagas,
+                decided.now,
+                outcomes[i],
+                headers[i] if headers else (),
+                remember=speculative,
+            )
             if write is not None:
                 decided.writes.append(write)
                 decided.owners.append(i)
@@ -446,36 +486,48 @@ class Orchestrator(IOrchestrator, Service):
         outcomes: list[Outcome],
         decided: _Round,
         *,
-        written: asyncio.Future[bool] | None = None,
+        written: asyncio.Future[frozenset[str] | None] | None = None,
         after: asyncio.Task[None] | None = None,
+        redo: frozenset[str] = frozenset(),
+        after_may_fail: bool = False,
     ) -> None:
         """Apply a decided round, publish what it produced, and decide and apply again what conflicted.
 
-        ``written`` is resolved once the first round is written; the first publish waits for ``after``
-        (the batch before) to be published, so one saga's messages keep their order across batches.
+        ``redo``: sagas whose writes here were decided on a state the batch before did not write; they
+        are decided again instead of applied (the version check alone could let one through: another
+        writer may have moved the saga to the very version that batch expected to write). ``written`` is
+        resolved once every write is in, with the sagas not written as first decided. The first publish
+        waits for ``after`` (the batch before), so one saga's messages keep their order.
 
         Raises:
-            OrchestratorError: the batch before failed; this batch's writes stand and are published again
-                from the outbox when it is redelivered.
+            OrchestratorError: ``after`` failed (unless ``after_may_fail``); this batch's writes stand
+                and are published again from the outbox when it is redelivered.
         """
+        diverged: set[str] = set()
         for _ in range(_MAX_ROUNDS):
-            results = await self._store.apply(decided.writes) if decided.writes else []
-            if written is not None and not written.done():
-                written.set_result(True)
-            if after is not None:
-                await asyncio.wait({after})
-                if after.cancelled() or after.exception() is not None:
-                    raise OrchestratorError("not published: the batch before failed; both are redelivered")
-                after = None
             retry: list[int] = []
+            writes, owners = decided.writes, decided.owners
+            if redo:
+                keep = [k for k, w in enumerate(writes) if w.transaction_id not in redo]
+                retry = [owners[k] for k, w in enumerate(writes) if w.transaction_id in redo]
+                writes, owners = [writes[k] for k in keep], [owners[k] for k in keep]
+                for tx in redo:
+                    self._cache.pop(tx, None)
+                diverged |= redo
+                redo = frozenset()
+            results = await self._store.apply(writes) if writes else []
             publish: list[OutboxMessage] = []
             acks: dict[str, int] = {}
-            for i, write, result in zip(decided.owners, decided.writes, results, strict=True):
+            for i, write, result in zip(owners, writes, results, strict=True):
                 if result.status in ("conflict", "duplicate"):
                     # The saga was not what this instance had decided on: forget it, load it afresh.
                     self._cache.pop(write.transaction_id, None)
-                if result.status == "applied" and self._telemetry.enabled:
-                    self._observe(events[i], outcomes[i], headers[i] if headers else (), decided.now)
+                    diverged.add(write.transaction_id)
+                if result.status == "applied":
+                    if not decided.remembered and write.saga is not None:
+                        self._remember(write.saga)
+                    if self._telemetry.enabled:
+                        self._observe(events[i], outcomes[i], headers[i] if headers else (), decided.now)
                 if result.status == "conflict":
                     retry.append(i)
                 elif result.status == "applied" and write.outbox:
@@ -485,12 +537,21 @@ class Orchestrator(IOrchestrator, Service):
                     # Redelivered after a crash between the write and the publish: publish again.
                     publish.extend(result.outbox)
                     acks[write.transaction_id] = max(acks.get(write.transaction_id, 0), result.outbox_id)
+            if not retry and written is not None and not written.done():
+                written.set_result(frozenset(diverged))
+            if after is not None:
+                await asyncio.wait({after})
+                if not after_may_fail and (after.cancelled() or after.exception() is not None):
+                    raise OrchestratorError("not published: the batch before failed; both are redelivered")
+                after = None
             if publish:
                 await self._bus.publish(publish)
                 self._ack_later(acks)
             if not retry:
                 return
-            decided = await self._decide_round(events, headers, retry, outcomes)
+            decided = await self._decide_round(
+                events, headers, sorted(retry), outcomes, speculative=decided.remembered
+            )
         raise StateStoreError(f"{len(decided.owners)} events still conflicted after {_MAX_ROUNDS} rounds")
 
     async def _sagas_of(self, transaction_ids: set[str]) -> dict[str, SagaContext]:
@@ -534,6 +595,8 @@ class Orchestrator(IOrchestrator, Service):
         now: datetime,
         outcome: Outcome,
         headers: Headers = (),
+        *,
+        remember: bool = True,
     ) -> TransitionWrite | None:
         tx, event_id = _tx_of(event), event.event_id
         # A fired timer is deleted by the write that handles it, so it fires once.
@@ -566,7 +629,8 @@ class Orchestrator(IOrchestrator, Service):
                 if runtime and runtime.command_id == event.body.command_id and runtime.dispatched_at:
                     outcome.latency = now.timestamp() - runtime.dispatched_at
         sagas[tx] = transition.saga
-        self._remember(transition.saga)
+        if remember:
+            self._remember(transition.saga)
         return TransitionWrite(
             event_id,
             tx,

@@ -138,6 +138,7 @@ class KafkaSubscription(Subscription):
         # sought back to. Nothing handled after the failure is committed; the loop rewinds once every
         # batch in flight has settled.
         self._rewind_to: dict[Any, int] = {}
+        self._broken = False  # a completion failed: the batches behind it are not committed either
         self._backoff = _BACKOFF_START  # before redelivering after a failure; doubles up to _BACKOFF_MAX
         self._assigned = asyncio.Event()
 
@@ -257,6 +258,11 @@ class KafkaSubscription(Subscription):
             for r in recs
         ]
         offsets = {tp: (recs[0].offset, recs[-1].offset + 1) for tp, recs in records.items()}
+        if self._a_completion_failed():
+            # The handler never sees a batch between a failure and the rewind: whatever it would do
+            # with it would come before the redelivered batches it follows.
+            self._failed(offsets)
+            return
         try:
             completion = await self._handler(batch)
         except Exception:  # noqa: BLE001 - a failing handler gets its batch again
@@ -265,7 +271,7 @@ class KafkaSubscription(Subscription):
             )
             self._failed(offsets)
             return
-        if completion is None and not self._inflight:
+        if completion is None and not self._inflight and not self._rewind_to:
             self._commit(offsets)
         else:
             # Behind a completion still running, even a batch done at once waits its turn: offsets are
@@ -274,26 +280,41 @@ class KafkaSubscription(Subscription):
             if self._finisher is None:
                 self._finisher = asyncio.create_task(self._finish())
 
+    def _a_completion_failed(self) -> bool:
+        """True from a failure (a completion that raised, even one the finisher has not reached yet)
+        until the loop has rewound."""
+        return bool(self._rewind_to) or any(
+            isinstance(c, asyncio.Future) and c.done() and (c.cancelled() or c.exception() is not None)
+            for _, c in self._inflight
+        )
+
     async def _finish(self) -> None:
         """Await the completions in flight in order; commit each batch whose completion finished, and
         none after one that failed."""
         try:
             while self._inflight:
                 offsets, completion = self._inflight[0]
-                ok = not self._rewind_to
+                ok = True
                 if completion is not None:
                     try:
                         await completion
+                    except asyncio.CancelledError:
+                        current = asyncio.current_task()
+                        if current is not None and current.cancelling():
+                            raise  # the finisher itself is cancelled
+                        ok = False  # the completion was: its batch comes again
                     except Exception:  # noqa: BLE001 - a failed completion gets its batch again
-                        if ok:
+                        if not self._broken:
                             _log.exception(
                                 "group %s: a batch's completion failed; redelivering from it", self.group
                             )
                         ok = False
+                ok = ok and not self._broken  # nothing after a failed batch is committed
                 self._inflight.popleft()
                 if ok:
                     self._commit(offsets)
                 else:
+                    self._broken = True
                     self._failed(offsets)
         finally:
             self._finisher = None
@@ -344,6 +365,7 @@ class KafkaSubscription(Subscription):
         # Seek each partition back to the earliest offset of a batch that failed, dropping anything
         # prefetched after it, so the next getmany returns those messages again.
         rewind, self._rewind_to = self._rewind_to, {}
+        self._broken = False
         for tp, offset in rewind.items():
             # A partition revoked meanwhile cannot be sought: its new owner reads from the committed
             # offset anyway.

@@ -15,7 +15,7 @@ import heapq
 import logging
 import zlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from ..constants import DEFAULT_TOPIC_PREFIX
@@ -64,10 +64,10 @@ class InMemoryStateStore(IStateStore):
     def _put(self, ctx: SagaContext, raw: bytes | None = None) -> None:
         self._unindex(ctx.transaction_id)
         self._sagas[ctx.transaction_id] = _Record(
-            ctx.to_json() if raw is None else raw, ctx.version, ctx.workflow_id, ctx.state.value
+            ctx.to_json() if raw is None else raw, ctx.version, ctx.workflow_id, str(ctx.state)
         )
         self._by_workflow[ctx.workflow_id].add(ctx.transaction_id)
-        self._by_state[ctx.state.value].add(ctx.transaction_id)
+        self._by_state[str(ctx.state)].add(ctx.transaction_id)
 
     def _unindex(self, tx: str) -> None:
         old = self._sagas.get(tx)
@@ -203,13 +203,16 @@ class _Member(Subscription):
         task, self.task = self.task, None
         self.stopping = True
         self.wake.set()
-        # Bounded like the Kafka bus's grace period: a batch still running then is cancelled uncommitted.
-        done, _ = await asyncio.wait({task}, timeout=_STOP_GRACE)
-        if not done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.broker.leave(self)
+        try:
+            # Bounded like the Kafka bus's grace period: a batch still running then is cancelled
+            # uncommitted.
+            done, _ = await asyncio.wait({task}, timeout=_STOP_GRACE)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        finally:
+            self.broker.leave(self)
 
     async def run(self) -> None:
         backoff = self.redelivery_delay
@@ -224,7 +227,7 @@ class _Member(Subscription):
                 if completion is not None:
                     # Fetching starts at the committed offsets: no pipelining here, the batch's
                     # completion finishes before the commit and the next fetch.
-                    await completion
+                    await _completed(completion)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a failing handler gets its batch again, as on Kafka
@@ -234,6 +237,17 @@ class _Member(Subscription):
                 continue
             backoff = self.redelivery_delay
             self.broker.commit(self.group, batch)
+
+
+async def _completed(completion: Awaitable[None]) -> None:
+    """Await a batch's completion; one that was cancelled (and not this task) counts as failed."""
+    try:
+        await completion
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        raise EventBusError("the batch's completion was cancelled") from None
 
 
 class _Broker:

@@ -415,6 +415,41 @@ async def test_records_fetched_while_a_failed_completion_is_rewound_come_again(b
 
 
 @pytest.mark.kafka
+async def test_no_batch_is_handed_over_between_a_failed_completion_and_the_rewind(bus: KafkaEventBus) -> None:
+    """Batch 2's completion fails while batch 1's still runs: batch 3 must wait for the rewind, or the
+    handler would act on it before batch 2's messages come again."""
+    topic = _topic(bus, "no-handover")
+    await bus.ensure_topics([topic])
+    release = asyncio.Event()
+    calls: list[list[int]] = []
+
+    async def handler(batch: Sequence[InboundMessage]) -> asyncio.Task[None]:
+        calls.append(_ids(batch))
+        n = len(calls)
+
+        async def complete() -> None:
+            if n == 1:
+                await release.wait()
+            elif n == 2:
+                raise RuntimeError("completion failed")
+
+        return asyncio.create_task(complete())
+
+    sub = await bus.subscribe([topic], _uid("g"), handler)
+    await bus.publish(_msgs(topic, 1, start=0, keys=1))
+    await _poll_until(lambda: len(calls) == 1, 10)
+    await bus.publish(_msgs(topic, 1, start=1, keys=1))
+    await _poll_until(lambda: len(calls) == 2, 10)
+    await bus.publish(_msgs(topic, 1, start=2, keys=1))
+    await asyncio.sleep(1.0)
+    assert calls == [[0], [1]]  # batch 3 waits while batch 1 runs and batch 2 has failed
+    release.set()
+    await _poll_until(lambda: sorted({i for c in calls[2:] for i in c}) == [1, 2], 30)
+    assert calls[2][0] == 1  # redelivered from the failed batch
+    await sub.stop()
+
+
+@pytest.mark.kafka
 async def test_a_failed_batch_of_one_partition_is_the_next_batch(bus: KafkaEventBus) -> None:
     topic = _topic(bus, "same-batch")
     await bus.publish(_msgs(topic, 120, keys=1))  # one key: one partition

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrator, WorkflowBuilder
-from orchestrator_kafka.codec import encode
+from orchestrator_kafka.codec import decode, encode
 from orchestrator_kafka.errors import EventBusError, OrchestratorError, StateStoreError
 from orchestrator_kafka.models import CancelSaga, ResultBody, StartBody, StartSaga, StepResult
 from orchestrator_kafka.ports import ApplyResult, InboundMessage, OutboxMessage, TransitionWrite
@@ -163,3 +163,54 @@ async def test_a_batch_is_written_while_the_one_before_publishes_but_never_publi
         assert {"one", "two"} <= set(bus.published)
     finally:
         await orchestrator.stop()
+
+
+def _result_inbound(topic: str, event_id: str, value: str, offset: int) -> InboundMessage:
+    message = StepResult(
+        event_id=event_id,
+        transaction_id="tx",
+        workflow_id="wf",
+        occurred_at=datetime.now(UTC),
+        body=ResultBody(
+            command_id="tx:a:execute:1",
+            step="a",
+            kind="execute",
+            attempt=1,
+            status="succeeded",
+            result={"x": value},
+        ),
+    )
+    return InboundMessage(topic, 0, offset, b"tx", encode(message))
+
+
+async def test_a_batch_decided_on_a_write_that_conflicted_is_decided_again_not_applied() -> None:
+    """Batch 1 is decided on a stale cached saga (another instance moved it one version on) and
+    conflicts; batch 2, decided on batch 1's state, expects exactly the version the other instance
+    wrote. The version check alone would let it through and lose the other instance's transition."""
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").add_step("b", "wb").build()
+    store = InMemoryStateStore()
+    mine, other = (
+        Orchestrator(workflow, InMemoryEventBus(), store),
+        Orchestrator(workflow, InMemoryEventBus(), store),
+    )
+    await mine.start()
+    await other.event_bus.start()
+    try:
+        now = datetime.now(UTC)
+        start = StartSaga(
+            event_id="s", transaction_id="tx", workflow_id="wf", occurred_at=now, body=StartBody()
+        )
+        await mine.process([start])  # mine caches version 1
+        results = mine.topics.results
+        await other.process([decode(_result_inbound(results, "r-other", "from other", 0).value)])  # type: ignore[list-item]
+        first = await mine._on_batch([_result_inbound(results, "r-mine", "from mine", 1)])  # on version 1
+        cancel = CancelSaga(event_id="c", transaction_id="tx", workflow_id="wf", occurred_at=now)
+        second = await mine._on_batch([_inbound(mine.topics.start, cancel, 2)])  # on batch 1's version 2
+        await first
+        await second
+        saga = await store.load_context("tx")
+        assert saga is not None
+        assert saga.data == {"x": "from other"}  # the other instance's transition stands
+        assert saga.cancel_requested and saga.version == 3
+    finally:
+        await mine.stop()
