@@ -118,9 +118,12 @@ class _HeldBus(InMemoryEventBus):
     def __init__(self) -> None:
         super().__init__()
         self.hold: asyncio.Event | None = None
+        self.gate: asyncio.Event | None = None  # while set here, every publish waits for it, then goes
         self.published: list[str] = []
 
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
         if self.hold is not None:
             hold, self.hold = self.hold, None
             await hold.wait()
@@ -214,3 +217,66 @@ async def test_a_batch_decided_on_a_write_that_conflicted_is_decided_again_not_a
         assert saga.cancel_requested and saga.version == 3
     finally:
         await mine.stop()
+
+
+async def test_a_request_is_published_after_the_batch_in_flight() -> None:
+    """execute_workflow decides on the stored sagas and publishes only after the batch the pipeline is
+    still publishing, so a request never overtakes what a saga already sent."""
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
+    bus = _HeldBus()
+    store = InMemoryStateStore()
+    orchestrator = Orchestrator(workflow, bus, store)
+    await orchestrator.start()
+    try:
+        now = datetime.now(UTC)
+        start = StartSaga(
+            event_id="s", transaction_id="one", workflow_id="wf", occurred_at=now, body=StartBody()
+        )
+        release = bus.hold = asyncio.Event()
+        first = await orchestrator._on_batch([_inbound(orchestrator.topics.start, start, 0)])
+        request = asyncio.create_task(orchestrator.execute_workflow("wf", {}, transaction_id="two"))
+        await asyncio.sleep(0.05)
+        assert await store.load_context("two") is not None  # written ...
+        assert not request.done() and "two" not in bus.published  # ... but not published yet
+        release.set()
+        with pytest.raises(EventBusError):
+            await first
+        assert await request == "two"
+        assert "two" in bus.published
+    finally:
+        await orchestrator.stop()
+
+
+async def test_at_most_two_batches_are_publishing_when_the_next_is_handed_back() -> None:
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
+    bus = _HeldBus()
+    orchestrator = Orchestrator(workflow, bus, InMemoryStateStore())
+    await orchestrator.start()
+    try:
+        now = datetime.now(UTC)
+        batches = [
+            [
+                _inbound(
+                    orchestrator.topics.start,
+                    StartSaga(
+                        event_id=tx, transaction_id=tx, workflow_id="wf", occurred_at=now, body=StartBody()
+                    ),
+                    n,
+                )
+            ]
+            for n, tx in enumerate(("one", "two", "three"))
+        ]
+        gate = bus.gate = asyncio.Event()
+        first = await orchestrator._on_batch(batches[0])
+        second = await orchestrator._on_batch(batches[1])  # batch 1 is written: handed back at once
+        third = asyncio.create_task(orchestrator._on_batch(batches[2]))
+        await asyncio.sleep(0.05)
+        assert not third.done()  # batches 1 and 2 still publishing: batch 3 waits for batch 1
+        gate.set()
+        await first
+        await second
+        await (await third)
+        assert bus.published == ["one", "one", "two", "two", "three", "three"]  # a command and an audit each
+    finally:
+        bus.gate = None
+        await orchestrator.stop()
