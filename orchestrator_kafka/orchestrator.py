@@ -377,7 +377,7 @@ class Orchestrator(IOrchestrator, Service):
         # The batch before, while it is still in flight: this one is decided on top of it. One that has
         # finished needs no waiting; after one that failed, the bus hands over nothing until it has
         # rewound, so a batch that comes after a failure starts afresh.
-        previous = self._pipeline if self._pipeline is not None and not self._pipeline.done() else None
+        previous = self._in_flight()
         before_written = self._written if previous is not None else None
         older = self._older if previous is not None else None
         written: asyncio.Future[frozenset[str] | None] = asyncio.get_running_loop().create_future()
@@ -419,6 +419,11 @@ class Orchestrator(IOrchestrator, Service):
             await asyncio.wait({older})
         return task
 
+    def _in_flight(self) -> asyncio.Task[None] | None:
+        """The completion of the last batch handed over, while it runs."""
+        pipeline = self._pipeline
+        return pipeline if pipeline is not None and not pipeline.done() else None
+
     def _dead(self, message: InboundMessage, reason: str, detail: str) -> OutboxMessage:
         self._telemetry.dead_letter(reason, message.topic)
         self._log.warning(
@@ -445,8 +450,7 @@ class Orchestrator(IOrchestrator, Service):
         first = await self._decide_round(
             events, headers, list(range(len(events))), outcomes, speculative=False
         )
-        in_flight = self._pipeline if self._pipeline is not None and not self._pipeline.done() else None
-        await self._settle(events, headers, outcomes, first, after=in_flight, after_may_fail=True)
+        await self._settle(events, headers, outcomes, first, after=self._in_flight(), after_may_fail=True)
         return outcomes
 
     async def _decide_round(
@@ -466,17 +470,12 @@ class Orchestrator(IOrchestrator, Service):
         sagas = await self._sagas_of(ids) if speculative else await self._store.load_contexts(list(ids))
         decided = _Round(self._clock(), remembered=speculative)
         for i in pending:
-            write = self._decide(
-                events[i],
-                sagas,
-                decided.now,
-                outcomes[i],
-                headers[i] if headers else (),
-                remember=speculative,
-            )
+            write = self._decide(events[i], sagas, decided.now, outcomes[i], headers[i] if headers else ())
             if write is not None:
                 decided.writes.append(write)
                 decided.owners.append(i)
+                if speculative and write.saga is not None:
+                    self._remember(write.saga)
         return decided
 
     async def _settle(
@@ -595,8 +594,6 @@ class Orchestrator(IOrchestrator, Service):
         now: datetime,
         outcome: Outcome,
         headers: Headers = (),
-        *,
-        remember: bool = True,
     ) -> TransitionWrite | None:
         tx, event_id = _tx_of(event), event.event_id
         # A fired timer is deleted by the write that handles it, so it fires once.
@@ -629,8 +626,6 @@ class Orchestrator(IOrchestrator, Service):
                 if runtime and runtime.command_id == event.body.command_id and runtime.dispatched_at:
                     outcome.latency = now.timestamp() - runtime.dispatched_at
         sagas[tx] = transition.saga
-        if remember:
-            self._remember(transition.saga)
         return TransitionWrite(
             event_id,
             tx,

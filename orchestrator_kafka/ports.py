@@ -7,6 +7,7 @@ is a coroutine.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,6 +215,22 @@ BatchHandler = Callable[[Sequence[InboundMessage]], Awaitable[Awaitable[None] | 
 commits the batch's offsets only once the completion has finished, and treats a completion that raises
 as the handler raising. Meanwhile the bus may hand over the next batches, so a handler can decide batch
 N+1 while batch N is still being written; completions are awaited, and offsets committed, in order."""
+
+
+async def finished(completion: Awaitable[None]) -> None:
+    """Await a batch's completion (see :data:`BatchHandler`) for a bus. One that was cancelled, when the
+    awaiting task was not, counts as failed.
+
+    Raises:
+        EventBusError: the completion was cancelled; or whatever the completion raised.
+    """
+    try:
+        await completion
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        raise EventBusError("the batch's completion was cancelled") from None
 
 
 class Subscription(ABC):

@@ -51,7 +51,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from ..constants import DEFAULT_BOOTSTRAP_SERVERS, DEFAULT_TOPIC_PREFIX, ENV_BOOTSTRAP_SERVERS
 from ..errors import EventBusError, ValidationError
-from ..ports import BatchHandler, IEventBus, InboundMessage, OutboxMessage, Subscription
+from ..ports import BatchHandler, IEventBus, InboundMessage, OutboxMessage, Subscription, finished
 
 __all__ = ["KafkaEventBus", "KafkaSubscription"]
 
@@ -297,12 +297,7 @@ class KafkaSubscription(Subscription):
                 ok = True
                 if completion is not None:
                     try:
-                        await completion
-                    except asyncio.CancelledError:
-                        current = asyncio.current_task()
-                        if current is not None and current.cancelling():
-                            raise  # the finisher itself is cancelled
-                        ok = False  # the completion was: its batch comes again
+                        await finished(completion)
                     except Exception:  # noqa: BLE001 - a failed completion gets its batch again
                         if not self._broken:
                             _log.exception(

@@ -15,7 +15,7 @@ import heapq
 import logging
 import zlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from ..constants import DEFAULT_TOPIC_PREFIX
@@ -32,6 +32,7 @@ from ..ports import (
     Subscription,
     Timer,
     TransitionWrite,
+    finished,
 )
 
 _log = logging.getLogger("orchestrator_kafka.memory")
@@ -227,7 +228,7 @@ class _Member(Subscription):
                 if completion is not None:
                     # Fetching starts at the committed offsets: no pipelining here, the batch's
                     # completion finishes before the commit and the next fetch.
-                    await _completed(completion)
+                    await finished(completion)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a failing handler gets its batch again, as on Kafka
@@ -237,17 +238,6 @@ class _Member(Subscription):
                 continue
             backoff = self.redelivery_delay
             self.broker.commit(self.group, batch)
-
-
-async def _completed(completion: Awaitable[None]) -> None:
-    """Await a batch's completion; one that was cancelled (and not this task) counts as failed."""
-    try:
-        await completion
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-        raise EventBusError("the batch's completion was cancelled") from None
 
 
 class _Broker:

@@ -69,6 +69,16 @@ class _BlockingStore(InMemoryStateStore):
         return await super().apply(writes)
 
 
+def _start(tx: str, event_id: str | None = None) -> StartSaga:
+    return StartSaga(
+        event_id=event_id or tx,
+        transaction_id=tx,
+        workflow_id="wf",
+        occurred_at=datetime.now(UTC),
+        body=StartBody(),
+    )
+
+
 def _inbound(topic: str, message: StartSaga | CancelSaga, offset: int) -> InboundMessage:
     return InboundMessage(topic, 0, offset, message.transaction_id.encode(), encode(message))
 
@@ -84,9 +94,7 @@ async def test_a_batch_decided_on_top_of_a_failed_write_is_not_applied_and_both_
     try:
         topic = orchestrator.topics.start
         now = datetime.now(UTC)
-        start = StartSaga(
-            event_id="s", transaction_id="tx", workflow_id="wf", occurred_at=now, body=StartBody()
-        )
+        start = _start("tx", "s")
         cancel = CancelSaga(event_id="c", transaction_id="tx", workflow_id="wf", occurred_at=now)
         batch1, batch2 = [_inbound(topic, start, 0)], [_inbound(topic, cancel, 1)]
         release = store.hold = asyncio.Event()
@@ -140,11 +148,7 @@ async def test_a_batch_is_written_while_the_one_before_publishes_but_never_publi
     await orchestrator.start()
     try:
         topic = orchestrator.topics.start
-        now = datetime.now(UTC)
-        starts = [
-            StartSaga(event_id=tx, transaction_id=tx, workflow_id="wf", occurred_at=now, body=StartBody())
-            for tx in ("one", "two")
-        ]
+        starts = [_start(tx) for tx in ("one", "two")]
         batch1, batch2 = [_inbound(topic, starts[0], 0)], [_inbound(topic, starts[1], 1)]
         release = bus.hold = asyncio.Event()
         first = await orchestrator._on_batch(batch1)  # written; its publish is held
@@ -200,9 +204,7 @@ async def test_a_batch_decided_on_a_write_that_conflicted_is_decided_again_not_a
     await other.event_bus.start()
     try:
         now = datetime.now(UTC)
-        start = StartSaga(
-            event_id="s", transaction_id="tx", workflow_id="wf", occurred_at=now, body=StartBody()
-        )
+        start = _start("tx", "s")
         await mine.process([start])  # mine caches version 1
         results = mine.topics.results
         await other.process([decode(_result_inbound(results, "r-other", "from other", 0).value)])  # type: ignore[list-item]
@@ -228,10 +230,7 @@ async def test_a_request_is_published_after_the_batch_in_flight() -> None:
     orchestrator = Orchestrator(workflow, bus, store)
     await orchestrator.start()
     try:
-        now = datetime.now(UTC)
-        start = StartSaga(
-            event_id="s", transaction_id="one", workflow_id="wf", occurred_at=now, body=StartBody()
-        )
+        start = _start("one", "s")
         release = bus.hold = asyncio.Event()
         first = await orchestrator._on_batch([_inbound(orchestrator.topics.start, start, 0)])
         request = asyncio.create_task(orchestrator.execute_workflow("wf", {}, transaction_id="two"))
@@ -253,19 +252,8 @@ async def test_at_most_two_batches_are_publishing_when_the_next_is_handed_back()
     orchestrator = Orchestrator(workflow, bus, InMemoryStateStore())
     await orchestrator.start()
     try:
-        now = datetime.now(UTC)
-        batches = [
-            [
-                _inbound(
-                    orchestrator.topics.start,
-                    StartSaga(
-                        event_id=tx, transaction_id=tx, workflow_id="wf", occurred_at=now, body=StartBody()
-                    ),
-                    n,
-                )
-            ]
-            for n, tx in enumerate(("one", "two", "three"))
-        ]
+        topic = orchestrator.topics.start
+        batches = [[_inbound(topic, _start(tx), n)] for n, tx in enumerate(("one", "two", "three"))]
         gate = bus.gate = asyncio.Event()
         first = await orchestrator._on_batch(batches[0])
         second = await orchestrator._on_batch(batches[1])  # batch 1 is written: handed back at once
