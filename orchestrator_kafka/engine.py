@@ -8,9 +8,8 @@ and publishes its commands and audit events.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
 from typing import Any, Literal
 
 import orjson
@@ -45,12 +44,14 @@ class TimerFired:
 Event = StartSaga | CancelSaga | StepResult | TimerFired
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
     """A message a transition sends: its topic and its wire fields, as plain JSON values.
 
     Kept as a dict so the hot path encodes it with orjson in about a microsecond; :meth:`message`
-    builds the pydantic model (the wire contract) for whoever wants to look at it.
+    builds the pydantic model (the wire contract) for whoever wants to look at it. Not frozen, like
+    :class:`Transition`: a frozen dataclass costs several times more to build, and the engine builds
+    these for every event. Treat both as read-only.
     """
 
     topic: str
@@ -66,7 +67,7 @@ class Outgoing:
         return orjson.dumps(self.payload, option=orjson.OPT_UTC_Z)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Transition:
     """What one event does to one saga.
 
@@ -84,7 +85,7 @@ class Transition:
     note: str = ""
     rejected: str | None = None
 
-    @cached_property
+    @property
     def commands(self) -> tuple[tuple[str, StepCommand], ...]:
         """The step commands to send, with their topics."""
         return tuple(
@@ -93,7 +94,7 @@ class Transition:
             if o.payload["event_type"] == "step.command"
         )
 
-    @cached_property
+    @property
     def audit(self) -> SagaEvent | None:
         """The transition's audit record, or None when nothing changed."""
         for o in self.outgoing:
@@ -145,25 +146,38 @@ def command_id(transaction_id: str, step: str, phase: Phase, attempt: int | str)
     return f"{transaction_id}:{step}:{phase}:{attempt}"
 
 
-@dataclass
 class _Run:
     """One decision in progress: a working copy of the saga and what the event produced."""
 
-    d: WorkflowDefinition
-    s: SagaContext
-    now: datetime
-    topics: Topics
-    outgoing: list[Outgoing] = field(default_factory=list)
-    timers: list[Timer] = field(default_factory=list)
-    cancel_timers: list[str] = field(default_factory=list)
-    actions: list[dict[str, object]] = field(default_factory=list)
-    from_version: int = 0
-    from_state: WorkflowState | None = None
-    original: SagaContext | None = None
+    __slots__ = (
+        "actions",
+        "cancel_timers",
+        "d",
+        "from_state",
+        "from_version",
+        "now",
+        "original",
+        "outgoing",
+        "s",
+        "timers",
+        "topics",
+    )  # fmt: skip
 
-    def __post_init__(self) -> None:
-        self.from_version = self.s.version
-        self.from_state = self.s.state
+    def __init__(
+        self,
+        d: WorkflowDefinition,
+        s: SagaContext,
+        now: datetime,
+        topics: Topics,
+        original: SagaContext | None = None,
+    ) -> None:
+        self.d, self.s, self.now, self.topics, self.original = d, s, now, topics, original
+        self.outgoing: list[Outgoing] = []
+        self.timers: list[Timer] = []
+        self.cancel_timers: list[str] = []
+        self.actions: list[dict[str, object]] = []
+        self.from_version = s.version
+        self.from_state: WorkflowState | None = s.state
 
     # ---------------------------------------------------------------- output
 
