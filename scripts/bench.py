@@ -7,6 +7,13 @@
     flight; an orchestrator process (KafkaEventBus + RedisStateStore) and a worker process run them;
     the driver tails the audit topic for completions and step latencies.
 
+(c) floor: (b) with the orchestrator replaced by a stand-in that makes the same messages and does nothing
+    else: it parses each event with orjson and publishes the next command and the audit record in
+    batches through the same KafkaEventBus, pipelined like the orchestrator. No state machine, no
+    validation, no Redis. It is what any orchestrator on this bus, this broker and these cores could do
+    at best, so it shows how much of the gap to (a) is the orchestrator's and how much is the traffic
+    a step makes (a command, a result and an audit record, against the echo's two messages).
+
 Each orchestrated step is one command out and one result back, the same Kafka round trip as (a)
 plus the Redis write and the audit event, so the ratio (b) steps/s / (a) round trips/s at the same
 number in flight says what the orchestrator costs. Roles run as separate processes, as in production.
@@ -77,6 +84,88 @@ async def role_worker(prefix: str, partitions: int) -> None:
         worker.register(f"u{i}", handle)
     async with worker:
         await ready_and_wait()
+    await bus.stop()
+
+
+async def role_floor(prefix: str, partitions: int) -> None:
+    """(c): the orchestrator's messages for the bench workflow, and nothing else (see the docstring)."""
+    from orchestrator_kafka import KafkaEventBus
+    from orchestrator_kafka.ports import InboundMessage, OutboxMessage
+
+    bus = KafkaEventBus(BOOTSTRAP, topic_prefix=prefix, partitions=partitions)
+    await bus.start()
+    versions: dict[str, int] = {}
+    previous: list[asyncio.Task[None]] = []
+
+    def action(name: str, step: str | None = None, worker: str | None = None) -> dict[str, Any]:
+        attempt, kind = (1, "execute") if step else (None, None)
+        return {
+            "action": name,
+            "state": "running",
+            "step": step,
+            "worker_name": worker,
+            "kind": kind,
+            "attempt": attempt,
+            "error": None,
+        }
+
+    def envelope(tx: str, event_type: str, now: datetime, body: dict[str, Any]) -> bytes:
+        message = {
+            "schema_version": "1.0",
+            "event_id": str(uuid.uuid4()),
+            "transaction_id": tx,
+            "workflow_id": "bench",
+            "occurred_at": now,
+            "event_type": event_type,
+            "body": body,
+        }
+        return orjson.dumps(message, option=orjson.OPT_UTC_Z)
+
+    async def handle(batch: list[InboundMessage]) -> asyncio.Task[None]:
+        now = datetime.now(UTC)
+        out: list[OutboxMessage] = []
+        for record in batch:
+            event = orjson.loads(record.value or b"{}")
+            tx = event["transaction_id"]
+            version = versions[tx] = versions.get(tx, 0) + 1
+            if event["event_type"] == "saga.start":
+                step, data = 1, event["body"]["context"]
+                actions = [action("saga_created"), action("saga_started")]
+            else:
+                body = event["body"]
+                step, data = int(body["step"][1:]) + 1, body["result"]
+                actions = [action("step_succeeded", body["step"])]
+            if step <= STEPS:
+                command = {
+                    "command_id": f"{tx}:s{step}:execute:1",
+                    "step": f"s{step}",
+                    "worker_name": f"w{step}",
+                    "kind": "execute",
+                    "attempt": 1,
+                    "data": data,
+                    "timeout": None,
+                }
+                topic = f"{prefix}.commands.w{step}"
+                out.append(OutboxMessage(topic, tx, envelope(tx, "step.command", now, command)))
+                actions.append(action("step_dispatched", f"s{step}", f"w{step}"))
+            else:
+                actions.append(action("saga_completed"))
+            audit = {"from_state": "running", "to_state": "running", "version": version, "actions": actions}
+            out.append(OutboxMessage(f"{prefix}.events", tx, envelope(tx, "saga.transition", now, audit)))
+        before = previous.pop() if previous else None
+
+        async def complete() -> None:
+            if before is not None:
+                await before  # in order, as the orchestrator publishes
+            await bus.publish(out)
+
+        task = asyncio.get_running_loop().create_task(complete())
+        previous.append(task)
+        return task
+
+    subscription = await bus.subscribe([f"{prefix}.start", f"{prefix}.results"], f"{prefix}.floor", handle)
+    await ready_and_wait()
+    await subscription.stop()
     await bus.stop()
 
 
@@ -311,13 +400,14 @@ async def run_echo(total: int, inflight: int, partitions: int) -> Result:
     )
 
 
-async def run_sagas(total: int, inflight: int, partitions: int) -> Result:
+async def run_sagas(total: int, inflight: int, partitions: int, role: str = "orchestrator") -> Result:
+    """(b), or (c) with ``role="floor"``."""
     from orchestrator_kafka.codec import encode
     from orchestrator_kafka.models import StartBody, StartSaga
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     await create_topics([f"{prefix}.{t}" for t in ("start", "results", "events", "dlq")], partitions)
-    orchestrator = Child("orchestrator", prefix, partitions)
+    orchestrator = Child(role, prefix, partitions)
     worker = Child("worker", prefix, partitions)
     producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=2)
     consumer = AIOKafkaConsumer(
@@ -384,7 +474,7 @@ async def run_sagas(total: int, inflight: int, partitions: int) -> Result:
             await start(min(done, total - sent))
     seconds = time.perf_counter() - started
     cpu = {
-        "orchestrator": orchestrator.cpu(),
+        role: orchestrator.cpu(),
         "worker": worker.cpu(),
         "driver": time.process_time() - driver_cpu,
         **services.used(),
@@ -395,7 +485,13 @@ async def run_sagas(total: int, inflight: int, partitions: int) -> Result:
     worker.stop()
     USED_PREFIXES.append(prefix)
     return Result(
-        "sagas", inflight, total * STEPS, seconds, pct(latencies, 0.5) * 1e3, pct(latencies, 0.99) * 1e3, cpu
+        "sagas" if role == "orchestrator" else role,
+        inflight,
+        total * STEPS,
+        seconds,
+        pct(latencies, 0.5) * 1e3,
+        pct(latencies, 0.99) * 1e3,
+        cpu,
     )
 
 
@@ -412,17 +508,21 @@ async def main(args: argparse.Namespace) -> None:
     for level in levels:
         echo = await run_echo(args.sagas * STEPS, level, args.partitions)
         sagas = await run_sagas(args.sagas, level, args.partitions)
+        floor = await run_sagas(args.sagas, level, args.partitions, "floor")
         best_echo = max(best_echo, echo.rate)
-        for r in (echo, sagas):
-            ratio = f"{sagas.rate / echo.rate:6.2f}" if r is sagas else "      "
-            per_sagas = f"{r.rate / STEPS:9.0f}" if r is sagas else f"{'':>9}"
+        for r in (echo, sagas, floor):
+            ratio = f"{r.rate / echo.rate:6.2f}" if r is not echo else "      "
+            per_sagas = f"{r.rate / STEPS:9.0f}" if r is not echo else f"{'':>9}"
             cpu = ", ".join(f"{k} {v / r.units * 1e3:.3f}" for k, v in r.cpu.items())
             print(
                 f"{r.name:<10} {r.inflight:>9} {r.rate:>10.0f} {per_sagas} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f} "
                 f"{ratio}  {cpu}",
                 flush=True,
             )
-    print("# units: round trips/s for raw echo, saga steps/s for sagas; ratio = steps/s / echo, same level")
+    print(
+        "# units: round trips/s for raw echo, saga steps/s for sagas and floor; ratio = steps/s / echo, "
+        "same level; floor: the same messages with no orchestrator logic and no Redis (see --help)"
+    )
     print(f"# best raw echo: {best_echo:.0f} round trips/s")
     for prefix in USED_PREFIXES:
         await drop(prefix)
@@ -432,7 +532,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--role", choices=["orchestrator", "worker", "echo"])
+    parser.add_argument("--role", choices=["orchestrator", "worker", "echo", "floor"])
     parser.add_argument("--prefix", default="")
     parser.add_argument("--sagas", type=int, default=3000)
     parser.add_argument("--inflight", default="50,200,1000", help="comma-separated concurrency levels")
@@ -442,7 +542,13 @@ if __name__ == "__main__":
         from orchestrator_kafka.service import tune_gc
 
         tune_gc()  # as the CLI's run and worker commands do
-        role = {"orchestrator": role_orchestrator, "worker": role_worker, "echo": role_echo}[args.role]
+        roles = {
+            "orchestrator": role_orchestrator,
+            "worker": role_worker,
+            "echo": role_echo,
+            "floor": role_floor,
+        }
+        role = roles[args.role]
         profile_dir = os.environ.get("BENCH_PROFILE")  # a folder: each role writes <role>.prof there
         if profile_dir:
             import cProfile
