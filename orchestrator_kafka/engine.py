@@ -49,9 +49,9 @@ class Outgoing:
     """A message a transition sends: its topic and its wire fields, as plain JSON values.
 
     Kept as a dict so the hot path encodes it with orjson in about a microsecond; :meth:`message`
-    builds the pydantic model (the wire contract) for whoever wants to look at it. Not frozen, like
-    :class:`Transition`: a frozen dataclass costs several times more to build, and the engine builds
-    these for every event. Treat both as read-only.
+    builds the pydantic model (the wire contract) for whoever wants to look at it. Neither this nor
+    :class:`Transition` is frozen, because a frozen dataclass costs several times more to build and the
+    engine builds both for every event; treat them as read-only.
     """
 
     topic: str
@@ -161,7 +161,7 @@ class _Run:
         "s",
         "timers",
         "topics",
-    )  # fmt: skip
+    )
 
     def __init__(
         self,
