@@ -79,6 +79,27 @@ class StepRuntime:
         )
 
 
+@dataclass
+class LateCompensation:
+    """The compensation of a late success: a success of an attempt the saga had given up on, undone
+    after the fact. It is retried like any compensation; ``failed`` once its retries are spent.
+
+    ``command_id`` is the attempt awaited (None while waiting to retry); ``timer_id`` the retry or timeout
+    timer it waits on."""
+
+    step: str
+    attempt: int = 1
+    command_id: str | None = None
+    timer_id: str | None = None
+    error: str | None = None
+    failed: bool = False
+
+    def copy(self) -> LateCompensation:
+        return LateCompensation(
+            self.step, self.attempt, self.command_id, self.timer_id, self.error, self.failed
+        )
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -112,6 +133,8 @@ class SagaContext:
     compensation_queue: list[str] = field(default_factory=list)
     cancel_requested: bool = False
     late_compensations: list[str] = field(default_factory=list)
+    # The compensations of late successes still to settle, or failed for good, by their first command id.
+    late_runs: dict[str, LateCompensation] = field(default_factory=dict)
     traceparent: str | None = None  # the W3C trace context of the saga's start
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -137,6 +160,7 @@ class SagaContext:
         fields["completed"] = list(self.completed)
         fields["compensation_queue"] = list(self.compensation_queue)
         fields["late_compensations"] = list(self.late_compensations)
+        fields["late_runs"] = {base: run.copy() for base, run in self.late_runs.items()}
         return new
 
     def to_json(self) -> bytes:

@@ -15,9 +15,10 @@ from typing import Any, Literal
 import orjson
 
 from .constants import SCHEMA_VERSION, Topics
-from .context import SagaContext, StepRuntime, StepStatus, WorkflowState
+from .context import LateCompensation, SagaContext, StepRuntime, StepStatus, WorkflowState
 from .models import (
     CancelSaga,
+    ResultBody,
     SagaEvent,
     StartSaga,
     StepCommand,
@@ -367,6 +368,10 @@ class _Run:
         step = self.d.step(body.step)
         if step is None:
             return self.unchanged(f"workflow {self.d.get_id()!r} has no step {body.step!r}")
+        if body.kind == "compensate":
+            late = self.late_run_of(body.command_id)
+            if late is not None:
+                return self.late_result(*late, body)
         rt = self.s.step(step.name)
         awaited = rt.command_id == body.command_id and (
             (body.kind == "execute" and rt.status is StepStatus.RUNNING)
@@ -423,8 +428,9 @@ class _Run:
             return self.unchanged("compensation pending")
         # A success of an attempt the saga gave up on: undo it so no side effect is left behind.
         self.s.late_compensations.append(body.command_id)
-        cid = command_id(self.s.transaction_id, step.name, "compensate", f"late-{body.attempt}")
-        self.send(cid, step, "compensate", 1, step.compensation, self.topics.compensations(step.compensation))
+        base = command_id(self.s.transaction_id, step.name, "compensate", f"late-{body.attempt}")
+        self.s.late_runs[base] = LateCompensation(step.name)
+        self.dispatch_late(step, base, 1)
         self.record(
             "late_success_compensated",
             step=step.name,
@@ -433,6 +439,130 @@ class _Run:
             worker=step.compensation,
         )
         return self.done()
+
+    # ---------------------------------------------------------------- compensations of late successes
+
+    def dispatch_late(self, step: WorkflowStep, base: str, attempt: int) -> None:
+        """Send ``attempt`` of the late compensation ``base``: the first under ``base`` itself (the id
+        the first release of this rule used), the next ones as ``<base>.<attempt>``."""
+        assert step.compensation is not None
+        run = self.s.late_runs[base]
+        cid = base if attempt == 1 else f"{base}.{attempt}"
+        run.attempt, run.command_id, run.timer_id = attempt, cid, None
+        topic = self.topics.compensations(step.compensation)
+        self.send(cid, step, "compensate", attempt, step.compensation, topic)
+        if step.timeout is not None:
+            run.timer_id = f"{cid}:timeout"
+            self.timers.append(
+                Timer(
+                    run.timer_id,
+                    self.s.transaction_id,
+                    self.now.timestamp() + step.timeout,
+                    "timeout",
+                    step.name,
+                    "compensate",
+                    attempt,
+                    cid,
+                )
+            )
+
+    def late_run_of(self, cid: str) -> tuple[str, LateCompensation, int] | None:
+        """The unsettled late compensation that sent command ``cid``, and that command's attempt."""
+        for base, run in self.s.late_runs.items():
+            if run.failed:
+                continue
+            if cid == base:
+                return base, run, 1
+            head, _, suffix = cid.rpartition(".")
+            if head == base and suffix.isdigit() and 2 <= int(suffix) <= run.attempt:
+                return base, run, int(suffix)
+        return None
+
+    def late_result(self, base: str, run: LateCompensation, attempt: int, body: ResultBody) -> Transition:
+        step = self.d.step(run.step)
+        if step is None:
+            return self.unchanged(f"workflow {self.d.get_id()!r} has no step {run.step!r}")
+        if body.status == "succeeded":
+            # Any attempt's success undoes the late success, even one the saga stopped waiting for.
+            del self.s.late_runs[base]
+            self.cancel_late_timer(run)
+            self.record("late_compensation_succeeded", step=step.name, kind="compensate", attempt=attempt)
+            return self.done()
+        if attempt != run.attempt or run.command_id is None:
+            return self.unchanged("stale result")
+        self.cancel_late_timer(run)
+        error = body.error
+        message = f"{error.type}: {error.message}" if error else "failed without an error"
+        self.late_attempt_failed(step, base, run, message, retryable=error.retryable if error else True)
+        return self.done()
+
+    def cancel_late_timer(self, run: LateCompensation) -> None:
+        if run.timer_id is not None:
+            self.cancel_timers.append(run.timer_id)
+            run.timer_id = None
+
+    def late_timer(self, base: str, run: LateCompensation, timer: Timer) -> Transition:
+        step = self.d.step(run.step)
+        if step is None or step.compensation is None:
+            return self.unchanged("stale timer")
+        run.timer_id = None
+        if timer.kind == "retry":
+            self.dispatch_late(step, base, timer.attempt)
+            self.record(
+                "late_compensation_dispatched",
+                step=step.name,
+                kind="compensate",
+                attempt=timer.attempt,
+                worker=step.compensation,
+            )
+        else:
+            assert step.timeout is not None
+            self.record("step_timed_out", step=step.name, kind="compensate", attempt=timer.attempt)
+            self.late_attempt_failed(step, base, run, f"timed out after {step.timeout:g}s", retryable=True)
+        return self.done()
+
+    def late_attempt_failed(
+        self, step: WorkflowStep, base: str, run: LateCompensation, error: str, *, retryable: bool
+    ) -> None:
+        """Retry a late compensation like any compensation; once its retries are spent, the saga ends
+        failed (at once if it had ended, else when its rollback ends): a side effect is left behind."""
+        run.error, run.command_id = error, None
+        self.record(
+            "late_compensation_failed_attempt",
+            step=step.name,
+            kind="compensate",
+            attempt=run.attempt,
+            error=error,
+        )
+        policy = self.d.retry_for(step)
+        if retryable and run.attempt <= policy.max_retries:
+            run.timer_id = f"{base}.{run.attempt + 1}:retry"
+            self.timers.append(
+                Timer(
+                    run.timer_id,
+                    self.s.transaction_id,
+                    self.now.timestamp() + policy.delay(run.attempt),
+                    "retry",
+                    step.name,
+                    "compensate",
+                    run.attempt + 1,
+                )
+            )
+            self.record(
+                "retry_scheduled", step=step.name, kind="compensate", attempt=run.attempt + 1, error=error
+            )
+            return
+        run.failed = True
+        self.record(
+            "late_compensation_failed", step=step.name, kind="compensate", attempt=run.attempt, error=error
+        )
+        if self.s.state.is_final and self.s.state is not WorkflowState.FAILED:
+            self.fail_for_late(run)
+
+    def fail_for_late(self, run: LateCompensation) -> None:
+        reason = f"the compensation of a late success of step {run.step!r} failed: {run.error}"
+        self.s.error = f"{self.s.error}; {reason}" if self.s.error else reason
+        self.set_state(WorkflowState.FAILED, "saga_failed", error=self.s.error)
 
     def step_succeeded(
         self, step: WorkflowStep, rt: StepRuntime, result: dict[str, object], cid: str, attempt: int
@@ -489,6 +619,9 @@ class _Run:
             self.stage_progress()
 
     def timer(self, timer: Timer) -> Transition:
+        for base, run in self.s.late_runs.items():
+            if run.timer_id == timer.timer_id:
+                return self.late_timer(base, run, timer)
         step = self.d.step(timer.step)
         if step is None or self.s.state.is_final:
             return self.unchanged("stale timer")
@@ -571,7 +704,10 @@ class _Run:
             self.finish_rollback()
 
     def finish_rollback(self) -> None:
-        if self.s.cancel_requested:
+        failed_late = next((run for run in self.s.late_runs.values() if run.failed), None)
+        if failed_late is not None:
+            self.fail_for_late(failed_late)
+        elif self.s.cancel_requested:
             self.set_state(WorkflowState.CANCELLED, "saga_cancelled", error=self.s.error)
         else:
             self.set_state(WorkflowState.COMPENSATED, "saga_compensated", error=self.s.error)

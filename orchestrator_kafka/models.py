@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .constants import SCHEMA_VERSION
 
 Identifier = Annotated[str, Field(min_length=1, max_length=200)]
-# "<transaction id>:<step>:<execute|compensate>:<attempt or late-n>": two 200-character ids and the rest.
+# "<transaction id>:<step>:<execute|compensate>:<attempt, late-n or late-n.k>": two 200-character ids and
+# the rest.
 CommandId = Annotated[str, Field(min_length=1, max_length=512)]
 StepKind = Literal["execute", "compensate"]
 _NAMESPACE_BYTES = uuid.UUID("6f1c2b1e-0a53-4d8e-9a0e-5b7f4c1d2e3f").bytes

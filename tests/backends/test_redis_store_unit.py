@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from orchestrator_kafka.backends.redis import RedisStateStore
-from orchestrator_kafka.context import SagaContext, StepStatus, WorkflowState
+from orchestrator_kafka.context import LateCompensation, SagaContext, StepStatus, WorkflowState
 from orchestrator_kafka.errors import StateStoreError, ValidationError
 from orchestrator_kafka.ports import ApplyResult, OutboxMessage, Timer, TransitionWrite
 
@@ -327,7 +327,9 @@ async def test_saga_json_round_trip(store: RedisStateStore) -> None:
 
 def test_stored_json_round_trips() -> None:
     """The stored form reads back as the same saga, and unknown fields (a newer writer's) are ignored."""
-    for ctx in (saga("t1", 1), _realistic("t2", 3, 7).saga):
+    with_late = saga("t3", 2)
+    with_late.late_runs["t3:a:compensate:late-1"] = LateCompensation("a", 2, None, "t3:x:retry", "Boom: no")
+    for ctx in (saga("t1", 1), _realistic("t2", 3, 7).saga, with_late):
         assert ctx is not None
         assert SagaContext.from_json(ctx.to_json()) == ctx
         newer = orjson.loads(ctx.to_json()) | {"field_of_a_newer_version": [1]}

@@ -312,46 +312,88 @@ async def test_a_step_timeout_counts_as_a_failed_attempt(backend: Backend) -> No
     assert h.compensations(tx) == ["release_inventory"]
 
 
-async def test_a_late_success_of_an_abandoned_attempt_is_compensated(backend: Backend) -> None:
-    """A worker (in any language) answers after the step timed out: its effect is undone."""
-    workflow = (
+def late_workflow(max_retries: int) -> WorkflowDefinition:
+    return (
         WorkflowBuilder("late")
         .add_step("charge", "charge_payment", compensation="refund_payment", timeout=0.3)
-        .with_retry_config(max_retries=0, initial_delay=0.01, max_delay=0.01)
+        .with_retry_config(max_retries=max_retries, initial_delay=0.01, max_delay=0.01)
         .build()
     )
-    async with Harness(backend, [workflow], {"refund_payment": ok()}) as h:
+
+
+async def report_a_late_success(h: Harness, tx: str) -> None:
+    """Publish what a worker (in any language) answers after the step's attempt 1 timed out, twice."""
+    late = StepResult(
+        event_id=str(uuid.uuid4()),
+        transaction_id=tx,
+        workflow_id="late",
+        occurred_at=datetime.now(UTC),
+        body=ResultBody(
+            command_id=f"{tx}:charge:execute:1",
+            step="charge",
+            kind="execute",
+            attempt=1,
+            status="succeeded",
+            result={"charged": True},
+        ),
+    )
+    message = OutboxMessage(h.orchestrator.topics.results, tx, encode(late))
+    await h.orchestrator.event_bus.publish([message])
+    await h.orchestrator.event_bus.publish([message])  # a duplicate changes nothing more
+
+
+async def refunds(h: Harness, tx: str, count: int) -> None:
+    async def enough() -> None:
+        while len(h.compensations(tx)) < count:
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(enough(), 20)
+    await settle()
+    assert h.compensations(tx) == ["refund_payment"] * count
+
+
+async def test_a_late_success_of_an_abandoned_attempt_is_compensated(backend: Backend) -> None:
+    """A worker answers after the step timed out: its effect is undone."""
+    async with Harness(backend, [late_workflow(0)], {"refund_payment": ok()}) as h:
         tx = await h.orchestrator.execute_workflow("late", {})
         status = await h.wait_final(tx)
         assert status["state"] == "compensated"
         assert "timed out" in status["error"]
         assert h.compensations(tx) == ["refund_payment"]  # the timed-out step's own compensation
-        late = StepResult(
-            event_id=str(uuid.uuid4()),
-            transaction_id=tx,
-            workflow_id="late",
-            occurred_at=datetime.now(UTC),
-            body=ResultBody(
-                command_id=f"{tx}:charge:execute:1",
-                step="charge",
-                kind="execute",
-                attempt=1,
-                status="succeeded",
-                result={"charged": True},
-            ),
-        )
-        message = OutboxMessage(h.orchestrator.topics.results, tx, encode(late))
-        await h.orchestrator.event_bus.publish([message])
-        await h.orchestrator.event_bus.publish([message])  # a duplicate changes nothing more
-
-        async def second_refund() -> None:
-            while h.compensations(tx) != ["refund_payment", "refund_payment"]:
-                await asyncio.sleep(0.02)
-
-        await asyncio.wait_for(second_refund(), 20)
-        await settle()
-        assert h.compensations(tx) == ["refund_payment", "refund_payment"]
+        await report_a_late_success(h, tx)
+        await refunds(h, tx, 2)
         assert (await h.orchestrator.get_status(tx))["state"] == "compensated"
+
+
+async def test_a_failed_compensation_of_a_late_success_is_retried(backend: Backend) -> None:
+    async def refund(ctx: StepContext) -> dict[str, Any]:
+        if ctx.command_id.endswith(":late-1"):
+            raise RuntimeError("refund service busy")
+        return {}
+
+    async with Harness(backend, [late_workflow(1)], {"refund_payment": refund}) as h:
+        tx = await h.orchestrator.execute_workflow("late", {})
+        assert (await h.wait_final(tx))["state"] == "compensated"
+        await report_a_late_success(h, tx)
+        await refunds(h, tx, 3)  # the step's own, the late success's, and its retry
+        assert [c.attempt for c in h.calls if c.transaction_id == tx and c.compensation] == [1, 1, 2]
+        assert (await h.orchestrator.get_status(tx))["state"] == "compensated"
+
+
+async def test_a_late_success_that_cannot_be_undone_fails_the_saga(backend: Backend) -> None:
+    async def refund(ctx: StepContext) -> dict[str, Any]:
+        if ":late-" in ctx.command_id:
+            raise NonRetryableError("card closed")
+        return {}
+
+    async with Harness(backend, [late_workflow(1)], {"refund_payment": refund}) as h:
+        tx = await h.orchestrator.execute_workflow("late", {})
+        assert (await h.wait_final(tx))["state"] == "compensated"
+        await report_a_late_success(h, tx)
+        status = await h.wait_state(tx, {"failed"})
+        assert "the compensation of a late success of step 'charge' failed" in status["error"]
+        assert "card closed" in status["error"]
+        await refunds(h, tx, 2)  # not retried: the error is not retryable
 
 
 async def test_a_compensation_that_keeps_failing_ends_the_saga_failed(backend: Backend) -> None:

@@ -291,13 +291,13 @@ class World:
         if cmd.command_id in self.outcomes:
             return self.outcomes[cmd.command_id]
         r = self.rng.random()
-        if ":late-" in cmd.command_id:
-            outcome: Outcome = "ok"
-        elif cmd.kind == "execute":
-            outcome = "fatal" if r < self.p_fatal else "fail" if r < self.p_fatal + self.p_fail else "ok"
+        if cmd.kind == "execute":
+            outcome: Outcome = (
+                "fatal" if r < self.p_fatal else "fail" if r < self.p_fatal + self.p_fail else "ok"
+            )
             if outcome == "ok" and has_timeout and self.rng.random() < self.p_lost:
                 outcome = "lost"
-        else:
+        else:  # compensations, those of late successes included
             outcome = "fatal" if r < self.p_comp_fatal else "fail" if r < self.p_comp_fail else "ok"
             if outcome == "ok" and has_timeout and self.rng.random() < self.p_lost / 2:
                 outcome = "lost"

@@ -969,6 +969,91 @@ def test_adopted_late_success_is_the_one_counted() -> None:
     assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-2"))]
 
 
+def ended_with_a_late_success(**retry: Any) -> tuple[Driver, Transition]:
+    """A compensated saga whose step "a" then reports the late success of its abandoned attempt 1."""
+    d = Driver(timeout_workflow(**retry))
+    d.start()
+    a1 = d.command("a")
+    d.fire(d.timer("a"))
+    if any(t.kind == "retry" for t in d.timers.values()):
+        d.fire(d.timer("a", "retry"))
+        d.fail("a", retryable=False, attempt=2)
+    d.succeed("a", kind="compensate")
+    assert d.state == "compensated"
+    t = d.feed(result_event(a1, result={}))
+    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-1"))]
+    return d, t
+
+
+def test_a_failed_late_compensation_is_retried_under_new_command_ids() -> None:
+    d, _ = ended_with_a_late_success(max_retries=2, initial_delay=1.0, backoff_factor=2.0)
+    assert {t.timer_id for t in d.timers.values()} == {cmd("a", "compensate", "late-1") + ":timeout"}
+    t = d.fail("a", kind="compensate", attempt="late-1")
+    assert actions(t) == ["late_compensation_failed_attempt", "retry_scheduled"]
+    retry = d.timer("a", "retry")
+    assert (retry.phase, retry.attempt, retry.due_at - d.now.timestamp()) == ("compensate", 2, 1.0)
+    assert t.cancel_timers == (cmd("a", "compensate", "late-1") + ":timeout",)
+    t = d.fire(retry)
+    assert actions(t) == ["late_compensation_dispatched"]
+    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-1.2"))]
+    assert t.commands[0][1].body.attempt == 2
+    # A second answer to attempt 1 is stale now; attempt 2's success settles it.
+    assert d.fail("a", kind="compensate", attempt="late-1").changed is False
+    t = d.succeed("a", kind="compensate", attempt="late-1.2")
+    assert actions(t) == ["late_compensation_succeeded"]
+    assert t.saga is not None and t.saga.state is WorkflowState.COMPENSATED and t.saga.late_runs == {}
+    assert d.timers == {}
+    assert d.succeed("a", kind="compensate", attempt="late-1.2").changed is False
+
+
+def test_a_late_compensation_that_times_out_is_retried() -> None:
+    d, _ = ended_with_a_late_success(max_retries=1)
+    t = d.fire(d.timer("a"))
+    assert actions(t) == ["step_timed_out", "late_compensation_failed_attempt", "retry_scheduled"]
+    d.fire(d.timer("a", "retry"))
+    assert d.command("a", "compensate").body.command_id == cmd("a", "compensate", "late-1.2")
+
+
+def test_an_earlier_late_attempts_success_settles_it_while_it_waits_to_retry() -> None:
+    d, _ = ended_with_a_late_success(max_retries=1)
+    d.fail("a", kind="compensate", attempt="late-1")
+    t = d.succeed("a", kind="compensate", attempt="late-1")
+    assert actions(t) == ["late_compensation_succeeded"]
+    assert t.cancel_timers == (cmd("a", "compensate", "late-1.2") + ":retry",)
+    assert d.timers == {} and d.state == "compensated"
+
+
+def test_a_late_compensation_that_fails_for_good_fails_the_ended_saga() -> None:
+    d, _ = ended_with_a_late_success(max_retries=0)
+    t = d.fail("a", kind="compensate", attempt="late-1")
+    assert actions(t) == ["late_compensation_failed_attempt", "late_compensation_failed", "saga_failed"]
+    saga = t.saga
+    assert saga is not None and saga.state is WorkflowState.FAILED
+    assert saga.error is not None and saga.error.endswith(
+        "the compensation of a late success of step 'a' failed: Boom: it broke"
+    )
+    assert saga.late_runs[cmd("a", "compensate", "late-1")].failed
+    assert d.timers == {}
+
+
+def test_a_late_compensation_that_fails_for_good_during_the_rollback_fails_it_at_the_end() -> None:
+    d = Driver(timeout_workflow(max_retries=0))
+    d.start()
+    d.succeed("a")
+    b1 = d.command("b")
+    d.fire(d.timer("b"))  # b times out for good: its compensation, then a's
+    d.feed(result_event(b1, result={}))  # b's late success: an extra compensation
+    t = d.fail("b", kind="compensate", attempt="late-1", retryable=False)
+    assert actions(t) == ["late_compensation_failed_attempt", "late_compensation_failed"]
+    assert d.state == "compensating"  # the rollback goes on
+    assert compensations_in_order(d) == ["ub", "ua"]
+    assert d.state == "failed"
+    assert d.saga is not None and d.saga.error is not None
+    assert d.saga.error.startswith(
+        "step 'b' failed: timed out after 2.5s; the compensation of a late success"
+    )
+
+
 def test_result_for_an_unknown_step_changes_nothing() -> None:
     d = Driver(spec_workflow())
     d.start()

@@ -80,6 +80,7 @@ class Facts:
     executes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     compensations: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     late: list[tuple[int, str, str]] = field(default_factory=list)  # (log index, step, "late-<n>")
+    late_attempts: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # by late-<n>
     counted: dict[str, tuple[int, StepResult]] = field(default_factory=dict)  # the success a step took
     counted_order: list[str] = field(default_factory=list)
     compensated: list[str] = field(default_factory=list)  # accepted primary compensation successes
@@ -104,7 +105,10 @@ class Facts:
                 f.commands.append((entry.index, topic, body))
                 label = body.command_id.rsplit(":", 1)[1]
                 if label.startswith("late-"):
-                    f.late.append((entry.index, body.step, label))
+                    first = label.split(".", 1)[0]
+                    f.late_attempts[f"{body.step}:{first}"].append(body.attempt)
+                    if label == first:
+                        f.late.append((entry.index, body.step, label))
                 elif body.kind == "execute":
                     f.executes[body.step].append(body.attempt)
                 else:
@@ -179,6 +183,30 @@ def trigger(run: Run, into: tuple[WorkflowState, ...]) -> tuple[str, bool]:
     raise AssertionError(f"nothing moved the saga into {into}")
 
 
+def late_failure(run: Run) -> tuple[str, bool] | None:
+    """The step whose late success's compensation failed for good first, and whether that was for a
+    non-retryable error; None if none did."""
+    for entry in run.log:
+        failed = [a for a in audit_actions(entry.transition) if a.action == "late_compensation_failed"]
+        if failed:
+            event = entry.event
+            fatal = (
+                isinstance(event, StepResult)
+                and event.body.error is not None
+                and not event.body.error.retryable
+            )
+            return failed[0].step or "", fatal
+    return None
+
+
+def failed_for_a_late_success(run: Run) -> bool:
+    """The saga ended failed because the compensation of a late success failed for good."""
+    return (
+        run.saga.state is WorkflowState.FAILED
+        and "of a late success" in (run.saga.error or "").split(";")[-1]
+    )
+
+
 ROLLING_BACK = (WorkflowState.COMPENSATING, WorkflowState.COMPENSATED)
 FAILED = (WorkflowState.FAILED,)
 
@@ -191,7 +219,9 @@ def check_saga_ends_final_and_agrees_with_its_steps(run: Run) -> None:
     saga = run.saga
     assert saga.state.is_final, saga.state
     assert saga.current_step is None
-    assert run.timers_at_final == set(), "a final saga left timers behind"
+    # Only the compensations of late successes outlive the saga's end.
+    assert all(":late-" in timer_id for timer_id in run.timers_at_final), "a final saga left timers behind"
+    assert all(late.failed for late in saga.late_runs.values()), "a late compensation never settled"
     d = run.definition
     reached = range(failing_stage(run, f) + 1) if f.executed() else range(len(d.stages))
     # Every step of every stage reached ran, unless its condition was false; no other step ran.
@@ -214,7 +244,19 @@ def check_saga_ends_final_and_agrees_with_its_steps(run: Run) -> None:
         step, fatal = trigger(run, ROLLING_BACK)
         assert d.stage_of(step) == failing_stage(run, f)
         assert fatal or len(f.executes[step]) == max_attempts(run, step), "rolled back before retries ran out"
-    if saga.state is WorkflowState.FAILED:
+    for label, attempts in f.late_attempts.items():
+        step = label.split(":", 1)[0]
+        assert attempts == list(range(1, len(attempts) + 1)) and len(attempts) <= max_attempts(run, step)
+    # A late compensation gives up only once its retries are spent (or on a non-retryable error), and
+    # then the saga ends failed: a side effect is left behind.
+    for base, late_run in saga.late_runs.items():
+        attempts = f.late_attempts[f"{late_run.step}:{base.rsplit(':', 1)[1]}"]
+        last = base if len(attempts) == 1 else f"{base}.{len(attempts)}"
+        assert len(attempts) == max_attempts(run, late_run.step) or run.outcomes.get(last) == "fatal"
+        assert saga.state is WorkflowState.FAILED
+    if failed_for_a_late_success(run):
+        assert late_failure(run) is not None
+    elif saga.state is WorkflowState.FAILED:
         assert "compensation" in (saga.error or "")
         step, fatal = trigger(run, FAILED)
         assert step not in f.compensated
@@ -227,7 +269,7 @@ def check_compensations_run_once_each_in_design_order(run: Run) -> None:
     state = run.saga.state
     if state is WorkflowState.COMPLETED:
         assert f.compensated == [] and not f.compensations
-    elif state in ROLLED_BACK:
+    elif state in ROLLED_BACK or failed_for_a_late_success(run):
         assert f.compensated == expected
     else:
         assert state is WorkflowState.FAILED
@@ -253,7 +295,12 @@ def check_command_ids_topics_timers_and_versions(run: Run) -> None:
         step = d.step(body.step)
         assert step is not None
         label = body.command_id.rsplit(":", 1)[1]
-        assert label == str(body.attempt) or (label.startswith("late-") and body.attempt == 1)
+        late_label, _, late_attempt = label.partition(".")
+        assert (
+            label == str(body.attempt)
+            or (label.startswith("late-") and not late_attempt and body.attempt == 1)
+            or (late_label.startswith("late-") and late_attempt == str(body.attempt) and body.attempt > 1)
+        )
         assert body.command_id == f"{TX}:{body.step}:{body.kind}:{label}"
         if body.kind == "execute":
             assert (topic, body.worker_name) == (f"saga.commands.{step.worker_name}", step.worker_name)
@@ -306,6 +353,10 @@ def describe(run: Run) -> None:
     f = Facts.of(run)
     if f.late:
         event("late success compensated")
+    if any(len(a) > 1 for a in f.late_attempts.values()):
+        event("a late compensation retried")
+    if failed_for_a_late_success(run):
+        event("failed for a late success")
     if any(len(a) > 1 for a in f.executes.values()):
         event("a step retried")
     if any(len(a) > 1 for a in f.compensations.values()):
