@@ -517,7 +517,10 @@ class _Run:
             )
         else:
             assert step.timeout is not None
-            self.record("step_timed_out", step=step.name, kind="compensate", attempt=timer.attempt)
+            # Actions of their own: the audit tells them from the step's own compensation's.
+            self.record(
+                "late_compensation_timed_out", step=step.name, kind="compensate", attempt=timer.attempt
+            )
             self.late_attempt_failed(step, base, run, f"timed out after {step.timeout:g}s", retryable=True)
         return self.done()
 
@@ -549,7 +552,11 @@ class _Run:
                 )
             )
             self.record(
-                "retry_scheduled", step=step.name, kind="compensate", attempt=run.attempt + 1, error=error
+                "late_compensation_retry_scheduled",
+                step=step.name,
+                kind="compensate",
+                attempt=run.attempt + 1,
+                error=error,
             )
             return
         run.failed = True

@@ -38,6 +38,8 @@ from .ports import Headers
 _log = logging.getLogger(__name__)
 _NAME = "orchestrator_kafka"
 _FINAL_EVENTS = ("completed", "compensated", "failed", "cancelled")
+# The audit actions that schedule a retry, of a step, a compensation or the compensation of a late success.
+_RETRY_ACTIONS = frozenset({"retry_scheduled", "late_compensation_retry_scheduled"})
 
 
 def _is_real(provider: object) -> bool:
@@ -174,7 +176,7 @@ class Telemetry:
             if to_state != from_state and to_state in _FINAL_EVENTS:
                 self._sagas.add(1, {**attrs, "event": to_state})
             for action in actions:
-                if action["action"] in ("retry_scheduled", "compensation_retry_scheduled"):
+                if action["action"] in _RETRY_ACTIONS:
                     self._retries.add(1, {**attrs, "saga.step": action.get("step") or ""})
         if self.tracing and to_state != from_state and to_state in _FINAL_EVENTS:
             span = self._tracer.start_span(

@@ -989,7 +989,7 @@ def test_a_failed_late_compensation_is_retried_under_new_command_ids() -> None:
     d, _ = ended_with_a_late_success(max_retries=2, initial_delay=1.0, backoff_factor=2.0)
     assert {t.timer_id for t in d.timers.values()} == {cmd("a", "compensate", "late-1") + ":timeout"}
     t = d.fail("a", kind="compensate", attempt="late-1")
-    assert actions(t) == ["late_compensation_failed_attempt", "retry_scheduled"]
+    assert actions(t) == ["late_compensation_failed_attempt", "late_compensation_retry_scheduled"]
     retry = d.timer("a", "retry")
     assert (retry.phase, retry.attempt, retry.due_at - d.now.timestamp()) == ("compensate", 2, 1.0)
     assert t.cancel_timers == (cmd("a", "compensate", "late-1") + ":timeout",)
@@ -1009,7 +1009,11 @@ def test_a_failed_late_compensation_is_retried_under_new_command_ids() -> None:
 def test_a_late_compensation_that_times_out_is_retried() -> None:
     d, _ = ended_with_a_late_success(max_retries=1)
     t = d.fire(d.timer("a"))
-    assert actions(t) == ["step_timed_out", "late_compensation_failed_attempt", "retry_scheduled"]
+    assert actions(t) == [
+        "late_compensation_timed_out",
+        "late_compensation_failed_attempt",
+        "late_compensation_retry_scheduled",
+    ]
     d.fire(d.timer("a", "retry"))
     assert d.command("a", "compensate").body.command_id == cmd("a", "compensate", "late-1.2")
 
