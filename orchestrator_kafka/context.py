@@ -200,6 +200,12 @@ class SagaContext:
             "updated_at": self.updated_at.isoformat(),
             "version": self.version,
             "steps": {name: rt.status.value for name, rt in self.steps.items()},
+            # Compensations of late successes not yet settled (they can outlive the saga's end), or
+            # failed for good.
+            "late_compensations": [
+                {"step": run.step, "attempt": run.attempt, "failed": run.failed, "error": run.error}
+                for run in self.late_runs.values()
+            ],
         }
 
 

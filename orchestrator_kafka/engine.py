@@ -467,15 +467,15 @@ class _Run:
             )
 
     def late_run_of(self, cid: str) -> tuple[str, LateCompensation, int] | None:
-        """The unsettled late compensation that sent command ``cid``, and that command's attempt."""
+        """The late compensation that sent command ``cid`` (unsettled, or failed for good), and that
+        command's attempt. Ids are matched exactly, never parsed: a result can carry any text."""
         for base, run in self.s.late_runs.items():
-            if run.failed:
-                continue
             if cid == base:
                 return base, run, 1
-            head, _, suffix = cid.rpartition(".")
-            if head == base and suffix.isdigit() and 2 <= int(suffix) <= run.attempt:
-                return base, run, int(suffix)
+            if cid.startswith(base):
+                for attempt in range(2, run.attempt + 1):
+                    if cid == f"{base}.{attempt}":
+                        return base, run, attempt
         return None
 
     def late_result(self, base: str, run: LateCompensation, attempt: int, body: ResultBody) -> Transition:
@@ -483,12 +483,13 @@ class _Run:
         if step is None:
             return self.unchanged(f"workflow {self.d.get_id()!r} has no step {run.step!r}")
         if body.status == "succeeded":
-            # Any attempt's success undoes the late success, even one the saga stopped waiting for.
+            # Any attempt's success undoes the late success, even one the saga stopped waiting for or
+            # gave up on (a saga it already failed stays failed: its audit says why).
             del self.s.late_runs[base]
             self.cancel_late_timer(run)
             self.record("late_compensation_succeeded", step=step.name, kind="compensate", attempt=attempt)
             return self.done()
-        if attempt != run.attempt or run.command_id is None:
+        if run.failed or attempt != run.attempt or run.command_id is None:
             return self.unchanged("stale result")
         self.cancel_late_timer(run)
         error = body.error
@@ -563,12 +564,24 @@ class _Run:
         self.record(
             "late_compensation_failed", step=step.name, kind="compensate", attempt=run.attempt, error=error
         )
-        if self.s.state.is_final and self.s.state is not WorkflowState.FAILED:
-            self.fail_for_late(run)
+        if self.s.state is WorkflowState.FAILED:
+            self.s.error = self.with_late_failures(self.s.error, [run])
+        elif self.s.state.is_final:
+            self.fail_for_late()
+        # Still rolling back: the rollback ends failed (finish_rollback), unless a late success of this
+        # compensation comes first.
 
-    def fail_for_late(self, run: LateCompensation) -> None:
-        reason = f"the compensation of a late success of step {run.step!r} failed: {run.error}"
-        self.s.error = f"{self.s.error}; {reason}" if self.s.error else reason
+    def late_failures(self) -> list[LateCompensation]:
+        return [run for run in self.s.late_runs.values() if run.failed]
+
+    @staticmethod
+    def with_late_failures(error: str | None, runs: list[LateCompensation]) -> str:
+        """``error`` with the reason of each late compensation in ``runs`` that failed for good."""
+        reasons = [f"the compensation of a late success of step {r.step!r} failed: {r.error}" for r in runs]
+        return "; ".join([error, *reasons] if error else reasons)
+
+    def fail_for_late(self) -> None:
+        self.s.error = self.with_late_failures(self.s.error, self.late_failures())
         self.set_state(WorkflowState.FAILED, "saga_failed", error=self.s.error)
 
     def step_succeeded(
@@ -612,7 +625,9 @@ class _Run:
                 self.schedule_retry(step, phase, attempt + 1)
                 return
             rt.status = StepStatus.COMPENSATION_FAILED
-            self.s.error = f"compensation of step {step.name!r} failed: {error}"
+            self.s.error = self.with_late_failures(
+                f"compensation of step {step.name!r} failed: {error}", self.late_failures()
+            )
             self.set_state(WorkflowState.FAILED, "saga_failed", error=self.s.error)
             return
         if may_retry and self.s.state is WorkflowState.RUNNING:
@@ -711,9 +726,8 @@ class _Run:
             self.finish_rollback()
 
     def finish_rollback(self) -> None:
-        failed_late = next((run for run in self.s.late_runs.values() if run.failed), None)
-        if failed_late is not None:
-            self.fail_for_late(failed_late)
+        if self.late_failures():
+            self.fail_for_late()
         elif self.s.cancel_requested:
             self.set_state(WorkflowState.CANCELLED, "saga_cancelled", error=self.s.error)
         else:

@@ -168,17 +168,20 @@ class Telemetry:
         now: datetime,
         error: str | None,
     ) -> None:
-        """Count what an applied transition did; at a final state, record the saga's span."""
+        """Count what an applied transition did; at a final state, record the saga's span. A saga that
+        ended and then fails (the compensation of a late success failed) is not counted or traced again:
+        its audit record says so."""
+        ended = to_state != from_state and to_state in _FINAL_EVENTS and from_state not in _FINAL_EVENTS
         if self.metering:
             attrs = {"saga.workflow_id": workflow_id}
             if from_state is None:
                 self._sagas.add(1, {**attrs, "event": "started"})
-            if to_state != from_state and to_state in _FINAL_EVENTS:
+            if ended:
                 self._sagas.add(1, {**attrs, "event": to_state})
             for action in actions:
                 if action["action"] in _RETRY_ACTIONS:
                     self._retries.add(1, {**attrs, "saga.step": action.get("step") or ""})
-        if self.tracing and to_state != from_state and to_state in _FINAL_EVENTS:
+        if self.tracing and ended:
             span = self._tracer.start_span(
                 f"saga {workflow_id}",
                 context=_traceparent_context(traceparent),

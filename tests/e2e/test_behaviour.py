@@ -376,6 +376,9 @@ async def test_a_failed_compensation_of_a_late_success_is_retried(backend: Backe
         assert (await h.wait_final(tx))["state"] == "compensated"
         await report_a_late_success(h, tx)
         await refunds(h, tx, 3)  # the step's own, the late success's, and its retry
+        async with asyncio.timeout(20):
+            while (await h.orchestrator.get_status(tx))["late_compensations"]:
+                await asyncio.sleep(0.02)  # settled by the retry's success
         assert [c.attempt for c in h.calls if c.transaction_id == tx and c.compensation] == [1, 1, 2]
         assert (await h.orchestrator.get_status(tx))["state"] == "compensated"
 
@@ -393,6 +396,9 @@ async def test_a_late_success_that_cannot_be_undone_fails_the_saga(backend: Back
         status = await h.wait_state(tx, {"failed"})
         assert "the compensation of a late success of step 'charge' failed" in status["error"]
         assert "card closed" in status["error"]
+        assert [(c["step"], c["attempt"], c["failed"]) for c in status["late_compensations"]] == [
+            ("charge", 1, True)
+        ]
         await refunds(h, tx, 2)  # not retried: the error is not retryable
 
 

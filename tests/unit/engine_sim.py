@@ -273,7 +273,7 @@ class World:
         cancel_at = rng.choice([None, None, rng.randrange(1, 15)])
         if slow or (slow is None and rng.random() < 0.4):
             # Slow workers: timeouts fire before answers, which then arrive late, some twice.
-            return cls(rng, 0.1, 0.2, 0.0, 0.0, 0.0, p_dup=0.6, p_timer=0.5, cancel_at=cancel_at, p_hold=0.5)
+            return cls(rng, 0.1, 0.2, 0.0, 0.2, 0.05, p_dup=0.6, p_timer=0.5, cancel_at=cancel_at, p_hold=0.5)
         return cls(
             rng=rng,
             p_fail=rng.choice([0.0, 0.1, 0.3]),
@@ -360,7 +360,9 @@ def simulate(shape: Shape, rng: random.Random, *, slow: bool | None = None, max_
 
     def feed(event: Event) -> None:
         nonlocal saga, timers_at_final
+        stored = saga.to_json() if saga is not None else None
         t = decide(definition, saga, event, now)
+        assert stored is None or saga is None or saga.to_json() == stored, "decide changed its input saga"
         check_transition(saga, t)
         log.append(Entry(len(log), event, saga, t))
         if t.changed:

@@ -1027,6 +1027,46 @@ def test_an_earlier_late_attempts_success_settles_it_while_it_waits_to_retry() -
     assert d.timers == {} and d.state == "compensated"
 
 
+def test_an_earlier_late_attempts_success_settles_it_while_the_next_runs() -> None:
+    d, _ = ended_with_a_late_success(max_retries=1)
+    d.fail("a", kind="compensate", attempt="late-1")
+    d.fire(d.timer("a", "retry"))
+    assert d.command("a", "compensate").body.command_id == cmd("a", "compensate", "late-1.2")
+    t = d.succeed("a", kind="compensate", attempt="late-1")
+    assert actions(t) == ["late_compensation_succeeded"]
+    assert t.cancel_timers == (cmd("a", "compensate", "late-1.2") + ":timeout",)
+    assert d.saga is not None and d.saga.late_runs == {} and d.timers == {}
+    assert d.succeed("a", kind="compensate", attempt="late-1.2").changed is False
+
+
+def test_results_that_only_look_like_a_late_attempt_change_nothing() -> None:
+    d, _ = ended_with_a_late_success(max_retries=2)
+    d.fail("a", kind="compensate", attempt="late-1")
+    d.fire(d.timer("a", "retry"))
+    base = cmd("a", "compensate", "late-1")
+    real = d.command("a", "compensate", "late-1.2")
+    for forged in (f"{base}.02", f"{base}.\u00b2", f"{base}.3", f"{base}.2.2", f"{base}x"):
+        body = real.body.model_copy(update={"command_id": forged})
+        assert d.feed(result_event(real.model_copy(update={"body": body}), result={})).changed is False
+    assert d.succeed("a", kind="compensate", attempt="late-1.2").changed is True
+
+
+def test_a_late_success_of_a_given_up_compensation_during_the_rollback_saves_the_saga() -> None:
+    d = Driver(timeout_workflow(max_retries=0))
+    d.start()
+    d.succeed("a")
+    b1 = d.command("b")
+    d.fire(d.timer("b"))
+    d.feed(result_event(b1, result={}))
+    late_timeout = cmd("b", "compensate", "late-1") + ":timeout"
+    d.fire(d.timers[late_timeout])  # the late compensation times out, with no retries: it gives up
+    assert d.saga is not None and d.saga.late_runs[cmd("b", "compensate", "late-1")].failed
+    t = d.succeed("b", kind="compensate", attempt="late-1")  # it did undo it, after all
+    assert actions(t) == ["late_compensation_succeeded"]
+    assert compensations_in_order(d) == ["ub", "ua"]
+    assert d.state == "compensated"
+
+
 def test_a_late_compensation_that_fails_for_good_fails_the_ended_saga() -> None:
     d, _ = ended_with_a_late_success(max_retries=0)
     t = d.fail("a", kind="compensate", attempt="late-1")

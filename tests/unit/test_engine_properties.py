@@ -22,7 +22,7 @@ from orchestrator_kafka.context import WorkflowState
 from orchestrator_kafka.engine import TimerFired
 from orchestrator_kafka.models import CancelSaga, CommandBody, StepResult
 
-from .engine_sim import TX, Run, Shape, StepSpec, audit_actions, simulate
+from .engine_sim import TX, Run, Shape, StepSpec, actions, audit_actions, simulate
 
 # No shrinking: a random world shrinks poorly and slowly; a failing example prints its full trace instead.
 SETTINGS = settings(
@@ -183,28 +183,35 @@ def trigger(run: Run, into: tuple[WorkflowState, ...]) -> tuple[str, bool]:
     raise AssertionError(f"nothing moved the saga into {into}")
 
 
-def late_failure(run: Run) -> tuple[str, bool] | None:
-    """The step whose late success's compensation failed for good first, and whether that was for a
-    non-retryable error; None if none did."""
+def entered_failed(run: Run) -> int | None:
+    """The log index of the transition that moved the saga into failed, if any did."""
     for entry in run.log:
-        failed = [a for a in audit_actions(entry.transition) if a.action == "late_compensation_failed"]
-        if failed:
-            event = entry.event
-            fatal = (
-                isinstance(event, StepResult)
-                and event.body.error is not None
-                and not event.body.error.retryable
-            )
-            return failed[0].step or "", fatal
+        before, after = entry.before, entry.transition.saga
+        if (
+            before is not None
+            and after is not None
+            and before.state is not after.state is WorkflowState.FAILED
+        ):
+            return entry.index
     return None
 
 
 def failed_for_a_late_success(run: Run) -> bool:
-    """The saga ended failed because the compensation of a late success failed for good."""
-    return (
-        run.saga.state is WorkflowState.FAILED
-        and "of a late success" in (run.saga.error or "").split(";")[-1]
-    )
+    """The saga failed because the compensation of a late success failed for good, not one of its own
+    compensations: the transition into failed failed no compensation of a step."""
+    index = entered_failed(run)
+    return index is not None and "compensation_failed_attempt" not in actions(run.log[index].transition)
+
+
+LATE_ACTIONS = {
+    "late_success_compensated",
+    "late_compensation_dispatched",
+    "late_compensation_succeeded",
+    "late_compensation_failed_attempt",
+    "late_compensation_timed_out",
+    "late_compensation_retry_scheduled",
+    "late_compensation_failed",
+}
 
 
 ROLLING_BACK = (WorkflowState.COMPENSATING, WorkflowState.COMPENSATED)
@@ -254,8 +261,32 @@ def check_saga_ends_final_and_agrees_with_its_steps(run: Run) -> None:
         last = base if len(attempts) == 1 else f"{base}.{len(attempts)}"
         assert len(attempts) == max_attempts(run, late_run.step) or run.outcomes.get(last) == "fatal"
         assert saga.state is WorkflowState.FAILED
+    # A late compensation is not retried after a non-retryable error it took.
+    sent_ids = {body.command_id for _, _, body in f.commands}
+    for entry in run.log:
+        event = entry.event
+        if (
+            isinstance(event, StepResult)
+            and ":late-" in event.body.command_id
+            and event.body.error is not None
+            and not event.body.error.retryable
+            and entry.transition.changed
+        ):
+            base = event.body.command_id.split(".", 1)[0]
+            assert f"{base}.{event.body.attempt + 1}" not in sent_ids, f"{base} retried after a fatal error"
+    # After the saga's end, only the compensations of late successes go on, and the only change of state
+    # is to failed, when one of them fails for good.
+    ended = next(e.index for e in run.log if e.transition.saga and e.transition.saga.state.is_final)
+    for entry in run.log[ended + 1 :]:
+        done = actions(entry.transition)
+        assert set(done) <= LATE_ACTIONS | {"saga_failed"}, done
+        assert "saga_failed" not in done or "late_compensation_failed" in done
     if failed_for_a_late_success(run):
-        assert late_failure(run) is not None
+        index = entered_failed(run)
+        assert index is not None
+        failed_late = [e for e in run.log[: index + 1] if "late_compensation_failed" in actions(e.transition)]
+        assert failed_late, "failed for a late success that never failed"
+        assert "of a late success" in (saga.error or "")
     elif saga.state is WorkflowState.FAILED:
         assert "compensation" in (saga.error or "")
         step, fatal = trigger(run, FAILED)
@@ -410,3 +441,4 @@ def test_late_successes_with_slow_workers(shape: Shape, seed: int) -> None:
     describe(run)
     with explained(run):
         check_late_successes_are_undone_exactly_when_needed(run)
+        check_saga_ends_final_and_agrees_with_its_steps(run)

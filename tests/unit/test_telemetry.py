@@ -167,6 +167,19 @@ async def test_metrics_count_sagas_steps_retries_and_dead_letters(providers: Pro
     assert failed_saga.attributes is not None and failed_saga.attributes["saga.state"] == "compensated"
 
 
+def test_a_saga_that_fails_after_its_end_is_not_counted_or_traced_again(providers: Providers) -> None:
+    """The compensation of a late success failed for good: the saga goes from compensated to failed,
+    but it ended once, as its start and end counts and its one span say."""
+    t = orchestrator_module.Telemetry("orchestrator")  # the fixture's, with its providers
+    now = datetime.now(UTC)
+    for before, after in ((None, "running"), ("running", "compensating"), ("compensating", "compensated")):
+        t.transition("wf", "tx", before, after, [], None, now, now, "step failed")
+    t.transition("wf", "tx", "compensated", "failed", [], None, now, now, "late compensation failed")
+    assert providers.count("saga.sagas", event="compensated") == 1
+    assert providers.count("saga.sagas", event="failed") == 0
+    assert [s.attributes["saga.state"] for s in providers.finished() if s.attributes] == ["compensated"]
+
+
 def test_telemetry_is_off_without_an_sdk_provider() -> None:
     off = telemetry.Telemetry("orchestrator")
     assert not off.enabled and not off.tracing and not off.metering
