@@ -38,7 +38,8 @@ def describe(event: SagaEvent) -> list[str]:
             step += f" -> {escape(a.worker_name)}"
         attempt = f" (attempt {a.attempt})" if a.attempt and a.attempt > 1 else ""
         shown = f"  {state(a.state)}" if a.action.startswith(("saga_", "compensation_started")) else ""
-        error = f"  [red]{escape(a.error)}[/red]" if a.error and a.action != "retry_scheduled" else ""
+        retry = a.action in ("retry_scheduled", "late_compensation_retry_scheduled")
+        error = f"  [red]{escape(a.error)}[/red]" if a.error and not retry else ""
         lines.append(f"[dim]{escape(event.transaction_id):>10}[/dim]  {what}{step}{attempt}{shown}{error}")
     return lines
 
@@ -86,6 +87,10 @@ def status_table(status: Mapping[str, Any]) -> Table:
     for name, step_state in status.get("steps", {}).items():
         result = f"  {escape(str(results[name]))}" if name in results else ""
         table.add_row(f"  {escape(name)}", f"{escape(step_state)}{result}")
+    for late in status.get("late_compensations", []):
+        settled = "[red]failed[/red]" if late["failed"] else "pending"
+        error = f"  [red]{escape(str(late['error']))}[/red]" if late["error"] else ""
+        table.add_row(f"  {escape(late['step'])} (late)", f"{settled}, attempt {late['attempt']}{error}")
     return table
 
 

@@ -7,10 +7,13 @@ import logging
 
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from orchestrator_kafka import ValidationError, WorkflowBuilder
 from orchestrator_kafka.cli import cli
+from orchestrator_kafka.context import LateCompensation, SagaContext, WorkflowState
 from orchestrator_kafka.graph import mermaid
+from orchestrator_kafka.render import status_table
 from orchestrator_kafka.service import HealthServer
 from orchestrator_kafka.settings import ENV_VARS, Settings
 
@@ -127,3 +130,14 @@ def test_repeated_log_lines_are_held_back_and_counted() -> None:
     )
     later = record("Unable connect to %s:%s", 111.0)
     assert repeat.filter(later) and "and 49 more like it in the last 10s" in later.getMessage()
+
+
+def test_status_table_shows_the_compensations_of_late_successes() -> None:
+    saga = SagaContext("tx-1", "orders", WorkflowState.FAILED, error="late compensation failed")
+    saga.late_runs["tx-1:charge:compensate:late-1"] = LateCompensation("charge", 3, failed=True, error="Boom")
+    saga.late_runs["tx-1:ship:compensate:late-2"] = LateCompensation("ship", 1, "tx-1:ship:compensate:late-2")
+    console = Console(record=True, width=120)
+    console.print(status_table(saga.to_status()))
+    text = console.export_text()
+    assert "charge (late)  failed, attempt 3  Boom" in text
+    assert "ship (late)    pending, attempt 1" in text
