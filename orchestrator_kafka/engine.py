@@ -142,6 +142,14 @@ def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
     )
 
 
+def _failure(body: ResultBody) -> tuple[str, bool]:
+    """A failed result's error as the saga records it, and whether it may be retried."""
+    error = body.error
+    if error is None:
+        return "failed without an error", True
+    return f"{error.type}: {error.message}", error.retryable
+
+
 def command_id(transaction_id: str, step: str, phase: Phase, attempt: int | str) -> str:
     """The id of a command: unique per saga, step, phase and attempt."""
     return f"{transaction_id}:{step}:{phase}:{attempt}"
@@ -296,25 +304,30 @@ class _Run:
             worker = step.compensation
             topic = self.topics.compensations(worker)
         rt.command_id = cid
-        rt.timer_id = None
         rt.dispatched_at = self.now.timestamp()
-        self.send(cid, step, phase, attempt, worker, topic)
-        if step.timeout is not None:
-            rt.timer_id = f"{cid}:timeout"
-            self.timers.append(
-                Timer(
-                    rt.timer_id,
-                    self.s.transaction_id,
-                    self.now.timestamp() + step.timeout,
-                    "timeout",
-                    step.name,
-                    phase,
-                    attempt,
-                    cid,
-                )
-            )
+        rt.timer_id = self.send_timed(cid, step, phase, attempt, worker, topic)
         action = "step_dispatched" if phase == "execute" else "compensation_dispatched"
         self.record(action, step=step.name, kind=phase, attempt=attempt, worker=worker)
+
+    def send_timed(
+        self, cid: str, step: WorkflowStep, phase: Phase, attempt: int, worker: str, topic: str
+    ) -> str | None:
+        """:meth:`send`, and set the step's timeout timer for the command; its id, if the step has one."""
+        self.send(cid, step, phase, attempt, worker, topic)
+        if step.timeout is None:
+            return None
+        timer = Timer(
+            f"{cid}:timeout",
+            self.s.transaction_id,
+            self.now.timestamp() + step.timeout,
+            "timeout",
+            step.name,
+            phase,
+            attempt,
+            cid,
+        )
+        self.timers.append(timer)
+        return timer.timer_id
 
     def send(self, cid: str, step: WorkflowStep, phase: Phase, attempt: int, worker: str, topic: str) -> None:
         payload = {
@@ -336,30 +349,36 @@ class _Run:
         }
         self.outgoing.append(Outgoing(topic, payload))
 
-    def drop_timer(self, rt: StepRuntime) -> None:
-        if rt.timer_id is not None:
-            self.cancel_timers.append(rt.timer_id)
-            rt.timer_id = None
+    def drop_timer(self, record: StepRuntime | LateCompensation) -> None:
+        if record.timer_id is not None:
+            self.cancel_timers.append(record.timer_id)
+            record.timer_id = None
 
     def schedule_retry(self, step: WorkflowStep, phase: Phase, attempt: int) -> None:
         """Wait before dispatching ``attempt`` (the next one) of ``phase``."""
         rt = self.s.step(step.name)
-        delay = self.d.retry_for(step).delay(attempt - 1)
         rt.status = StepStatus.RETRY_WAIT if phase == "execute" else StepStatus.COMPENSATION_RETRY_WAIT
-        rt.timer_id = f"{command_id(self.s.transaction_id, step.name, phase, attempt)}:retry"
-        rt.command_id = None
-        self.timers.append(
-            Timer(
-                rt.timer_id,
-                self.s.transaction_id,
-                self.now.timestamp() + delay,
-                "retry",
-                step.name,
-                phase,
-                attempt,
-            )
+        rt.timer_id = self.retry_timer(
+            command_id(self.s.transaction_id, step.name, phase, attempt), step, phase, attempt
         )
+        rt.command_id = None
         self.record("retry_scheduled", step=step.name, kind=phase, attempt=attempt, error=rt.error)
+
+    def retry_timer(self, cid: str, step: WorkflowStep, phase: Phase, attempt: int) -> str:
+        """Set the timer that dispatches ``attempt`` (command ``cid``) after the retry policy's delay;
+        its id."""
+        delay = self.d.retry_for(step).delay(attempt - 1)
+        timer = Timer(
+            f"{cid}:retry",
+            self.s.transaction_id,
+            self.now.timestamp() + delay,
+            "retry",
+            step.name,
+            phase,
+            attempt,
+        )
+        self.timers.append(timer)
+        return timer.timer_id
 
     # ---------------------------------------------------------------- events
 
@@ -386,9 +405,8 @@ class _Run:
             else:
                 self.compensation_succeeded(step, rt, body.attempt)
             return self.done()
-        error = body.error
-        message = f"{error.type}: {error.message}" if error else "failed without an error"
-        self.attempt_failed(step, rt, body.kind, message, retryable=error.retryable if error else True)
+        message, retryable = _failure(body)
+        self.attempt_failed(step, rt, body.kind, message, retryable=retryable)
         return self.done()
 
     def compensation_succeeded(self, step: WorkflowStep, rt: StepRuntime, attempt: int) -> None:
@@ -430,41 +448,22 @@ class _Run:
         self.s.late_compensations.append(body.command_id)
         base = command_id(self.s.transaction_id, step.name, "compensate", f"late-{body.attempt}")
         self.s.late_runs[base] = LateCompensation(step.name)
-        self.dispatch_late(step, base, 1)
-        self.record(
-            "late_success_compensated",
-            step=step.name,
-            kind="compensate",
-            attempt=body.attempt,
-            worker=step.compensation,
-        )
+        self.dispatch_late(step, base, 1, "late_success_compensated", body.attempt)
         return self.done()
 
     # ---------------------------------------------------------------- compensations of late successes
 
-    def dispatch_late(self, step: WorkflowStep, base: str, attempt: int) -> None:
-        """Send ``attempt`` of the late compensation ``base``: the first under ``base`` itself (the id
-        the first release of this rule used), the next ones as ``<base>.<attempt>``."""
+    def dispatch_late(self, step: WorkflowStep, base: str, attempt: int, action: str, shown: int) -> None:
+        """Send ``attempt`` of the late compensation ``base``, and record it as ``action`` of attempt
+        ``shown``. The first goes under ``base`` itself (the id the first release of this rule used),
+        the next ones as ``<base>.<attempt>``."""
         assert step.compensation is not None
         run = self.s.late_runs[base]
         cid = base if attempt == 1 else f"{base}.{attempt}"
-        run.attempt, run.command_id, run.timer_id = attempt, cid, None
+        run.attempt, run.command_id = attempt, cid
         topic = self.topics.compensations(step.compensation)
-        self.send(cid, step, "compensate", attempt, step.compensation, topic)
-        if step.timeout is not None:
-            run.timer_id = f"{cid}:timeout"
-            self.timers.append(
-                Timer(
-                    run.timer_id,
-                    self.s.transaction_id,
-                    self.now.timestamp() + step.timeout,
-                    "timeout",
-                    step.name,
-                    "compensate",
-                    attempt,
-                    cid,
-                )
-            )
+        run.timer_id = self.send_timed(cid, step, "compensate", attempt, step.compensation, topic)
+        self.record(action, step=step.name, kind="compensate", attempt=shown, worker=step.compensation)
 
     def late_run_of(self, cid: str) -> tuple[str, LateCompensation, int] | None:
         """The late compensation that sent command ``cid`` (unsettled, or failed for good), and that
@@ -486,21 +485,15 @@ class _Run:
             # Any attempt's success undoes the late success, even one the saga stopped waiting for or
             # gave up on (a saga it already failed stays failed: its audit says why).
             del self.s.late_runs[base]
-            self.cancel_late_timer(run)
+            self.drop_timer(run)
             self.record("late_compensation_succeeded", step=step.name, kind="compensate", attempt=attempt)
             return self.done()
         if run.failed or attempt != run.attempt or run.command_id is None:
             return self.unchanged("stale result")
-        self.cancel_late_timer(run)
-        error = body.error
-        message = f"{error.type}: {error.message}" if error else "failed without an error"
-        self.late_attempt_failed(step, base, run, message, retryable=error.retryable if error else True)
+        self.drop_timer(run)
+        message, retryable = _failure(body)
+        self.late_attempt_failed(step, base, run, message, retryable=retryable)
         return self.done()
-
-    def cancel_late_timer(self, run: LateCompensation) -> None:
-        if run.timer_id is not None:
-            self.cancel_timers.append(run.timer_id)
-            run.timer_id = None
 
     def late_timer(self, base: str, run: LateCompensation, timer: Timer) -> Transition:
         step = self.d.step(run.step)
@@ -508,14 +501,7 @@ class _Run:
             return self.unchanged("stale timer")
         run.timer_id = None
         if timer.kind == "retry":
-            self.dispatch_late(step, base, timer.attempt)
-            self.record(
-                "late_compensation_dispatched",
-                step=step.name,
-                kind="compensate",
-                attempt=timer.attempt,
-                worker=step.compensation,
-            )
+            self.dispatch_late(step, base, timer.attempt, "late_compensation_dispatched", timer.attempt)
         else:
             assert step.timeout is not None
             # Actions of their own: the audit tells them from the step's own compensation's.
@@ -538,20 +524,8 @@ class _Run:
             attempt=run.attempt,
             error=error,
         )
-        policy = self.d.retry_for(step)
-        if retryable and run.attempt <= policy.max_retries:
-            run.timer_id = f"{base}.{run.attempt + 1}:retry"
-            self.timers.append(
-                Timer(
-                    run.timer_id,
-                    self.s.transaction_id,
-                    self.now.timestamp() + policy.delay(run.attempt),
-                    "retry",
-                    step.name,
-                    "compensate",
-                    run.attempt + 1,
-                )
-            )
+        if retryable and run.attempt <= self.d.retry_for(step).max_retries:
+            run.timer_id = self.retry_timer(f"{base}.{run.attempt + 1}", step, "compensate", run.attempt + 1)
             self.record(
                 "late_compensation_retry_scheduled",
                 step=step.name,

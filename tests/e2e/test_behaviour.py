@@ -321,6 +321,14 @@ def late_workflow(max_retries: int) -> WorkflowDefinition:
     )
 
 
+async def compensated_then_late(h: Harness) -> str:
+    """A saga of :func:`late_workflow` that is compensated, and then gets a late success."""
+    tx = await h.orchestrator.execute_workflow("late", {})
+    assert (await h.wait_final(tx))["state"] == "compensated"
+    await report_a_late_success(h, tx)
+    return tx
+
+
 async def report_a_late_success(h: Harness, tx: str) -> None:
     """Publish what a worker (in any language) answers after the step's attempt 1 timed out, twice."""
     late = StepResult(
@@ -372,9 +380,7 @@ async def test_a_failed_compensation_of_a_late_success_is_retried(backend: Backe
         return {}
 
     async with Harness(backend, [late_workflow(1)], {"refund_payment": refund}) as h:
-        tx = await h.orchestrator.execute_workflow("late", {})
-        assert (await h.wait_final(tx))["state"] == "compensated"
-        await report_a_late_success(h, tx)
+        tx = await compensated_then_late(h)
         await refunds(h, tx, 3)  # the step's own, the late success's, and its retry
         async with asyncio.timeout(20):
             while (await h.orchestrator.get_status(tx))["late_compensations"]:
@@ -390,9 +396,7 @@ async def test_a_late_success_that_cannot_be_undone_fails_the_saga(backend: Back
         return {}
 
     async with Harness(backend, [late_workflow(1)], {"refund_payment": refund}) as h:
-        tx = await h.orchestrator.execute_workflow("late", {})
-        assert (await h.wait_final(tx))["state"] == "compensated"
-        await report_a_late_success(h, tx)
+        tx = await compensated_then_late(h)
         status = await h.wait_state(tx, {"failed"})
         assert "the compensation of a late success of step 'charge' failed" in status["error"]
         assert "card closed" in status["error"]
