@@ -231,7 +231,7 @@ class KafkaSubscription(Subscription):
                 continue
             if self._rewind_to:
                 # A batch failed meanwhile: these records come again after the rewind, theirs included.
-                self._failed({tp: (recs[0].offset, recs[-1].offset + 1) for tp, recs in records.items()})
+                self._failed(_offsets(records))
                 continue
             self._idle.clear()
             try:
@@ -257,7 +257,7 @@ class KafkaSubscription(Subscription):
             for recs in records.values()
             for r in recs
         ]
-        offsets = {tp: (recs[0].offset, recs[-1].offset + 1) for tp, recs in records.items()}
+        offsets = _offsets(records)
         if self._a_completion_failed():
             # The handler never sees a batch between a failure and the rewind: whatever it would do
             # with it would come before the redelivered batches it follows.
@@ -366,6 +366,11 @@ class KafkaSubscription(Subscription):
             # offset anyway.
             with contextlib.suppress(IllegalStateError):
                 self._consumer.seek(tp, offset)
+
+
+def _offsets(records: dict[Any, list[Any]]) -> dict[Any, tuple[int, int]]:
+    """A fetched batch's first offset and the offset after its last, per partition."""
+    return {tp: (recs[0].offset, recs[-1].offset + 1) for tp, recs in records.items()}
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka's ABC is untyped

@@ -194,7 +194,6 @@ class _Member(Subscription):
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     assigned: list[tuple[str, int]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
-
     stopping: bool = False
 
     async def stop(self) -> None:

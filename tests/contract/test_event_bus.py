@@ -50,6 +50,14 @@ async def resumes_after_what_was_committed(bus: IEventBus, topic: str, group: st
     assert [m.value for m in later.messages] == [b"new"]
 
 
+async def five_messages(make_bus: BusFactory, topic: str) -> tuple[IEventBus, str]:
+    """A started bus, five messages "0".."4" of one key on ``topic``, and a new group's name."""
+    bus = make_bus()
+    await bus.start()
+    await bus.publish([OutboxMessage(topic, "k", str(i).encode()) for i in range(5)])
+    return bus, unique("g")
+
+
 class EventBusContract:
     """Subclasses provide ``make_bus``: a factory of started buses that share one broker."""
 
@@ -107,10 +115,7 @@ class EventBusContract:
     async def test_a_failing_handler_gets_the_batch_again_and_offsets_follow_success(
         self, make_bus: BusFactory, topic: str
     ) -> None:
-        bus = make_bus()
-        await bus.start()
-        group = unique("g")
-        await bus.publish([OutboxMessage(topic, "k", str(i).encode()) for i in range(5)])
+        bus, group = await five_messages(make_bus, topic)
         flaky = Collector(fail_times=2)
         subscription = await bus.subscribe([topic], group, flaky)
         assert [int(m.value or b"") for m in await flaky.wait(5)] == list(range(5))
@@ -122,10 +127,7 @@ class EventBusContract:
     async def test_a_batch_is_committed_once_its_completion_finishes_and_redelivered_when_it_fails(
         self, make_bus: BusFactory, topic: str
     ) -> None:
-        bus = make_bus()
-        await bus.start()
-        group = unique("g")
-        await bus.publish([OutboxMessage(topic, "k", str(i).encode()) for i in range(5)])
+        bus, group = await five_messages(make_bus, topic)
         seen: list[bytes] = []
         failures = [2]  # the first two completions fail
 

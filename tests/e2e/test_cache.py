@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -13,7 +14,14 @@ from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrato
 from orchestrator_kafka.codec import decode, encode
 from orchestrator_kafka.errors import EventBusError, OrchestratorError, StateStoreError
 from orchestrator_kafka.models import CancelSaga, ResultBody, StartBody, StartSaga, StepResult
-from orchestrator_kafka.ports import ApplyResult, InboundMessage, OutboxMessage, TransitionWrite
+from orchestrator_kafka.ports import (
+    ApplyResult,
+    IEventBus,
+    InboundMessage,
+    IStateStore,
+    OutboxMessage,
+    TransitionWrite,
+)
 
 
 def result(tx: str, step: str) -> StepResult:
@@ -140,13 +148,21 @@ class _HeldBus(InMemoryEventBus):
         await super().publish(messages)
 
 
-async def test_a_batch_is_written_while_the_one_before_publishes_but_never_published_before_it() -> None:
-    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
-    store = _BlockingStore()
-    bus = _HeldBus()
-    orchestrator = Orchestrator(workflow, bus, store)
+@contextlib.asynccontextmanager
+async def _one_step(bus: IEventBus, store: IStateStore) -> AsyncIterator[Orchestrator]:
+    """A started orchestrator of a one-step workflow, stopped on the way out."""
+    orchestrator = Orchestrator(WorkflowBuilder("wf").add_step("a", "wa").build(), bus, store)
     await orchestrator.start()
     try:
+        yield orchestrator
+    finally:
+        await orchestrator.stop()
+
+
+async def test_a_batch_is_written_while_the_one_before_publishes_but_never_published_before_it() -> None:
+    store = _BlockingStore()
+    bus = _HeldBus()
+    async with _one_step(bus, store) as orchestrator:
         topic = orchestrator.topics.start
         starts = [_start(tx) for tx in ("one", "two")]
         batch1, batch2 = [_inbound(topic, starts[0], 0)], [_inbound(topic, starts[1], 1)]
@@ -168,8 +184,6 @@ async def test_a_batch_is_written_while_the_one_before_publishes_but_never_publi
         await (await orchestrator._on_batch(batch2))
         assert [key for key in bus.published if key in ("one", "two")][:1] == ["one"]
         assert {"one", "two"} <= set(bus.published)
-    finally:
-        await orchestrator.stop()
 
 
 def _result_inbound(topic: str, event_id: str, value: str, offset: int) -> InboundMessage:
@@ -224,12 +238,9 @@ async def test_a_batch_decided_on_a_write_that_conflicted_is_decided_again_not_a
 async def test_a_request_is_published_after_the_batch_in_flight() -> None:
     """execute_workflow decides on the stored sagas and publishes only after the batch the pipeline is
     still publishing, so a request never overtakes what a saga already sent."""
-    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
     bus = _HeldBus()
     store = InMemoryStateStore()
-    orchestrator = Orchestrator(workflow, bus, store)
-    await orchestrator.start()
-    try:
+    async with _one_step(bus, store) as orchestrator:
         start = _start("one", "s")
         release = bus.hold = asyncio.Event()
         first = await orchestrator._on_batch([_inbound(orchestrator.topics.start, start, 0)])
@@ -242,29 +253,25 @@ async def test_a_request_is_published_after_the_batch_in_flight() -> None:
             await first
         assert await request == "two"
         assert "two" in bus.published
-    finally:
-        await orchestrator.stop()
 
 
 async def test_at_most_two_batches_are_publishing_when_the_next_is_handed_back() -> None:
-    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
     bus = _HeldBus()
-    orchestrator = Orchestrator(workflow, bus, InMemoryStateStore())
-    await orchestrator.start()
-    try:
+    async with _one_step(bus, InMemoryStateStore()) as orchestrator:
         topic = orchestrator.topics.start
         batches = [[_inbound(topic, _start(tx), n)] for n, tx in enumerate(("one", "two", "three"))]
         gate = bus.gate = asyncio.Event()
-        first = await orchestrator._on_batch(batches[0])
-        second = await orchestrator._on_batch(batches[1])  # batch 1 is written: handed back at once
-        third = asyncio.create_task(orchestrator._on_batch(batches[2]))
-        await asyncio.sleep(0.05)
-        assert not third.done()  # batches 1 and 2 still publishing: batch 3 waits for batch 1
-        gate.set()
-        await first
-        await second
-        await (await third)
-        assert bus.published == ["one", "one", "two", "two", "three", "three"]  # a command and an audit each
-    finally:
-        bus.gate = None
-        await orchestrator.stop()
+        try:
+            first = await orchestrator._on_batch(batches[0])
+            second = await orchestrator._on_batch(batches[1])  # batch 1 is written: handed back at once
+            third = asyncio.create_task(orchestrator._on_batch(batches[2]))
+            await asyncio.sleep(0.05)
+            assert not third.done()  # batches 1 and 2 still publishing: batch 3 waits for batch 1
+            gate.set()
+            await first
+            await second
+            await (await third)
+            # a command and an audit each
+            assert bus.published == ["one", "one", "two", "two", "three", "three"]
+        finally:
+            bus.gate = None
