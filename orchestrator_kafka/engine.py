@@ -25,7 +25,7 @@ from .models import (
     StepResult,
     derived_event_id,
 )
-from .ports import Timer
+from .values import Timer
 from .workflow import WorkflowDefinition, WorkflowStep
 
 Phase = Literal["execute", "compensate"]

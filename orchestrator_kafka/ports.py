@@ -1,25 +1,55 @@
-"""The interfaces (ports) and the values that cross them.
+"""The interfaces (ports).
 
 ``IOrchestrator``, ``IWorkflowDefinition``, ``IStateStore``, ``IEventBus`` and ``ILogger`` are ABCs or
 runtime-checkable protocols, so ``isinstance`` works. Every method of ``IStateStore`` and ``IEventBus``
-is a coroutine.
+is a coroutine, and both work with ``async with``. ``IWorkflowDefinition`` lives with the workflows and
+the values that cross the ports in :mod:`.values`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from .errors import EventBusError
+from .values import (
+    ApplyResult,
+    ApplyStatus,
+    Headers,
+    InboundMessage,
+    OutboxMessage,
+    PendingOutbox,
+    Timer,
+    TransitionWrite,
+    header,
+)
+from .workflow import IWorkflowDefinition
 
 if TYPE_CHECKING:
     from .context import SagaContext
-    from .workflow import WorkflowStep
 
-Headers = tuple[tuple[str, bytes], ...]
+__all__ = [
+    "ApplyResult",
+    "ApplyStatus",
+    "BatchHandler",
+    "Headers",
+    "IEventBus",
+    "ILogger",
+    "IOrchestrator",
+    "IStateStore",
+    "IWorkflowDefinition",
+    "InboundMessage",
+    "OutboxMessage",
+    "PendingOutbox",
+    "Subscription",
+    "Timer",
+    "TransitionWrite",
+    "finished",
+    "header",
+]
 
 
 # ---------------------------------------------------------------- the orchestrator and workflows
@@ -43,26 +73,6 @@ class IOrchestrator(ABC):
         """Cancel a pending or running saga."""
 
 
-class IWorkflowDefinition(ABC):
-    """A workflow definition, as the API reference describes it."""
-
-    @abstractmethod
-    def get_id(self) -> str:
-        """The workflow id."""
-
-    @abstractmethod
-    def get_steps(self) -> list[WorkflowStep]:
-        """Every step, in definition order."""
-
-    @abstractmethod
-    def get_initial_step(self) -> WorkflowStep | None:
-        """The first step, or None for an empty workflow."""
-
-    @abstractmethod
-    def get_next_step(self, current_step: str, context: SagaContext) -> WorkflowStep | None:
-        """The step after ``current_step`` on ``context``, or None when the workflow is done."""
-
-
 @runtime_checkable
 class ILogger(Protocol):
     """The logging calls the library makes; a :class:`logging.Logger` satisfies it."""
@@ -75,78 +85,6 @@ class ILogger(Protocol):
 
 
 # ---------------------------------------------------------------- the state store
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxMessage:
-    """A message a transition must publish; kept in the saga's outbox until it is published."""
-
-    topic: str
-    key: str
-    value: bytes
-    headers: Headers = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Timer:
-    """A durable timer: a retry to dispatch or a timeout to check, due at ``due_at`` (epoch seconds)."""
-
-    timer_id: str
-    transaction_id: str
-    due_at: float
-    kind: Literal["retry", "timeout"]
-    step: str
-    phase: Literal["execute", "compensate"]
-    attempt: int
-    command_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TransitionWrite:
-    """One event's effect, applied atomically by :meth:`IStateStore.apply`.
-
-    ``saga`` is the new state (its ``version`` is ``expected_version + 1``), or None when the event
-    changes nothing and only the version check applies. ``expected_version`` 0 means the saga must not
-    exist yet.
-    """
-
-    event_id: str
-    transaction_id: str
-    expected_version: int
-    saga: SagaContext | None = None
-    outbox: tuple[OutboxMessage, ...] = ()
-    timers: tuple[Timer, ...] = ()
-    cancel_timers: tuple[str, ...] = ()
-
-
-ApplyStatus = Literal["applied", "duplicate", "conflict", "unchanged"]
-
-
-@dataclass(frozen=True, slots=True)
-class ApplyResult:
-    """What :meth:`IStateStore.apply` did with one write.
-
-    ``applied``: written, and ``outbox`` is the write's own messages under ``outbox_id`` (its new
-    version; 0 when it had none); ``unchanged``: the version matched and there was nothing to write;
-    ``duplicate``: the event id was processed before and nothing was written, and ``outbox`` is every
-    message of the saga still unacknowledged, up to ``outbox_id`` (what a crash may have left
-    unpublished); ``conflict``: the saga's version was not the expected one and nothing was written.
-    Once a write of a saga conflicts, the later writes of that saga in the same call conflict too.
-    """
-
-    status: ApplyStatus
-    transaction_id: str
-    outbox_id: int = 0
-    outbox: tuple[OutboxMessage, ...] = field(default=())
-
-
-@dataclass(frozen=True, slots=True)
-class PendingOutbox:
-    """A saga's unpublished messages, found by the recovery sweep."""
-
-    transaction_id: str
-    outbox_id: int
-    messages: tuple[OutboxMessage, ...]
 
 
 class IStateStore(ABC):
@@ -194,20 +132,16 @@ class IStateStore(ABC):
     async def close(self) -> None:
         """Release connections; idempotent."""
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
 
 # ---------------------------------------------------------------- the event bus
-
-
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
-    """A consumed message, with where it came from."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers = ()
 
 
 BatchHandler = Callable[[Sequence[InboundMessage]], Awaitable[Awaitable[None] | None]]
@@ -258,6 +192,15 @@ class IEventBus(ABC):
     async def stop(self) -> None:
         """Stop every subscription and disconnect; idempotent."""
 
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
     @abstractmethod
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:
         """Publish messages and return once every one is acknowledged.
@@ -293,12 +236,3 @@ class IEventBus(ABC):
                 default, so that buses written before this method keep working).
         """
         raise EventBusError(f"{type(self).__name__} cannot read topics outside a consumer group")
-
-
-def header(headers: Headers | Mapping[str, bytes], name: str) -> bytes | None:
-    """The value of header ``name``, or None."""
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    for key, value in items:
-        if key == name:
-            return value
-    return None

@@ -27,10 +27,10 @@ import pydantic
 
 from . import codec
 from .constants import MAX_MESSAGE_BYTES, SCHEMA_VERSION, WORKER_GROUP, Topics
+from .dead_letters import dead_letter
 from .errors import DecodeError, NonRetryableError, ValidationError
 from .lifecycle import Service
 from .models import UUID_VARIANT_DIGIT, Message, StepCommand
-from .orchestrator import dead_letter
 from .ports import Headers, IEventBus, ILogger, InboundMessage, OutboxMessage, Subscription
 from .telemetry import Telemetry
 from .workflow import _check_name

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .context import SagaContext
 from .errors import ValidationError
-from .ports import IWorkflowDefinition
 
 Condition = Callable[[SagaContext], bool]
 
@@ -26,6 +26,26 @@ def _check_name(what: str, value: object) -> str:
             f"{what} must be 1 to 200 characters of letters, digits, '.', '_' or '-', got {value!r}"
         )
     return value
+
+
+class IWorkflowDefinition(ABC):
+    """A workflow definition, as the API reference describes it."""
+
+    @abstractmethod
+    def get_id(self) -> str:
+        """The workflow id."""
+
+    @abstractmethod
+    def get_steps(self) -> list[WorkflowStep]:
+        """Every step, in definition order."""
+
+    @abstractmethod
+    def get_initial_step(self) -> WorkflowStep | None:
+        """The first step, or None for an empty workflow."""
+
+    @abstractmethod
+    def get_next_step(self, current_step: str, context: SagaContext) -> WorkflowStep | None:
+        """The step after ``current_step`` on ``context``, or None when the workflow is done."""
 
 
 @dataclass(frozen=True, slots=True)
