@@ -16,8 +16,6 @@ SCHEMA_VERSION = "1.0"
 SCHEMA_MAJOR = 1
 
 # Kafka headers.
-HEADER_TRACEPARENT = "traceparent"
-HEADER_TRACESTATE = "tracestate"
 HEADER_DLQ_REASON = "dlq.reason"
 HEADER_DLQ_DETAIL = "dlq.detail"
 HEADER_DLQ_TOPIC = "dlq.source.topic"

@@ -32,7 +32,6 @@ class WorkflowState(StrEnum):
 _FINAL = frozenset(
     {WorkflowState.COMPLETED, WorkflowState.COMPENSATED, WorkflowState.FAILED, WorkflowState.CANCELLED}
 )
-FINAL_STATES: frozenset[WorkflowState] = _FINAL
 
 
 class StepStatus(StrEnum):

@@ -103,7 +103,6 @@ class WorkflowStep:
     timeout: float | None = None
     retry: RetryPolicy | None = None
     condition: Condition | None = field(default=None, compare=False)
-    parallel: bool = False
 
 
 class WorkflowDefinition(IWorkflowDefinition):
@@ -210,7 +209,6 @@ class WorkflowBuilder:
         timeout: object,
         retry: object,
         condition: Condition | None = None,
-        parallel: bool = False,
     ) -> WorkflowStep:
         return WorkflowStep(
             name=_check_name("step name", name),
@@ -221,7 +219,6 @@ class WorkflowBuilder:
             timeout=_check_timeout(timeout),
             retry=_check_retry(retry),
             condition=condition,
-            parallel=parallel,
         )
 
     def add_step(
@@ -278,7 +275,6 @@ class WorkflowBuilder:
                     entry.get("compensation"),
                     entry.get("timeout"),
                     entry.get("retry"),
-                    parallel=True,
                 )
             )
         self._stages.append(group)

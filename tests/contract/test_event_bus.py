@@ -246,6 +246,14 @@ class EventBusContract:
         await bus.stop()
         await bus.stop()
 
+    async def test_async_with_starts_and_stops_the_bus(self, make_bus: BusFactory, topic: str) -> None:
+        bus = make_bus()
+        async with bus as entered:
+            assert entered is bus
+            await bus.publish([OutboxMessage(topic, "k", b"v")])
+        with pytest.raises(EventBusError, match="start"):
+            await bus.publish([OutboxMessage(topic, "k", b"v")])
+
 
 class TestInMemoryEventBus(EventBusContract):
     @pytest.fixture

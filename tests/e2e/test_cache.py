@@ -106,8 +106,8 @@ async def test_a_batch_decided_on_top_of_a_failed_write_is_not_applied_and_both_
         cancel = CancelSaga(event_id="c", transaction_id="tx", workflow_id="wf", occurred_at=now)
         batch1, batch2 = [_inbound(topic, start, 0)], [_inbound(topic, cancel, 1)]
         release = store.hold = asyncio.Event()
-        first = await orchestrator._on_batch(batch1)  # decided; its write now waits in the store
-        handing = asyncio.create_task(orchestrator._on_batch(batch2))  # decided on top of batch 1
+        first = await orchestrator.pipeline.handle_batch(batch1)  # decided; its write now waits in the store
+        handing = asyncio.create_task(orchestrator.pipeline.handle_batch(batch2))  # decided on top of batch 1
         await asyncio.sleep(0.05)
         assert not handing.done()  # at most one batch ahead: the handler waits for batch 1
         release.set()
@@ -118,10 +118,10 @@ async def test_a_batch_decided_on_top_of_a_failed_write_is_not_applied_and_both_
             await second
         assert store.applies == 1  # batch 2 never reached the store
         assert await store.load_context("tx") is None
-        assert not orchestrator._cache
+        assert not orchestrator.pipeline.cached
         # Redelivered, in order: the saga starts, then the cancel takes it.
-        await (await orchestrator._on_batch(batch1))
-        await (await orchestrator._on_batch(batch2))
+        await (await orchestrator.pipeline.handle_batch(batch1))
+        await (await orchestrator.pipeline.handle_batch(batch2))
         saga = await store.load_context("tx")
         assert saga is not None and saga.cancel_requested and saga.version == 2
     finally:
@@ -167,8 +167,8 @@ async def test_a_batch_is_written_while_the_one_before_publishes_but_never_publi
         starts = [_start(tx) for tx in ("one", "two")]
         batch1, batch2 = [_inbound(topic, starts[0], 0)], [_inbound(topic, starts[1], 1)]
         release = bus.hold = asyncio.Event()
-        first = await orchestrator._on_batch(batch1)  # written; its publish is held
-        second = await orchestrator._on_batch(batch2)  # returns once batch 1 is written
+        first = await orchestrator.pipeline.handle_batch(batch1)  # written; its publish is held
+        second = await orchestrator.pipeline.handle_batch(batch2)  # returns once batch 1 is written
         await asyncio.sleep(0.05)
         assert store.applies == 2  # batch 2 is written while batch 1 still publishes ...
         assert bus.published == []  # ... but not published before it
@@ -180,8 +180,8 @@ async def test_a_batch_is_written_while_the_one_before_publishes_but_never_publi
         assert bus.published == []
         assert await store.load_context("two") is not None  # its write stands
         # Redelivered: both are duplicates now, and their outboxes are published, in order.
-        await (await orchestrator._on_batch(batch1))
-        await (await orchestrator._on_batch(batch2))
+        await (await orchestrator.pipeline.handle_batch(batch1))
+        await (await orchestrator.pipeline.handle_batch(batch2))
         assert [key for key in bus.published if key in ("one", "two")][:1] == ["one"]
         assert {"one", "two"} <= set(bus.published)
 
@@ -222,9 +222,10 @@ async def test_a_batch_decided_on_a_write_that_conflicted_is_decided_again_not_a
         await mine.process([start])  # mine caches version 1
         results = mine.topics.results
         await other.process([decode(_result_inbound(results, "r-other", "from other", 0).value)])  # type: ignore[list-item]
-        first = await mine._on_batch([_result_inbound(results, "r-mine", "from mine", 1)])  # on version 1
+        # Decided on version 1, then on batch 1's version 2.
+        first = await mine.pipeline.handle_batch([_result_inbound(results, "r-mine", "from mine", 1)])
         cancel = CancelSaga(event_id="c", transaction_id="tx", workflow_id="wf", occurred_at=now)
-        second = await mine._on_batch([_inbound(mine.topics.start, cancel, 2)])  # on batch 1's version 2
+        second = await mine.pipeline.handle_batch([_inbound(mine.topics.start, cancel, 2)])
         await first
         await second
         saga = await store.load_context("tx")
@@ -243,7 +244,7 @@ async def test_a_request_is_published_after_the_batch_in_flight() -> None:
     async with _one_step(bus, store) as orchestrator:
         start = _start("one", "s")
         release = bus.hold = asyncio.Event()
-        first = await orchestrator._on_batch([_inbound(orchestrator.topics.start, start, 0)])
+        first = await orchestrator.pipeline.handle_batch([_inbound(orchestrator.topics.start, start, 0)])
         request = asyncio.create_task(orchestrator.execute_workflow("wf", {}, transaction_id="two"))
         await asyncio.sleep(0.05)
         assert await store.load_context("two") is not None  # written ...
@@ -262,9 +263,10 @@ async def test_at_most_two_batches_are_publishing_when_the_next_is_handed_back()
         batches = [[_inbound(topic, _start(tx), n)] for n, tx in enumerate(("one", "two", "three"))]
         gate = bus.gate = asyncio.Event()
         try:
-            first = await orchestrator._on_batch(batches[0])
-            second = await orchestrator._on_batch(batches[1])  # batch 1 is written: handed back at once
-            third = asyncio.create_task(orchestrator._on_batch(batches[2]))
+            first = await orchestrator.pipeline.handle_batch(batches[0])
+            # Batch 1 is written: batch 2 is handed back at once.
+            second = await orchestrator.pipeline.handle_batch(batches[1])
+            third = asyncio.create_task(orchestrator.pipeline.handle_batch(batches[2]))
             await asyncio.sleep(0.05)
             assert not third.done()  # batches 1 and 2 still publishing: batch 3 waits for batch 1
             gate.set()

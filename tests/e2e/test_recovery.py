@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import pytest
+
 from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrator, WorkflowBuilder
-from orchestrator_kafka.errors import StateStoreError
+from orchestrator_kafka.errors import StateStoreError, WorkflowExecutionError
 from orchestrator_kafka.models import StartBody, StartSaga
-from orchestrator_kafka.orchestrator import Outcome
+from orchestrator_kafka.pipeline import Outcome
 from orchestrator_kafka.ports import Timer
+
+from ..conftest import require_redis
 
 
 def start(tx: str) -> StartSaga:
@@ -53,7 +57,7 @@ async def _decide_only(orchestrator: Orchestrator, event: StartSaga) -> Outcome:
     """Apply the event's transition to the store without publishing it."""
     store = orchestrator.state_store
     outcome = Outcome()
-    write = orchestrator._decide(event, {}, datetime.now(UTC), outcome)
+    write = orchestrator.pipeline.decide(event, {}, datetime.now(UTC), outcome)
     assert write is not None
     [result] = await store.apply([write])
     assert result.status == "applied"
@@ -88,3 +92,24 @@ async def test_stop_ends_the_timer_loop_even_when_a_backend_swallows_the_cancel(
         await asyncio.sleep(0.01)
     await asyncio.wait_for(orchestrator.stop(), timeout=5)
     assert store.claims == 1
+
+
+@pytest.mark.redis
+async def test_stop_closes_the_store_the_orchestrator_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default RedisStateStore is the orchestrator's own: stop closes it, and a stopped orchestrator
+    refuses to start again on a closed store; a store passed in is left open to its owner."""
+    monkeypatch.setenv("REDIS_URL", require_redis())
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
+    orchestrator = Orchestrator(workflow, InMemoryEventBus())
+    async with orchestrator:
+        tx = await orchestrator.execute_workflow("wf", {})
+        assert (await orchestrator.get_status(tx))["state"] == "running"
+    with pytest.raises(StateStoreError, match="closed"):
+        await orchestrator.state_store.load_context(tx)
+    with pytest.raises(WorkflowExecutionError, match="new Orchestrator"):
+        await orchestrator.start()
+
+    store = InMemoryStateStore()
+    async with Orchestrator(workflow, InMemoryEventBus(), store) as passed_in:
+        tx = await passed_in.execute_workflow("wf", {})
+    assert await store.load_context(tx) is not None

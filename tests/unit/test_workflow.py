@@ -42,7 +42,7 @@ def test_builder_methods_chain_and_build_an_immutable_definition() -> None:
     assert isinstance(definition, IWorkflowDefinition)
     assert definition.get_id() == "order"
     assert names(definition.get_steps()) == ["reserve", "vip", "a", "b", "ship"]
-    reserve, vip, a, b, ship = definition.get_steps()
+    reserve, vip, _a, _b, ship = definition.get_steps()
     assert (reserve.worker_name, reserve.compensation, reserve.timeout, reserve.retry) == (
         "reserve_inventory",
         "release_inventory",
@@ -50,7 +50,6 @@ def test_builder_methods_chain_and_build_an_immutable_definition() -> None:
         None,
     )
     assert vip.condition is not None and reserve.condition is None
-    assert a.parallel and b.parallel and not reserve.parallel
     assert ship.timeout == 5.0 and isinstance(ship.timeout, float)
     assert ship.retry is policy
     assert [[s.name for s in stage] for stage in definition.stages] == [
