@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_TOPIC_PREFIX = "saga"
+# The Redis store's keys live under this prefix; their layout is RedisKeys in backends/redis/keys.py.
 DEFAULT_KEY_PREFIX = "saga"
 DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -28,7 +29,8 @@ HEADER_DLQ_TRUNCATED = "dlq.truncated"
 ORCHESTRATOR_GROUP = "orchestrator"
 WORKER_GROUP = "worker"
 
-# How long a processed event id is remembered for dedupe: well past any redelivery window.
+# How long a processed event id is remembered for dedupe: well past any redelivery window (both
+# state stores take another as ``dedupe_ttl``).
 DEDUPE_TTL_SECONDS = 7 * 24 * 3600
 # How long a claimed timer is leased before another orchestrator may fire it again.
 TIMER_LEASE_SECONDS = 30.0

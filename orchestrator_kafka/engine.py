@@ -2,33 +2,43 @@
 
 Pure: no I/O, no asyncio, no clock of its own. Every rule of DESIGN section 4 lives here: sequential,
 conditional and parallel steps; retries as durable timers; step timeouts; compensation order;
-cancellation; duplicate, stale and late results. The orchestrator persists what it returns atomically
-and publishes its commands and audit events.
+cancellation; and, in :mod:`.late`, duplicate, stale and late results and the compensations of late
+successes. The orchestrator persists what it returns atomically and publishes its commands and audit
+events, built by the wire builders of :mod:`.models`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
-from .constants import SCHEMA_VERSION, Topics
+from . import late
+from .constants import Topics
 from .context import LateCompensation, SagaContext, StepRuntime, StepStatus, WorkflowState
+from .late import AWAITING_EXECUTE
 from .models import (
+    AuditActionName,
     CancelSaga,
-    ResultBody,
     SagaEvent,
     StartSaga,
     StepCommand,
+    StepKind,
     StepResult,
-    derived_event_id,
+    audit_action,
+    command_id,
+    command_payload,
+    transition_payload,
 )
 from .values import Timer
 from .workflow import WorkflowDefinition, WorkflowStep
 
-Phase = Literal["execute", "compensate"]
+# command_id is the wire format's (models), re-exported: callers and tests know it as the engine's.
+__all__ = ["Event", "Outgoing", "Phase", "TimerFired", "Transition", "command_id", "decide"]
+
+Phase = StepKind  # a command's kind: execute the step, or compensate it
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +115,17 @@ class Transition:
 
 
 _TOPICS = Topics()
-_AWAITING_EXECUTE = (StepStatus.RUNNING, StepStatus.RETRY_WAIT)
+# Enum members read once (the action names by a command's kind): on Python 3.11 reading one, such as
+# StepStatus.FAILED, costs a few times a dict lookup, and these are on the hot path.
+_SETTLED = (StepStatus.SUCCEEDED, StepStatus.FAILED)
+_DISPATCHED = {
+    "execute": AuditActionName.STEP_DISPATCHED,
+    "compensate": AuditActionName.COMPENSATION_DISPATCHED,
+}
+_FAILED_ATTEMPT = {
+    "execute": AuditActionName.STEP_FAILED,
+    "compensate": AuditActionName.COMPENSATION_FAILED_ATTEMPT,
+}
 
 
 def decide(
@@ -142,82 +162,58 @@ def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
     )
 
 
-def _failure(body: ResultBody) -> tuple[str, bool]:
-    """A failed result's error as the saga records it, and whether it may be retried."""
-    error = body.error
-    if error is None:
-        return "failed without an error", True
-    return f"{error.type}: {error.message}", error.retryable
-
-
-def command_id(transaction_id: str, step: str, phase: Phase, attempt: int | str) -> str:
-    """The id of a command: unique per saga, step, phase and attempt."""
-    return f"{transaction_id}:{step}:{phase}:{attempt}"
-
-
 class _Run:
     """One decision in progress: a working copy of the saga and what the event produced."""
 
     __slots__ = (
         "actions",
         "cancel_timers",
-        "d",
+        "definition",
         "from_state",
         "from_version",
         "now",
         "original",
         "outgoing",
-        "s",
+        "saga",
         "timers",
         "topics",
     )
 
     def __init__(
         self,
-        d: WorkflowDefinition,
-        s: SagaContext,
+        definition: WorkflowDefinition,
+        saga: SagaContext,
         now: datetime,
         topics: Topics,
         original: SagaContext | None = None,
     ) -> None:
-        self.d, self.s, self.now, self.topics, self.original = d, s, now, topics, original
+        self.definition, self.saga, self.now, self.topics = definition, saga, now, topics
+        self.original = original
         self.outgoing: list[Outgoing] = []
         self.timers: list[Timer] = []
         self.cancel_timers: list[str] = []
-        self.actions: list[dict[str, object]] = []
-        self.from_version = s.version
-        self.from_state: WorkflowState | None = s.state
+        self.actions: list[dict[str, Any]] = []
+        self.from_version = saga.version
+        self.from_state: WorkflowState | None = saga.state
 
     # ---------------------------------------------------------------- output
 
     def done(self) -> Transition:
-        s = self.s
-        s.version = self.from_version + 1
-        s.updated_at = self.now
-        # The id is derived, so a record re-published from an outbox keeps it.
-        audit = {
-            "schema_version": SCHEMA_VERSION,
-            "event_id": derived_event_id(f"{s.transaction_id}:{s.version}:audit"),
-            "transaction_id": s.transaction_id,
-            "workflow_id": s.workflow_id,
-            "occurred_at": self.now,
-            "event_type": "saga.transition",
-            "body": {
-                "from_state": self.from_state,
-                "to_state": s.state,
-                "version": s.version,
-                "actions": self.actions,
-            },
-        }
+        saga = self.saga
+        saga.version = version = self.from_version + 1
+        saga.updated_at = now = self.now
+        audit = transition_payload(
+            saga.transaction_id, saga.workflow_id, now, self.from_state, saga.state, version, self.actions
+        )
         self.outgoing.append(Outgoing(self.topics.events, audit))
-        return Transition(s, True, tuple(self.outgoing), tuple(self.timers), tuple(self.cancel_timers))
+        return Transition(saga, True, tuple(self.outgoing), tuple(self.timers), tuple(self.cancel_timers))
 
     def unchanged(self, note: str, rejected: str | None = None) -> Transition:
-        return Transition(self.original or self.s, False, note=note, rejected=rejected)
+        return Transition(self.original or self.saga, False, note=note, rejected=rejected)
 
     def record(
         self,
-        action: str,
+        action: AuditActionName,
         *,
         step: str | None = None,
         kind: Phase | None = None,
@@ -225,75 +221,65 @@ class _Run:
         error: str | None = None,
         worker: str | None = None,
     ) -> None:
-        self.actions.append(
-            {
-                "action": action,
-                "state": self.s.state,
-                "step": step,
-                "worker_name": worker,
-                "kind": kind,
-                "attempt": attempt,
-                "error": error,
-            }
-        )
+        """Add ``action`` to the transition's audit record, at the saga's state now."""
+        self.actions.append(audit_action(action, self.saga.state, step, worker, kind, attempt, error))
 
-    def set_state(self, state: WorkflowState, action: str, error: str | None = None) -> None:
-        self.s.state = state
+    def set_state(self, state: WorkflowState, action: AuditActionName, error: str | None = None) -> None:
+        self.saga.state = state
         if state.is_final:
-            self.s.current_step = None
+            self.saga.current_step = None
         self.record(action, error=error)
 
     # ---------------------------------------------------------------- start and stages
 
     def start(self) -> Transition:
         self.from_version, self.from_state = 0, None
-        self.record("saga_created")
+        self.record(AuditActionName.SAGA_CREATED)
         self.enter_stage(0)
         return self.done()
 
     def enter_stage(self, index: int) -> None:
-        stages = self.d.stages
+        stages = self.definition.stages
         while index < len(stages):
-            self.s.stage = index
+            self.saga.stage = index
             to_run: list[WorkflowStep] = []
             for step in stages[index]:
                 if step.condition is not None:
                     try:
-                        holds = bool(step.condition(self.s))
+                        holds = bool(step.condition(self.saga))
                     except Exception as exc:  # noqa: BLE001 - a user's condition must not crash the engine
                         error = f"condition of step {step.name!r} raised {type(exc).__name__}: {exc}"
-                        self.s.step(step.name).status = StepStatus.FAILED
-                        self.s.step(step.name).error = error
-                        self.record("condition_failed", step=step.name, error=error)
+                        self.saga.step(step.name).status = StepStatus.FAILED
+                        self.saga.step(step.name).error = error
+                        self.record(AuditActionName.CONDITION_FAILED, step=step.name, error=error)
                         self.rollback(error)
                         return
                     if not holds:
-                        self.s.step(step.name).status = StepStatus.SKIPPED
-                        self.record("step_skipped", step=step.name)
+                        self.saga.step(step.name).status = StepStatus.SKIPPED
+                        self.record(AuditActionName.STEP_SKIPPED, step=step.name)
                         continue
                 to_run.append(step)
             if to_run:
-                if self.s.state is WorkflowState.PENDING:
-                    self.set_state(WorkflowState.RUNNING, "saga_started")
+                if self.saga.state is WorkflowState.PENDING:
+                    self.set_state(WorkflowState.RUNNING, AuditActionName.SAGA_STARTED)
                 for step in to_run:
                     self.dispatch(step, "execute", 1)
-                self.s.current_step = ",".join(step.name for step in to_run)
+                self.saga.current_step = ",".join([step.name for step in to_run])
                 return
             index += 1
-        self.set_state(WorkflowState.COMPLETED, "saga_completed")
+        self.set_state(WorkflowState.COMPLETED, AuditActionName.SAGA_COMPLETED)
 
     def stage_steps(self) -> list[WorkflowStep]:
+        saga, skipped = self.saga, StepStatus.SKIPPED
         return [
-            step
-            for step in self.d.stages[self.s.stage]
-            if self.s.step(step.name).status is not StepStatus.SKIPPED
+            step for step in self.definition.stages[saga.stage] if saga.step(step.name).status is not skipped
         ]
 
     # ---------------------------------------------------------------- commands and timers
 
     def dispatch(self, step: WorkflowStep, phase: Phase, attempt: int) -> None:
-        rt = self.s.step(step.name)
-        cid = command_id(self.s.transaction_id, step.name, phase, attempt)
+        rt = self.saga.step(step.name)
+        cid = command_id(self.saga.transaction_id, step.name, phase, attempt)
         if phase == "execute":
             rt.status, rt.attempt = StepStatus.RUNNING, attempt
             worker = step.worker_name
@@ -306,19 +292,32 @@ class _Run:
         rt.command_id = cid
         rt.dispatched_at = self.now.timestamp()
         rt.timer_id = self.send_timed(cid, step, phase, attempt, worker, topic)
-        action = "step_dispatched" if phase == "execute" else "compensation_dispatched"
-        self.record(action, step=step.name, kind=phase, attempt=attempt, worker=worker)
+        self.record(_DISPATCHED[phase], step=step.name, kind=phase, attempt=attempt, worker=worker)
 
     def send_timed(
         self, cid: str, step: WorkflowStep, phase: Phase, attempt: int, worker: str, topic: str
     ) -> str | None:
-        """:meth:`send`, and set the step's timeout timer for the command; its id, if the step has one."""
-        self.send(cid, step, phase, attempt, worker, topic)
+        """Send command ``cid`` to ``topic``, and set the step's timeout timer for it; the timer's id, if
+        the step has a timeout."""
+        saga = self.saga
+        payload = command_payload(
+            saga.transaction_id,
+            saga.workflow_id,
+            self.now,
+            cid,
+            step.name,
+            worker,
+            phase,
+            attempt,
+            dict(saga.data),  # a copy: the saga's data changes as later steps succeed
+            step.timeout,
+        )
+        self.outgoing.append(Outgoing(topic, payload))
         if step.timeout is None:
             return None
         timer = Timer(
             f"{cid}:timeout",
-            self.s.transaction_id,
+            saga.transaction_id,
             self.now.timestamp() + step.timeout,
             "timeout",
             step.name,
@@ -329,26 +328,6 @@ class _Run:
         self.timers.append(timer)
         return timer.timer_id
 
-    def send(self, cid: str, step: WorkflowStep, phase: Phase, attempt: int, worker: str, topic: str) -> None:
-        payload = {
-            "schema_version": SCHEMA_VERSION,
-            "event_id": derived_event_id(cid),
-            "transaction_id": self.s.transaction_id,
-            "workflow_id": self.s.workflow_id,
-            "occurred_at": self.now,
-            "event_type": "step.command",
-            "body": {
-                "command_id": cid,
-                "step": step.name,
-                "worker_name": worker,
-                "kind": phase,
-                "attempt": attempt,
-                "data": dict(self.s.data),
-                "timeout": step.timeout,
-            },
-        }
-        self.outgoing.append(Outgoing(topic, payload))
-
     def drop_timer(self, record: StepRuntime | LateCompensation) -> None:
         if record.timer_id is not None:
             self.cancel_timers.append(record.timer_id)
@@ -356,21 +335,23 @@ class _Run:
 
     def schedule_retry(self, step: WorkflowStep, phase: Phase, attempt: int) -> None:
         """Wait before dispatching ``attempt`` (the next one) of ``phase``."""
-        rt = self.s.step(step.name)
+        rt = self.saga.step(step.name)
         rt.status = StepStatus.RETRY_WAIT if phase == "execute" else StepStatus.COMPENSATION_RETRY_WAIT
         rt.timer_id = self.retry_timer(
-            command_id(self.s.transaction_id, step.name, phase, attempt), step, phase, attempt
+            command_id(self.saga.transaction_id, step.name, phase, attempt), step, phase, attempt
         )
         rt.command_id = None
-        self.record("retry_scheduled", step=step.name, kind=phase, attempt=attempt, error=rt.error)
+        self.record(
+            AuditActionName.RETRY_SCHEDULED, step=step.name, kind=phase, attempt=attempt, error=rt.error
+        )
 
     def retry_timer(self, cid: str, step: WorkflowStep, phase: Phase, attempt: int) -> str:
         """Set the timer that dispatches ``attempt`` (command ``cid``) after the retry policy's delay;
         its id."""
-        delay = self.d.retry_for(step).delay(attempt - 1)
+        delay = self.definition.retry_for(step).delay(attempt - 1)
         timer = Timer(
             f"{cid}:retry",
-            self.s.transaction_id,
+            self.saga.transaction_id,
             self.now.timestamp() + delay,
             "retry",
             step.name,
@@ -384,20 +365,20 @@ class _Run:
 
     def result(self, event: StepResult) -> Transition:
         body = event.body
-        step = self.d.step(body.step)
+        step = self.definition.step(body.step)
         if step is None:
-            return self.unchanged(f"workflow {self.d.get_id()!r} has no step {body.step!r}")
+            return self.unchanged(f"workflow {self.definition.get_id()!r} has no step {body.step!r}")
         if body.kind == "compensate":
-            late = self.late_run_of(body.command_id)
-            if late is not None:
-                return self.late_result(*late, body)
-        rt = self.s.step(step.name)
+            answered = late.on_result(self, body)
+            if answered is not None:
+                return answered
+        rt = self.saga.step(step.name)
         awaited = rt.command_id == body.command_id and (
             (body.kind == "execute" and rt.status is StepStatus.RUNNING)
             or (body.kind == "compensate" and rt.status is StepStatus.COMPENSATING)
         )
         if not awaited:
-            return self.late(step, rt, event)
+            return late.unawaited_result(self, step, rt, body)
         self.drop_timer(rt)
         if body.status == "succeeded":
             if body.kind == "execute":
@@ -405,158 +386,17 @@ class _Run:
             else:
                 self.compensation_succeeded(step, rt, body.attempt)
             return self.done()
-        message, retryable = _failure(body)
+        message, retryable = body.failure()
         self.attempt_failed(step, rt, body.kind, message, retryable=retryable)
         return self.done()
 
     def compensation_succeeded(self, step: WorkflowStep, rt: StepRuntime, attempt: int) -> None:
         rt.status = StepStatus.COMPENSATED
         rt.command_id = None
-        self.record("compensation_succeeded", step=step.name, kind="compensate", attempt=attempt)
+        self.record(
+            AuditActionName.COMPENSATION_SUCCEEDED, step=step.name, kind="compensate", attempt=attempt
+        )
         self.next_compensation()
-
-    def late(self, step: WorkflowStep, rt: StepRuntime, event: StepResult) -> Transition:
-        body = event.body
-        if body.status != "succeeded":
-            return self.unchanged("stale result")
-        sent = rt.attempt if body.kind == "execute" else rt.compensation_attempt
-        if body.command_id != command_id(self.s.transaction_id, step.name, body.kind, body.attempt) or not (
-            1 <= body.attempt <= sent
-        ):
-            # Not a command this saga sent (or the answer to an extra compensation): nothing to take.
-            return self.unchanged("unknown command")
-        if body.kind == "compensate":
-            if rt.status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_RETRY_WAIT):
-                # An earlier compensation attempt succeeded after all while the step still waits for one.
-                self.drop_timer(rt)
-                self.compensation_succeeded(step, rt, body.attempt)
-                return self.done()
-            return self.unchanged("stale result")
-        if rt.status in _AWAITING_EXECUTE and self.s.state is WorkflowState.RUNNING:
-            # An earlier attempt succeeded after all while the step still waits: take its success.
-            self.drop_timer(rt)
-            self.step_succeeded(step, rt, body.result or {}, body.command_id, body.attempt)
-            return self.done()
-        if rt.status is StepStatus.SUCCEEDED or rt.succeeded_command == body.command_id:
-            return self.unchanged("duplicate result")
-        if step.compensation is None or body.command_id in self.s.late_compensations:
-            return self.unchanged("stale result")
-        if rt.status is StepStatus.FAILED and self.s.state is WorkflowState.COMPENSATING:
-            # Its own compensation is still to come in the rollback; that undoes this success too.
-            return self.unchanged("compensation pending")
-        # A success of an attempt the saga gave up on: undo it so no side effect is left behind.
-        self.s.late_compensations.append(body.command_id)
-        base = command_id(self.s.transaction_id, step.name, "compensate", f"late-{body.attempt}")
-        self.s.late_runs[base] = LateCompensation(step.name)
-        self.dispatch_late(step, base, 1, "late_success_compensated", body.attempt)
-        return self.done()
-
-    # ---------------------------------------------------------------- compensations of late successes
-
-    def dispatch_late(self, step: WorkflowStep, base: str, attempt: int, action: str, shown: int) -> None:
-        """Send ``attempt`` of the late compensation ``base``, and record it as ``action`` of attempt
-        ``shown``. The first goes under ``base`` itself (the id the first release of this rule used),
-        the next ones as ``<base>.<attempt>``."""
-        assert step.compensation is not None
-        run = self.s.late_runs[base]
-        cid = base if attempt == 1 else f"{base}.{attempt}"
-        run.attempt, run.command_id = attempt, cid
-        topic = self.topics.compensations(step.compensation)
-        run.timer_id = self.send_timed(cid, step, "compensate", attempt, step.compensation, topic)
-        self.record(action, step=step.name, kind="compensate", attempt=shown, worker=step.compensation)
-
-    def late_run_of(self, cid: str) -> tuple[str, LateCompensation, int] | None:
-        """The late compensation that sent command ``cid`` (unsettled, or failed for good), and that
-        command's attempt. Ids are matched exactly, never parsed: a result can carry any text."""
-        for base, run in self.s.late_runs.items():
-            if cid == base:
-                return base, run, 1
-            if cid.startswith(base):
-                for attempt in range(2, run.attempt + 1):
-                    if cid == f"{base}.{attempt}":
-                        return base, run, attempt
-        return None
-
-    def late_result(self, base: str, run: LateCompensation, attempt: int, body: ResultBody) -> Transition:
-        step = self.d.step(run.step)
-        if step is None:
-            return self.unchanged(f"workflow {self.d.get_id()!r} has no step {run.step!r}")
-        if body.status == "succeeded":
-            # Any attempt's success undoes the late success, even one the saga stopped waiting for or
-            # gave up on (a saga it already failed stays failed: its audit says why).
-            del self.s.late_runs[base]
-            self.drop_timer(run)
-            self.record("late_compensation_succeeded", step=step.name, kind="compensate", attempt=attempt)
-            return self.done()
-        if run.failed or attempt != run.attempt or run.command_id is None:
-            return self.unchanged("stale result")
-        self.drop_timer(run)
-        message, retryable = _failure(body)
-        self.late_attempt_failed(step, base, run, message, retryable=retryable)
-        return self.done()
-
-    def late_timer(self, base: str, run: LateCompensation, timer: Timer) -> Transition:
-        step = self.d.step(run.step)
-        if step is None or step.compensation is None:
-            return self.unchanged("stale timer")
-        run.timer_id = None
-        if timer.kind == "retry":
-            self.dispatch_late(step, base, timer.attempt, "late_compensation_dispatched", timer.attempt)
-        else:
-            assert step.timeout is not None
-            # Actions of their own: the audit tells them from the step's own compensation's.
-            self.record(
-                "late_compensation_timed_out", step=step.name, kind="compensate", attempt=timer.attempt
-            )
-            self.late_attempt_failed(step, base, run, f"timed out after {step.timeout:g}s", retryable=True)
-        return self.done()
-
-    def late_attempt_failed(
-        self, step: WorkflowStep, base: str, run: LateCompensation, error: str, *, retryable: bool
-    ) -> None:
-        """Retry a late compensation like any compensation; once its retries are spent, the saga ends
-        failed (at once if it had ended, else when its rollback ends): a side effect is left behind."""
-        run.error, run.command_id = error, None
-        self.record(
-            "late_compensation_failed_attempt",
-            step=step.name,
-            kind="compensate",
-            attempt=run.attempt,
-            error=error,
-        )
-        if retryable and run.attempt <= self.d.retry_for(step).max_retries:
-            run.timer_id = self.retry_timer(f"{base}.{run.attempt + 1}", step, "compensate", run.attempt + 1)
-            self.record(
-                "late_compensation_retry_scheduled",
-                step=step.name,
-                kind="compensate",
-                attempt=run.attempt + 1,
-                error=error,
-            )
-            return
-        run.failed = True
-        self.record(
-            "late_compensation_failed", step=step.name, kind="compensate", attempt=run.attempt, error=error
-        )
-        if self.s.state is WorkflowState.FAILED:
-            self.s.error = self.with_late_failures(self.s.error, [run])
-        elif self.s.state.is_final:
-            self.fail_for_late()
-        # Still rolling back: the rollback ends failed (finish_rollback), unless a late success of this
-        # compensation comes first.
-
-    def late_failures(self) -> list[LateCompensation]:
-        return [run for run in self.s.late_runs.values() if run.failed]
-
-    @staticmethod
-    def with_late_failures(error: str | None, runs: list[LateCompensation]) -> str:
-        """``error`` with the reason of each late compensation in ``runs`` that failed for good."""
-        reasons = [f"the compensation of a late success of step {r.step!r} failed: {r.error}" for r in runs]
-        return "; ".join([error, *reasons] if error else reasons)
-
-    def fail_for_late(self) -> None:
-        self.s.error = self.with_late_failures(self.s.error, self.late_failures())
-        self.set_state(WorkflowState.FAILED, "saga_failed", error=self.s.error)
 
     def step_succeeded(
         self, step: WorkflowStep, rt: StepRuntime, result: dict[str, object], cid: str, attempt: int
@@ -564,21 +404,21 @@ class _Run:
         rt.status = StepStatus.SUCCEEDED
         rt.succeeded_command = rt.command_id = cid
         rt.error = None
-        self.s.step_results[step.name] = dict(result)
-        self.s.data.update(result)
-        self.s.completed.append(step.name)
-        self.record("step_succeeded", step=step.name, kind="execute", attempt=attempt)
+        self.saga.step_results[step.name] = dict(result)
+        self.saga.data.update(result)
+        self.saga.completed.append(step.name)
+        self.record(AuditActionName.STEP_SUCCEEDED, step=step.name, kind="execute", attempt=attempt)
         self.stage_progress()
 
     def stage_progress(self) -> None:
         """After a step of the current stage settled: move on, or start compensating once it is still."""
         steps = self.stage_steps()
-        settled = all(self.s.step(s.name).status in (StepStatus.SUCCEEDED, StepStatus.FAILED) for s in steps)
+        settled = all(self.saga.step(s.name).status in _SETTLED for s in steps)
         if not settled:
             return
-        if self.s.state is WorkflowState.RUNNING:
-            self.enter_stage(self.s.stage + 1)
-        elif self.s.state is WorkflowState.COMPENSATING and not self.s.compensation_queue:
+        if self.saga.state is WorkflowState.RUNNING:
+            self.enter_stage(self.saga.stage + 1)
+        elif self.saga.state is WorkflowState.COMPENSATING and not self.saga.compensation_queue:
             self.start_compensations()
 
     def attempt_failed(
@@ -586,42 +426,36 @@ class _Run:
     ) -> None:
         rt.error = error
         attempt = rt.attempt if phase == "execute" else rt.compensation_attempt
-        self.record(
-            "step_failed" if phase == "execute" else "compensation_failed_attempt",
-            step=step.name,
-            kind=phase,
-            attempt=attempt,
-            error=error,
-        )
-        may_retry = retryable and attempt <= self.d.retry_for(step).max_retries
+        self.record(_FAILED_ATTEMPT[phase], step=step.name, kind=phase, attempt=attempt, error=error)
+        may_retry = retryable and attempt <= self.definition.retry_for(step).max_retries
         if phase == "compensate":
             if may_retry:
                 self.schedule_retry(step, phase, attempt + 1)
                 return
             rt.status = StepStatus.COMPENSATION_FAILED
-            self.s.error = self.with_late_failures(
-                f"compensation of step {step.name!r} failed: {error}", self.late_failures()
+            self.saga.error = late.with_failures(
+                f"compensation of step {step.name!r} failed: {error}", late.failures(self.saga)
             )
-            self.set_state(WorkflowState.FAILED, "saga_failed", error=self.s.error)
+            self.set_state(WorkflowState.FAILED, AuditActionName.SAGA_FAILED, error=self.saga.error)
             return
-        if may_retry and self.s.state is WorkflowState.RUNNING:
+        if may_retry and self.saga.state is WorkflowState.RUNNING:
             self.schedule_retry(step, phase, attempt + 1)
             return
         rt.status = StepStatus.FAILED
         rt.command_id = None
-        if self.s.state is WorkflowState.RUNNING:
+        if self.saga.state is WorkflowState.RUNNING:
             self.rollback(f"step {step.name!r} failed: {error}")
         else:
             self.stage_progress()
 
     def timer(self, timer: Timer) -> Transition:
-        for base, run in self.s.late_runs.items():
-            if run.timer_id == timer.timer_id:
-                return self.late_timer(base, run, timer)
-        step = self.d.step(timer.step)
-        if step is None or self.s.state.is_final:
+        answered = late.on_timer(self, timer)
+        if answered is not None:
+            return answered
+        step = self.definition.step(timer.step)
+        if step is None or self.saga.state.is_final:
             return self.unchanged("stale timer")
-        rt = self.s.step(step.name)
+        rt = self.saga.step(step.name)
         if rt.timer_id != timer.timer_id:
             return self.unchanged("stale timer")
         rt.timer_id = None
@@ -629,7 +463,9 @@ class _Run:
             self.dispatch(step, timer.phase, timer.attempt)
         else:
             assert step.timeout is not None
-            self.record("step_timed_out", step=step.name, kind=timer.phase, attempt=timer.attempt)
+            self.record(
+                AuditActionName.STEP_TIMED_OUT, step=step.name, kind=timer.phase, attempt=timer.attempt
+            )
             self.attempt_failed(step, rt, timer.phase, f"timed out after {step.timeout:g}s", retryable=True)
         return self.done()
 
@@ -638,26 +474,26 @@ class _Run:
     def rollback(self, reason: str) -> None:
         """A step failed for good: stop every retry in the current stage, wait for the branches
         still in flight, then compensate."""
-        self.s.error = reason
-        self.set_state(WorkflowState.COMPENSATING, "compensation_started", error=reason)
+        self.saga.error = reason
+        self.set_state(WorkflowState.COMPENSATING, AuditActionName.COMPENSATION_STARTED, error=reason)
         for step in self.stage_steps():
-            rt = self.s.step(step.name)
+            rt = self.saga.step(step.name)
             if rt.status is StepStatus.RETRY_WAIT:
                 self.drop_timer(rt)
                 rt.status = StepStatus.FAILED
         self.stage_progress()
 
     def cancel(self, reason: str | None) -> Transition:
-        if self.s.state not in (WorkflowState.PENDING, WorkflowState.RUNNING):
+        if self.saga.state not in (WorkflowState.PENDING, WorkflowState.RUNNING):
             return self.unchanged(
-                "cancel refused", rejected=f"a saga in state {self.s.state.value!r} cannot be cancelled"
+                "cancel refused", rejected=f"a saga in state {self.saga.state.value!r} cannot be cancelled"
             )
-        self.s.cancel_requested = True
-        self.s.error = reason or "cancelled by request"
-        self.set_state(WorkflowState.COMPENSATING, "cancel_requested", error=self.s.error)
+        self.saga.cancel_requested = True
+        self.saga.error = reason or "cancelled by request"
+        self.set_state(WorkflowState.COMPENSATING, AuditActionName.CANCEL_REQUESTED, error=self.saga.error)
         for step in self.stage_steps():
-            rt = self.s.step(step.name)
-            if rt.status in _AWAITING_EXECUTE:
+            rt = self.saga.step(step.name)
+            if rt.status in AWAITING_EXECUTE:
                 # In flight or waiting to retry: its outcome is unknown, so it is compensated first.
                 self.drop_timer(rt)
                 rt.status = StepStatus.FAILED
@@ -670,39 +506,39 @@ class _Run:
         failed = [
             step.name
             for step in reversed(self.stage_steps())
-            if self.s.step(step.name).status is StepStatus.FAILED and self.s.step(step.name).attempt > 0
+            if self.saga.step(step.name).status is StepStatus.FAILED and self.saga.step(step.name).attempt > 0
         ]
-        self.s.compensation_queue = [
-            name for name in failed + list(reversed(self.s.completed)) if self._compensable(name)
+        self.saga.compensation_queue = [
+            name for name in failed + list(reversed(self.saga.completed)) if self._compensable(name)
         ]
-        if not self.s.compensation_queue:
+        if not self.saga.compensation_queue:
             self.finish_rollback()
             return
         self.dispatch_compensation()
 
     def _compensable(self, name: str) -> bool:
-        step = self.d.step(name)
+        step = self.definition.step(name)
         return step is not None and step.compensation is not None
 
     def dispatch_compensation(self) -> None:
-        name = self.s.compensation_queue[0]
-        step = self.d.step(name)
+        name = self.saga.compensation_queue[0]
+        step = self.definition.step(name)
         assert step is not None
-        self.s.current_step = name
+        self.saga.current_step = name
         self.dispatch(step, "compensate", 1)
 
     def next_compensation(self) -> None:
-        if self.s.compensation_queue:
-            self.s.compensation_queue.pop(0)
-        if self.s.compensation_queue:
+        if self.saga.compensation_queue:
+            self.saga.compensation_queue.pop(0)
+        if self.saga.compensation_queue:
             self.dispatch_compensation()
         else:
             self.finish_rollback()
 
     def finish_rollback(self) -> None:
-        if self.late_failures():
-            self.fail_for_late()
-        elif self.s.cancel_requested:
-            self.set_state(WorkflowState.CANCELLED, "saga_cancelled", error=self.s.error)
+        if late.failures(self.saga):
+            late.fail_saga(self)
+        elif self.saga.cancel_requested:
+            self.set_state(WorkflowState.CANCELLED, AuditActionName.SAGA_CANCELLED, error=self.saga.error)
         else:
-            self.set_state(WorkflowState.COMPENSATED, "saga_compensated", error=self.s.error)
+            self.set_state(WorkflowState.COMPENSATED, AuditActionName.SAGA_COMPENSATED, error=self.saga.error)

@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from .models import SagaEvent
+from .models import RETRY_ACTIONS, AuditActionName, SagaEvent
 
 STATE_STYLE = {
     "pending": "white",
@@ -19,6 +19,20 @@ STATE_STYLE = {
     "failed": "bold red",
     "cancelled": "magenta",
 }
+
+
+# The actions shown with the state they leave the saga in: it starts, rolls back or ends.
+_STATE_ACTIONS = frozenset(
+    {
+        AuditActionName.SAGA_CREATED,
+        AuditActionName.SAGA_STARTED,
+        AuditActionName.COMPENSATION_STARTED,
+        AuditActionName.SAGA_COMPLETED,
+        AuditActionName.SAGA_COMPENSATED,
+        AuditActionName.SAGA_CANCELLED,
+        AuditActionName.SAGA_FAILED,
+    }
+)
 
 
 def state(name: str | None) -> str:
@@ -37,9 +51,9 @@ def describe(event: SagaEvent) -> list[str]:
         if a.worker_name and a.kind == "compensate":
             step += f" -> {escape(a.worker_name)}"
         attempt = f" (attempt {a.attempt})" if a.attempt and a.attempt > 1 else ""
-        shown = f"  {state(a.state)}" if a.action.startswith(("saga_", "compensation_started")) else ""
-        retry = a.action in ("retry_scheduled", "late_compensation_retry_scheduled")
-        error = f"  [red]{escape(a.error)}[/red]" if a.error and not retry else ""
+        shown = f"  {state(a.state)}" if a.action in _STATE_ACTIONS else ""
+        # A retry's error is the failure's, shown on the action before it already.
+        error = f"  [red]{escape(a.error)}[/red]" if a.error and a.action not in RETRY_ACTIONS else ""
         lines.append(f"[dim]{escape(event.transaction_id):>10}[/dim]  {what}{step}{attempt}{shown}{error}")
     return lines
 
@@ -54,7 +68,7 @@ def transition(event: SagaEvent) -> str:
     )
     parts = []
     for a in body.actions:
-        text = a.action
+        text = a.action.value
         if a.step:
             text += f" {a.step}"
             if a.attempt and a.attempt > 1:

@@ -33,13 +33,12 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from .models import RETRY_ACTIONS
 from .ports import Headers
 
 _log = logging.getLogger(__name__)
 _NAME = "orchestrator_kafka"
 _FINAL_EVENTS = ("completed", "compensated", "failed", "cancelled")
-# The audit actions that schedule a retry, of a step, a compensation or the compensation of a late success.
-_RETRY_ACTIONS = frozenset({"retry_scheduled", "late_compensation_retry_scheduled"})
 
 
 def _is_real(provider: object) -> bool:
@@ -179,7 +178,7 @@ class Telemetry:
             if ended:
                 self._sagas.add(1, {**attrs, "event": to_state})
             for action in actions:
-                if action["action"] in _RETRY_ACTIONS:
+                if action["action"] in RETRY_ACTIONS:
                     self._retries.add(1, {**attrs, "saga.step": action.get("step") or ""})
         if self.tracing and ended:
             span = self._tracer.start_span(

@@ -13,24 +13,20 @@ import asyncio
 import dataclasses
 import inspect
 import logging
-import random
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from operator import length_hint
 from typing import Any
 
 import orjson
-import pydantic
 
 from . import codec
-from .constants import MAX_MESSAGE_BYTES, SCHEMA_VERSION, WORKER_GROUP, Topics
+from .constants import WORKER_GROUP, Topics
 from .dead_letters import dead_letter
 from .errors import DecodeError, NonRetryableError, ValidationError
 from .lifecycle import Service
-from .models import UUID_VARIANT_DIGIT, Message, StepCommand
+from .models import ERROR_TYPE_MAX, StepCommand, step_result_bytes
 from .ports import Headers, IEventBus, ILogger, InboundMessage, OutboxMessage, Subscription
 from .telemetry import Telemetry
 from .workflow import _check_name
@@ -169,7 +165,7 @@ class Worker(Service):
         done = self._done
         for message in batch:
             try:
-                command = _decode(message.value)
+                command = codec.decode_command_first(message.value)
             except DecodeError as exc:
                 out.append(self._dead(message, exc.reason, exc.detail))
                 continue
@@ -327,95 +323,20 @@ class Worker(Service):
         result: dict[str, Any] | orjson.Fragment | None,
         error: tuple[str, str, bool] | None = None,
     ) -> OutboxMessage:
-        """The :class:`StepResult` of ``command`` as bytes, built with orjson: the model's JSON, byte for
-        byte, without building the model (tests hold the two equal).
+        """The :class:`StepResult` of ``command``, as :func:`models.step_result_bytes` writes it.
 
         Raises:
             TypeError: ``result`` is not JSON-serialisable.
         """
-        body = command.body
-        reply: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "event_id": _event_id(),
-            "transaction_id": command.transaction_id,
-            "workflow_id": command.workflow_id,
-            "occurred_at": _now(),
-            "event_type": "step.result",
-            "body": {
-                "command_id": body.command_id,
-                "step": body.step,
-                "kind": body.kind,
-                "attempt": body.attempt,
-                "status": "succeeded",
-                "result": result,
-                "error": None,
-            },
-        }
-        if error is not None:
-            kind, message, retryable = error
-            reply["body"]["status"] = "failed"
-            reply["body"]["error"] = {"type": kind[:500], "message": message[:10_000], "retryable": retryable}
-            try:
-                value = orjson.dumps(reply)
-            except TypeError:  # text that is not UTF-8 (a lone surrogate), from an exception
-                reply["body"]["error"]["type"] = _utf8(kind[:500])
-                reply["body"]["error"]["message"] = _utf8(message[:10_000])
-                value = orjson.dumps(reply)
-        else:
-            value = orjson.dumps(reply)
+        value = step_result_bytes(command, result, error)
         return OutboxMessage(self._results_topic, command.transaction_id, value)
 
 
 _EMPTY: dict[str, Any] = {}
-_STEP_COMMAND = StepCommand.__pydantic_validator__
-
-
-def _decode(value: bytes | None) -> Message:
-    """:func:`codec.decode` of one message, validated straight as a :class:`StepCommand` first (the
-    discriminated union costs more); anything else, or anything wrong, goes through ``codec.decode``."""
-    if value is not None and len(value) <= MAX_MESSAGE_BYTES:
-        try:
-            command: StepCommand = _STEP_COMMAND.validate_json(value)
-        except pydantic.ValidationError:
-            pass
-        else:
-            if command.schema_version == SCHEMA_VERSION:
-                return command
-    return codec.decode(value)
-
-
-def _event_id() -> str:
-    """A random (version 4) UUID. An id needs to be unique, not unguessable: ``random`` (reseeded in a
-    forked child) costs a fraction of ``uuid.uuid4()``, which makes a system call for every id."""
-    h = f"{random.getrandbits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{UUID_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:]}"
-
-
-_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
-
-
-def _now() -> str:
-    """Now in UTC as pydantic writes a datetime."""
-    return _utc_text(time.time_ns())
-
-
-def _utc_text(ns: int) -> str:
-    """``ns`` since the epoch as pydantic writes a UTC datetime: ``Z``, microseconds unless zero. The
-    text of the second is kept: ``datetime.now(UTC).isoformat()`` costs about three times as much."""
-    global _second
-    second, micros = divmod(ns // 1000, 1_000_000)
-    cached = _second
-    if second != cached[0]:
-        cached = _second = (second, datetime.fromtimestamp(second, UTC).isoformat()[:19])
-    return f"{cached[1]}.{micros:06d}Z" if micros else f"{cached[1]}Z"
-
-
-def _utf8(text: str) -> str:
-    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _error_type(exc: BaseException) -> str:
-    return type(exc).__name__[:500]
+    return type(exc).__name__[:ERROR_TYPE_MAX]
 
 
 async def _call_plain(fn: Handler, ctx: StepContext) -> object:

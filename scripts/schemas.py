@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator_kafka.constants import SCHEMA_VERSION
-from orchestrator_kafka.engine import command_id
 from orchestrator_kafka.models import (
     MESSAGE_ADAPTER,
     MESSAGE_TYPES,
     AuditAction,
+    AuditActionName,
     CancelBody,
     CancelSaga,
     CommandBody,
@@ -44,6 +44,7 @@ from orchestrator_kafka.models import (
     StepCommand,
     StepResult,
     TransitionBody,
+    command_id,
     derived_event_id,
 )
 
@@ -105,7 +106,7 @@ _CHARGE_ID = command_id(_TX, "charge", "execute", 2)
 
 def examples() -> dict[str, Envelope]:
     """One realistic message per event type, keyed by event type; ids follow the orchestrator's own
-    formats (command ids from ``engine.command_id``, derived event ids where the engine derives them)."""
+    formats (command ids from ``models.command_id``, derived event ids where the engine derives them)."""
     found: dict[str, Envelope] = {
         "saga.start": StartSaga(
             event_id="3b0d8a52-6f9e-4c1a-8d27-5e4f3a2b1c0d",
@@ -163,10 +164,14 @@ def examples() -> dict[str, Envelope]:
                 version=4,
                 actions=[
                     AuditAction(
-                        action="step_succeeded", state="running", step="reserve", kind="execute", attempt=1
+                        action=AuditActionName.STEP_SUCCEEDED,
+                        state="running",
+                        step="reserve",
+                        kind="execute",
+                        attempt=1,
                     ),
                     AuditAction(
-                        action="step_dispatched",
+                        action=AuditActionName.STEP_DISPATCHED,
                         state="running",
                         step="charge",
                         worker_name="charge_payment",

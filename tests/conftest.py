@@ -19,12 +19,17 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pytest
 
 from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore
+from orchestrator_kafka.constants import DEDUPE_TTL_SECONDS
 from orchestrator_kafka.ports import IEventBus, IStateStore
+
+if TYPE_CHECKING:
+    from orchestrator_kafka import RedisStateStore
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -129,30 +134,73 @@ def memory_backend() -> Backend:
 
 
 def real_backend() -> Backend:
-    from orchestrator_kafka import KafkaEventBus, RedisStateStore
+    from orchestrator_kafka import KafkaEventBus
 
-    bootstrap, redis_url = require_kafka(), require_redis()
-    topic_prefix, key_prefix = unique("t"), unique("k")
-    store = RedisStateStore(redis_url, key_prefix=key_prefix)
+    bootstrap = require_kafka()
+    topic_prefix = unique("t")
+    stores = RedisStores(require_redis())
     backend = Backend(
         "kafka+redis",
         lambda: KafkaEventBus(bootstrap, topic_prefix=topic_prefix, partitions=2),
-        store,
+        stores(),
     )
+    backend.cleanup.append(stores.close)
+    return backend
 
-    async def drop_keys() -> None:
+
+class RedisStores:
+    """Makes RedisStateStores on the test Redis under one key prefix of their own (so tests can share
+    the server); :meth:`close` closes them and deletes every key under the prefix."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.prefix = unique("k")
+        self._made: list[RedisStateStore] = []
+
+    def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS, **kwargs: Any) -> RedisStateStore:
+        """A store under the prefix; ``kwargs`` go to RedisStateStore (a ``client``, say)."""
+        from orchestrator_kafka import RedisStateStore
+
+        made = RedisStateStore(self.url, key_prefix=self.prefix, dedupe_ttl=dedupe_ttl, **kwargs)
+        self._made.append(made)
+        return made
+
+    async def _each_key(self, do: Callable[[Any, bytes], Awaitable[object]]) -> None:
         import redis.asyncio as aioredis
 
-        client = aioredis.from_url(redis_url)
+        client = aioredis.from_url(self.url)
         try:
-            keys = [k async for k in client.scan_iter(match=f"{key_prefix}:*", count=1000)]
-            if keys:
-                await client.delete(*keys)
+            async for key in client.scan_iter(match=f"{self.prefix}:*", count=1000):
+                await do(client, key)
         finally:
             await client.aclose()
 
-    backend.cleanup.append(drop_keys)
-    return backend
+    async def pass_time(self, seconds: float) -> None:
+        """Let ``seconds`` pass for the stores' keys: key expiry is the only clock a Redis store
+        has (its timers take the time as an argument), so take ``seconds`` off every key's TTL."""
+        gone = round(seconds * 1000)
+
+        async def age(client: Any, key: bytes) -> None:
+            left = await client.pttl(key)
+            if left >= 0:  # -1: the key never expires
+                await client.pexpire(key, left - gone) if left > gone else await client.delete(key)
+
+        await self._each_key(age)
+
+    async def close(self) -> None:
+        for made in self._made:
+            await made.close()
+        await self._each_key(lambda client, key: client.delete(key))
+
+
+@pytest.fixture
+async def redis_stores() -> AsyncIterator[RedisStores]:
+    """Makes Redis stores under a key prefix of their own, and cleans up after them."""
+    stores = RedisStores(require_redis())
+    try:
+        yield stores
+    finally:
+        await stores.close()
 
 
 @pytest.fixture(

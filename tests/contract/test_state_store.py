@@ -1,38 +1,98 @@
-"""The IStateStore contract, run against every implementation alike."""
+"""The IStateStore contract, run against every implementation alike.
+
+Each implementation's test class provides a ``stores`` fixture (see :class:`Stores`): it makes stores
+and lets time pass for them, the memory store's on a fake clock, the Redis store's by ageing its keys.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import pytest
 
 from orchestrator_kafka import InMemoryStateStore, SagaContext, WorkflowState
-from orchestrator_kafka.errors import ValidationError
-from orchestrator_kafka.ports import IStateStore, OutboxMessage, Timer, TransitionWrite
+from orchestrator_kafka.constants import DEDUPE_TTL_SECONDS
+from orchestrator_kafka.context import StepStatus
+from orchestrator_kafka.errors import StateStoreError, ValidationError
+from orchestrator_kafka.ports import ApplyResult, IStateStore, OutboxMessage, Timer, TransitionWrite
 
-from ..conftest import require_redis, unique
+from ..conftest import RedisStores
+
+T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 
-def saga(tx: str, version: int, state: WorkflowState = WorkflowState.RUNNING, wf: str = "wf") -> SagaContext:
-    now = datetime.now(UTC)
+def saga(
+    tx: str, version: int, state: WorkflowState = WorkflowState.RUNNING, wf: str = "orders"
+) -> SagaContext:
     return SagaContext(
-        transaction_id=tx, workflow_id=wf, state=state, version=version, created_at=now, updated_at=now
+        transaction_id=tx,
+        workflow_id=wf,
+        state=state,
+        version=version,
+        data={"n": version},
+        created_at=T0,
+        updated_at=T0,
     )
 
 
-def msg(n: int) -> OutboxMessage:
+def msg(n: int, value: bytes | None = None) -> OutboxMessage:
     return OutboxMessage(
-        "saga.commands.w", f"tx-{n}", b"\x00\xff binary " + str(n).encode(), (("h", b"\xfe\x01"),)
+        "saga.commands.w",
+        f"tx-{n}",
+        b"\x00\xff binary " + str(n).encode() if value is None else value,
+        (("h", b"\xfe\x01"),),
     )
 
 
-def timer(tx: str, timer_id: str, due: float) -> Timer:
-    return Timer(timer_id, tx, due, "retry", "step", "execute", 2)
+def timer(tx: str, timer_id: str, due: float, *, attempt: int = 2, command_id: str | None = None) -> Timer:
+    return Timer(timer_id, tx, due, "retry", "step", "execute", attempt, command_id)
+
+
+def create(tx: str, event: str = "", **kw: Any) -> TransitionWrite:
+    """The write that creates ``tx`` at version 1; its event id is ``<tx>-create`` unless given."""
+    return TransitionWrite(event or f"{tx}-create", tx, 0, saga(tx, 1), **kw)
+
+
+def step(tx: str, version: int, event: str, **kw: Any) -> TransitionWrite:
+    """The write that moves ``tx`` from ``version`` to ``version + 1``."""
+    state = kw.pop("state", WorkflowState.RUNNING)
+    return TransitionWrite(event, tx, version, saga(tx, version + 1, state), **kw)
+
+
+def every_method(store: IStateStore) -> list[Callable[[], Awaitable[object]]]:
+    """A call of each method of ``store`` that has to reach its data, to be made one at a time."""
+    return [
+        lambda: store.apply([step("t1", 1, "e2")]),
+        lambda: store.load_context("t1"),
+        lambda: store.load_contexts(["t1"]),
+        lambda: store.save_context(saga("t2", 1)),
+        lambda: store.delete_context("t1"),
+        lambda: store.list_contexts(),
+        lambda: store.list_contexts("orders", "running"),
+        lambda: store.ack_outbox([("t1", 1)]),
+        lambda: store.pending_outboxes(),
+        lambda: store.claim_due_timers(10.0, 10, 30.0),
+    ]
+
+
+class Stores(Protocol):
+    """Makes stores of one implementation, closed at the end of the test."""
+
+    def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS) -> IStateStore: ...
+
+    async def pass_time(self, seconds: float) -> None:
+        """Let ``seconds`` pass for every store made, as far as their processed event ids go."""
 
 
 class StateStoreContract:
-    """Subclasses provide a ``store`` fixture."""
+    """Subclasses provide a ``stores`` fixture (:class:`Stores`)."""
+
+    @pytest.fixture
+    def store(self, stores: Stores) -> IStateStore:
+        return stores()
 
     async def test_save_load_delete_and_list(self, store: IStateStore) -> None:
         assert await store.load_context("nope") is None
@@ -65,7 +125,7 @@ class StateStoreContract:
 
     async def test_a_loaded_saga_is_a_copy(self, store: IStateStore) -> None:
         original = saga("a", 1)
-        original.data["items"] = [1]
+        original.data = {"items": [1]}
         await store.save_context(original)
         original.data["items"].append(2)
         loaded = await store.load_context("a")
@@ -160,28 +220,407 @@ class StateStoreContract:
         assert await store.claim_due_timers(10.0, 10, 30.0) == []
         assert await store.list_contexts() == []
 
+    # ------------------------------------------------------------ apply
+
+    async def test_create_then_load(self, store: IStateStore) -> None:
+        [res] = await store.apply([create("t1", outbox=(msg(1),))])
+        assert res == ApplyResult("applied", "t1", 1, (msg(1),))
+        loaded = await store.load_context("t1")
+        assert loaded == saga("t1", 1)
+        assert await store.load_context("nope") is None
+
+    async def test_create_twice_conflicts(self, store: IStateStore) -> None:
+        await store.apply([create("t1")])
+        [res] = await store.apply([create("t1", event="another-start")])
+        assert res == ApplyResult("conflict", "t1")
+        assert (await store.load_context("t1")) == saga("t1", 1)
+
+    async def test_version_conflict_writes_nothing(self, store: IStateStore) -> None:
+        await store.apply([create("t1")])
+        bad = TransitionWrite(
+            "e2", "t1", 5, saga("t1", 6), outbox=(msg(2),), timers=(timer("t1", "tm", 1.0),)
+        )
+        [res] = await store.apply([bad])
+        assert res == ApplyResult("conflict", "t1")
+        assert (await store.load_context("t1")) == saga("t1", 1)
+        assert await store.pending_outboxes() == []
+        assert await store.claim_due_timers(10.0, 10, 30.0) == []
+        # The event id was not recorded: the same event applies once the version is right.
+        [res] = await store.apply([step("t1", 1, "e2")])
+        assert res.status == "applied"
+
+    async def test_duplicate_returns_current_outbox_and_writes_nothing(self, store: IStateStore) -> None:
+        await store.apply([create("t1", outbox=(msg(1),))])
+        [res] = await store.apply([step("t1", 1, "e2", outbox=(msg(2),))])
+        assert res == ApplyResult("applied", "t1", 2, (msg(2),))  # its own messages only
+        # Redelivered: whatever version the client now expects, the outcome is the stored one.
+        for expected in (1, 2, 7):
+            write = TransitionWrite("e2", "t1", expected, saga("t1", expected + 1), outbox=(msg(9),))
+            [dup] = await store.apply([write])
+            assert dup == ApplyResult("duplicate", "t1", 2, (msg(1), msg(2)))
+        assert (await store.load_context("t1")) == saga("t1", 2)
+        await store.ack_outbox([("t1", 2)])
+        [dup] = await store.apply([create("t1")])
+        assert dup == ApplyResult("duplicate", "t1", 0, ())
+
+    async def test_duplicate_within_one_batch(self, store: IStateStore) -> None:
+        results = await store.apply([create("t1"), create("t1")])
+        assert [r.status for r in results] == ["applied", "duplicate"]
+
+    async def test_an_event_id_is_remembered_per_saga(self, store: IStateStore) -> None:
+        results = await store.apply([create("a", event="e"), create("b", event="e")])
+        assert [r.status for r in results] == ["applied", "applied"]
+        [dup] = await store.apply([create("b", event="e")])
+        assert dup.status == "duplicate"
+
+    async def test_conflict_chain_in_one_batch(self, store: IStateStore) -> None:
+        await store.apply([create("a"), create("b")])
+        results = await store.apply(
+            [
+                step("a", 1, "a2"),  # applied: a is at 2
+                step("a", 1, "a-stale"),  # conflict: a is at 2
+                step("a", 2, "a3"),  # would match, but was computed on top of the conflicting write
+                step("b", 1, "b2"),  # another transaction is not affected
+                step("a", 3, "a4"),  # still a conflict
+                create("a", event="a2"),  # but a processed event is still recognised first
+            ]
+        )
+        assert [r.status for r in results] == [
+            "applied",
+            "conflict",
+            "conflict",
+            "applied",
+            "conflict",
+            "duplicate",
+        ]
+        assert (await store.load_context("a")) == saga("a", 2)
+        assert (await store.load_context("b")) == saga("b", 2)
+        # The next batch starts afresh.
+        [res] = await store.apply([step("a", 2, "a3")])
+        assert res.status == "applied"
+
+    async def test_sequential_writes_of_one_saga_in_one_batch(self, store: IStateStore) -> None:
+        results = await store.apply(
+            [
+                create("t1", outbox=(msg(1),)),
+                step("t1", 1, "e2"),
+                step("t1", 2, "e3", outbox=(msg(3), msg(4))),
+            ]
+        )
+        assert results == [
+            ApplyResult("applied", "t1", 1, (msg(1),)),
+            ApplyResult("applied", "t1", 0, ()),
+            ApplyResult("applied", "t1", 3, (msg(3), msg(4))),
+        ]
+        assert (await store.load_context("t1")) == saga("t1", 3)
+
+    async def test_unchanged_cancels_timers_only(self, store: IStateStore) -> None:
+        await store.apply(
+            [create("t1", outbox=(msg(1),), timers=(timer("t1", "x", 5.0), timer("t1", "y", 6.0)))]
+        )
+        [res] = await store.apply([TransitionWrite("noop", "t1", 1, None, cancel_timers=("x", "unknown"))])
+        # No outbox is returned for unchanged, even though one is pending.
+        assert res == ApplyResult("unchanged", "t1")
+        assert [t.timer_id for t in await store.claim_due_timers(10.0, 10, 30.0)] == ["y"]
+        assert (await store.load_context("t1")) == saga("t1", 1)
+        # The event id was not recorded.
+        [res] = await store.apply([step("t1", 1, "noop")])
+        assert res.status == "applied"
+
+    async def test_unchanged_with_wrong_version_conflicts_and_keeps_timers(self, store: IStateStore) -> None:
+        await store.apply([create("t1", timers=(timer("t1", "x", 5.0),))])
+        [res] = await store.apply([TransitionWrite("noop", "t1", 3, None, cancel_timers=("x",))])
+        assert res.status == "conflict"
+        assert [t.timer_id for t in await store.claim_due_timers(10.0, 10, 30.0)] == ["x"]
+
+    async def test_unchanged_for_missing_saga(self, store: IStateStore) -> None:
+        [res] = await store.apply([TransitionWrite("e", "ghost", 0, None)])
+        assert res == ApplyResult("unchanged", "ghost")
+        assert await store.load_context("ghost") is None
+        assert await store.list_contexts() == []
+
+    async def test_a_batch_with_one_invalid_write_is_refused_whole(self, store: IStateStore) -> None:
+        with pytest.raises(ValidationError):
+            await store.apply([create("ok"), TransitionWrite("e", "t1", 0, saga("t1", 2))])
+        with pytest.raises(ValidationError):
+            await store.apply([TransitionWrite("e", "t1", 0, saga("other", 1))])
+        unstorable = saga("t2", 1)
+        unstorable.data["x"] = object()
+        with pytest.raises(ValidationError):
+            await store.apply([create("ok"), TransitionWrite("e", "t2", 0, unstorable)])
+        assert await store.load_context("ok") is None
+        assert await store.list_contexts() == []
+        # Nothing of the refused batches was recorded: their events apply afresh.
+        [res] = await store.apply([create("ok")])
+        assert res.status == "applied"
+        assert await store.apply([]) == []
+
+    async def test_processed_events_are_forgotten_dedupe_ttl_after_the_sagas_last_applied_event(
+        self, stores: Stores
+    ) -> None:
+        store = stores(dedupe_ttl=100)
+        await store.apply([create("t1", outbox=(msg(1),))])
+        await stores.pass_time(60)
+        await store.apply([step("t1", 1, "e2")])  # remembers both ids for 100 s more
+        await stores.pass_time(60)
+        [dup] = await store.apply([create("t1")])  # 120 s after it was applied
+        assert dup.status == "duplicate"
+        # Neither a duplicate nor a conflict nor an unchanged write refreshes them.
+        [conflict] = await store.apply([step("t1", 5, "e3")])
+        assert conflict.status == "conflict"
+        [unchanged] = await store.apply([TransitionWrite("e4", "t1", 2)])
+        assert unchanged.status == "unchanged"
+        await stores.pass_time(41)
+        # Forgotten: the redelivered event is applied again, on the saga as it is now.
+        [again] = await store.apply([TransitionWrite("t1-create", "t1", 2, saga("t1", 3))])
+        assert again.status == "applied"
+        [again] = await store.apply([step("t1", 3, "e2")])
+        assert again.status == "applied"
+        # The saga and its outbox never expire.
+        assert await store.load_context("t1") == saga("t1", 4)
+        [pending] = await store.pending_outboxes()
+        assert pending.messages == (msg(1),)
+
+    async def test_a_dedupe_ttl_that_is_not_positive_is_refused(self, stores: Stores) -> None:
+        for bad in (0, -1):
+            with pytest.raises(ValidationError, match="dedupe_ttl"):
+                stores(dedupe_ttl=bad)
+
+    # ------------------------------------------------------------ outboxes
+
+    async def test_outbox_ack_and_pending(self, store: IStateStore) -> None:
+        await store.apply([create("a", outbox=(msg(1),)), create("b", outbox=(msg(2), msg(3))), create("c")])
+        [res] = await store.apply([step("a", 1, "a2", outbox=(msg(4),))])
+        assert res == ApplyResult("applied", "a", 2, (msg(4),))
+        pending = {p.transaction_id: (p.outbox_id, p.messages) for p in await store.pending_outboxes()}
+        assert pending == {"a": (2, (msg(1), msg(4))), "b": (1, (msg(2), msg(3)))}
+        assert len(await store.pending_outboxes(limit=1)) == 1
+        assert await store.pending_outboxes(limit=0) == []
+        assert await store.pending_outboxes(limit=-1) == []
+
+        await store.ack_outbox([("a", 1)])  # only the older entry
+        pending = {p.transaction_id: (p.outbox_id, p.messages) for p in await store.pending_outboxes()}
+        assert pending == {"a": (2, (msg(4),)), "b": (1, (msg(2), msg(3)))}
+
+        # A write after the publish but before its ack: the ack keeps the newer entry.
+        await store.apply([step("a", 2, "a3", outbox=(msg(5),))])
+        await store.ack_outbox([("a", 2), ("b", 1), ("ghost", 9)])
+        pending = {p.transaction_id: (p.outbox_id, p.messages) for p in await store.pending_outboxes()}
+        assert pending == {"a": (3, (msg(5),))}
+        await store.ack_outbox([("a", 3)])
+        assert await store.pending_outboxes() == []
+        await store.ack_outbox([])
+        [res] = await store.apply([step("a", 3, "a4")])
+        assert res == ApplyResult("applied", "a", 0, ())
+
+    async def test_outbox_entries_stay_in_outbox_id_order_after_a_repair(self, store: IStateStore) -> None:
+        await store.apply(
+            [create("t1", outbox=(msg(1),)), step("t1", 1, "e2"), step("t1", 2, "e3", outbox=(msg(3),))]
+        )
+        await store.save_context(saga("t1", 1))  # an operator moves the saga back
+        [res] = await store.apply([step("t1", 1, "e2-again", outbox=(msg(2),))])
+        assert res == ApplyResult("applied", "t1", 2, (msg(2),))
+        [pending] = await store.pending_outboxes()
+        assert (pending.outbox_id, pending.messages) == (3, (msg(1), msg(2), msg(3)))
+        [dup] = await store.apply([create("t1")])
+        assert dup == ApplyResult("duplicate", "t1", 3, (msg(1), msg(2), msg(3)))
+
+    async def test_pending_outboxes_many(self, store: IStateStore) -> None:
+        await store.apply([create(f"t{i:03}", outbox=(msg(i),)) for i in range(450)])
+        assert len(await store.pending_outboxes(limit=1000)) == 450
+        assert len(await store.pending_outboxes(limit=300)) == 300
+        found = {p.transaction_id: p.messages for p in await store.pending_outboxes()}
+        assert found["t123"] == (msg(123),)
+
+    async def test_bytes_round_trip_exactly(self, store: IStateStore) -> None:
+        every_byte = bytes(range(256))
+        odd = OutboxMessage(
+            "sagä.commands.ünïcode",
+            "ключ-\u20ac",
+            every_byte + b'"\\\n\x00{"',
+            (
+                ("traceparent", b"00-abc-01"),
+                ("bin", b"\xff\xfe\x80\x00\xc3"),
+                ("empty", b""),
+                ("ü", "é".encode()),
+            ),
+        )
+        empty = OutboxMessage("t", "", b"", ())
+        [res] = await store.apply([create("t1", outbox=(odd, empty))])
+        assert res.outbox == (odd, empty)
+        [dup] = await store.apply([create("t1")])
+        assert dup.outbox == (odd, empty)
+        assert dup.outbox[0].value == odd.value
+        assert dict(dup.outbox[0].headers)["bin"] == b"\xff\xfe\x80\x00\xc3"
+        [pending] = await store.pending_outboxes()
+        assert pending.messages == (odd, empty)
+
+    async def test_outbox_messages_keep_any_bytes(self, store: IStateStore) -> None:
+        awkward = OutboxMessage("saga.events", "k\n{", b'\n\x00\xff{"a":"\\n"}\n', (("h\n", b"\xff\n\x00"),))
+        messages = (msg(1), awkward, msg(3, b""))
+        await store.apply([create("t1", outbox=messages)])
+        [duplicate] = await store.apply([create("t1")])  # the same event again: the outbox comes back
+        assert duplicate.status == "duplicate" and duplicate.outbox == messages
+        [pending] = await store.pending_outboxes()
+        assert pending.messages == messages
+
+    async def test_saga_json_round_trip(self, store: IStateStore) -> None:
+        ctx = SagaContext(
+            transaction_id="tx-ü{}:*",
+            workflow_id="wf ü",
+            state=WorkflowState.COMPENSATING,
+            current_step="pay",
+            data={"s": 'q"uote\\ \u20ac \x01', "f": 0.1, "big": 2**60, "nested": [1, {"a": None}]},
+            step_results={"pay": {"ok": True}},
+            error="boom",
+            version=1,
+            completed=["reserve"],
+        )
+        ctx.step("pay").status = StepStatus.COMPENSATING
+        await store.apply([TransitionWrite("e1", ctx.transaction_id, 0, ctx)])
+        assert (await store.load_context(ctx.transaction_id)) == ctx
+        assert await store.list_contexts("wf ü", "compensating") == [ctx.transaction_id]
+
+    # ------------------------------------------------------------ timers
+
+    async def test_timers_claim_lease_and_reclaim(self, store: IStateStore) -> None:
+        t1 = timer("a", "tm1", 100.0, attempt=3, command_id="cmd-1")
+        t2 = timer("a", "tm2", 105.5)
+        t3 = timer("b", "tm3", 200.0)
+        await store.apply([create("a", timers=(t1, t2)), create("b", timers=(t3,))])
+
+        assert await store.claim_due_timers(99.9, 10, 30.0) == []
+        assert await store.claim_due_timers(110.0, 1, 30.0) == [t1]  # earliest first, up to limit
+        assert await store.claim_due_timers(110.0, 10, 30.0) == [t2]  # t1 is leased until 140
+        assert await store.claim_due_timers(139.0, 10, 30.0) == []
+        assert await store.claim_due_timers(140.0, 10, 30.0) == [t1, t2]  # their claimers never handled them
+        assert await store.claim_due_timers(140.0, 0, 30.0) == []
+        # Claims never delete; the write that handles a timer cancels it.
+        [res] = await store.apply([step("a", 1, "fired", cancel_timers=("tm1", "tm2"))])
+        assert res.status == "applied"
+        assert await store.claim_due_timers(1000.0, 10, 30.0) == [t3]
+
+    async def test_timer_rescheduled_by_a_later_write(self, store: IStateStore) -> None:
+        await store.apply([create("a", timers=(timer("a", "tm", 50.0),))])
+        later = timer("a", "tm", 500.0, attempt=3)
+        await store.apply([step("a", 1, "retry", timers=(later,))])
+        assert await store.claim_due_timers(100.0, 10, 30.0) == []
+        assert await store.claim_due_timers(500.0, 10, 30.0) == [later]
+
+    async def test_many_timers_in_one_write(self, store: IStateStore) -> None:
+        """Thousands of timers in one write (Redis sends variadic commands in chunks for them)."""
+        many = tuple(timer("a", f"tm{i}", float(i)) for i in range(2500))
+        await store.apply([create("a", timers=many)])
+        assert len(await store.claim_due_timers(10_000.0, 5000, 30.0)) == 2500
+        ids = tuple(f"tm{i}" for i in range(2000)) + tuple(f"ghost{i}" for i in range(1500))
+        await store.apply([step("a", 1, "cancel-many", cancel_timers=ids)])
+        left = await store.claim_due_timers(20_000.0, 5000, 30.0)
+        assert sorted(t.timer_id for t in left) == sorted(f"tm{i}" for i in range(2000, 2500))
+        assert await store.delete_context("a") is True
+        assert await store.claim_due_timers(30_000.0, 5000, 30.0) == []
+
+    async def test_fractional_due_times(self, store: IStateStore) -> None:
+        now = time.time()
+        t = timer("a", "tm", now + 0.25)
+        await store.apply([create("a", timers=(t,))])
+        assert await store.claim_due_timers(now + 0.2499, 10, 30.0) == []
+        assert await store.claim_due_timers(now + 0.25, 10, 30.0) == [t]
+
+    # ------------------------------------------------------------ indexes and operator calls
+
+    async def test_indexes_follow_state_changes(self, store: IStateStore) -> None:
+        await store.apply(
+            [create("a"), create("b"), TransitionWrite("c1", "c", 0, saga("c", 1, wf="refunds"))]
+        )
+        assert await store.list_contexts() == ["a", "b", "c"]
+        assert await store.list_contexts("orders") == ["a", "b"]
+        assert await store.list_contexts(state="running") == ["a", "b", "c"]
+        await store.apply([step("a", 1, "a2", state=WorkflowState.COMPLETED)])
+        assert await store.list_contexts(state=WorkflowState.COMPLETED) == ["a"]
+        assert await store.list_contexts("orders", "running") == ["b"]
+        assert await store.list_contexts("orders", "completed") == ["a"]
+        assert await store.list_contexts("refunds", "completed") == []
+        assert await store.list_contexts("nope") == []
+        assert await store.list_contexts(state="running") == ["b", "c"]
+
+    async def test_repair_then_load_delete_and_list(self, store: IStateStore) -> None:
+        ctx = saga("s1", 7, WorkflowState.FAILED)
+        await store.save_context(ctx)
+        assert (await store.load_context("s1")) == ctx
+        assert await store.list_contexts("orders", "failed") == ["s1"]
+        # Overwrite as is (an operator's repair): a lower version and another workflow are taken as given.
+        repaired = saga("s1", 3, WorkflowState.RUNNING, wf="other")
+        await store.save_context(repaired)
+        assert (await store.load_context("s1")) == repaired
+        assert await store.list_contexts("orders") == []
+        assert await store.list_contexts(state="failed") == []
+        assert await store.list_contexts("other", "running") == ["s1"]
+        [res] = await store.apply([step("s1", 3, "after-repair")])
+        assert res.status == "applied"
+
+        await store.apply([create("d1", outbox=(msg(1),), timers=(timer("d1", "dt", 1.0),))])
+        assert await store.load_contexts(["d1", "missing", "s1"]) == {
+            "d1": saga("d1", 1),
+            "s1": saga("s1", 4),
+        }
+        assert await store.load_contexts([]) == {}
+        assert await store.delete_context("d1") is True
+        assert await store.delete_context("d1") is False
+        assert await store.load_context("d1") is None
+        assert await store.list_contexts() == ["s1"]
+        assert await store.pending_outboxes() == []
+        assert await store.claim_due_timers(10.0, 10, 30.0) == []
+        # A late redelivery of the deleted saga's start is still a duplicate.
+        [dup] = await store.apply([create("d1")])
+        assert dup.status == "duplicate"
+        assert await store.load_context("d1") is None
+
+    async def test_load_contexts_many(self, store: IStateStore) -> None:
+        await store.apply([create(f"t{i}") for i in range(300)])
+        loaded = await store.load_contexts([f"t{i}" for i in range(0, 320, 2)])
+        assert sorted(loaded) == sorted(f"t{i}" for i in range(0, 300, 2))
+        assert loaded["t42"] == saga("t42", 1)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def test_close_is_idempotent_and_final(self, store: IStateStore) -> None:
+        await store.apply([create("t1", outbox=(msg(1),), timers=(timer("t1", "tm", 1.0),))])
+        await store.close()
+        await store.close()
+        for call in every_method(store):
+            with pytest.raises(StateStoreError, match="closed"):
+                await call()
+
+    async def test_async_with_closes_the_store_on_exit(self, stores: Stores) -> None:
+        async with stores() as store:
+            [res] = await store.apply([create("t1")])
+            assert res.status == "applied"
+            assert await store.load_context("t1") == saga("t1", 1)
+        with pytest.raises(StateStoreError, match="closed"):
+            await store.load_context("t1")
+
+
+class MemoryStores:
+    """In-memory stores on one fake clock, which ``pass_time`` moves on."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS) -> IStateStore:
+        return InMemoryStateStore(dedupe_ttl=dedupe_ttl, clock=lambda: self.now)
+
+    async def pass_time(self, seconds: float) -> None:
+        self.now += seconds
+
 
 class TestInMemoryStateStore(StateStoreContract):
     @pytest.fixture
-    async def store(self) -> AsyncIterator[IStateStore]:
-        yield InMemoryStateStore()
+    def stores(self) -> Stores:
+        return MemoryStores()
 
 
 @pytest.mark.redis
 class TestRedisStateStore(StateStoreContract):
     @pytest.fixture
-    async def store(self) -> AsyncIterator[IStateStore]:
-        from orchestrator_kafka import RedisStateStore
-
-        url = require_redis()
-        prefix = unique("contract")
-        store = RedisStateStore(url, key_prefix=prefix)
-        yield store
-        import redis.asyncio as aioredis
-
-        client = aioredis.from_url(url)
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
-        await store.close()
+    async def stores(self, redis_stores: RedisStores) -> AsyncIterator[Stores]:
+        yield redis_stores

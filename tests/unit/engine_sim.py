@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from orchestrator_kafka import codec
 from orchestrator_kafka.context import SagaContext
 from orchestrator_kafka.engine import Event, TimerFired, Transition, decide
 from orchestrator_kafka.models import (
@@ -96,7 +97,10 @@ def result_event(
 
 
 def check_transition(before: SagaContext | None, t: Transition) -> None:
-    """The version rule: +1 per changed transition, unchanged otherwise; audit carries the version."""
+    """The version rule: +1 per changed transition, unchanged otherwise; audit carries the version. Every
+    outgoing message, built by the fast builders of ``models``, is its wire model's JSON byte for byte."""
+    for outgoing in t.outgoing:
+        assert outgoing.encode() == codec.encode(outgoing.message())
     if t.changed:
         assert t.saga is not None
         assert t.saga.version == (before.version if before is not None else 0) + 1

@@ -12,11 +12,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import pydantic
 import pytest
 
 from orchestrator_kafka import codec
-from orchestrator_kafka import worker as worker_module
 from orchestrator_kafka.backends.memory import InMemoryEventBus
 from orchestrator_kafka.constants import HEADER_DLQ_REASON
 from orchestrator_kafka.errors import NonRetryableError
@@ -361,19 +359,3 @@ async def test_mixed_batch_keeps_order_and_dead_letters() -> None:
     replies = [m for m in out if m.topic == "saga.results"]
     for message, cmd in zip(replies, [*good, minor], strict=True):
         check_reply(message, cmd, {"i": cmd.body.data["i"]}, None)
-
-
-@pytest.mark.parametrize(
-    "when",
-    [
-        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
-        datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=UTC),
-        datetime(2026, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
-        datetime(1999, 3, 4, 0, 0, 0, 120_000, tzinfo=UTC),
-    ],
-)
-def test_reply_time_is_written_as_pydantic_writes_it(when: datetime) -> None:
-    ns = (int(when.timestamp()) * 1_000_000 + when.microsecond) * 1000 + 999
-    text = worker_module._utc_text(ns)
-    assert text == worker_module._utc_text(ns)  # the kept second answers the same
-    assert orjson.dumps(text) == pydantic.TypeAdapter(datetime).dump_json(when)

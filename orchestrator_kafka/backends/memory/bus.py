@@ -1,181 +1,24 @@
-"""In-process backends: :class:`InMemoryEventBus` and :class:`InMemoryStateStore`.
-
-They are real, supported backends (the embedded default for demos, users' unit tests and single-process
-use) with the semantics of the Kafka and Redis ones: topics with partitions chosen by key, consumer
-groups with committed offsets and at-least-once redelivery; versioned atomic transitions, event dedupe,
-outboxes, durable timers and indexes. Every operation is atomic with respect to other coroutines of the
-event loop, because none awaits inside its critical section.
+"""The in-process event bus, with the semantics of the Kafka one: topics with partitions chosen by key,
+consumer groups with committed offsets and at-least-once redelivery. Every operation is atomic with
+respect to other coroutines of the event loop, because none awaits inside its critical section.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import zlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from ..constants import DEFAULT_TOPIC_PREFIX
-from ..context import SagaContext, storable
-from ..errors import EventBusError
-from ..ports import (
-    ApplyResult,
-    BatchHandler,
-    IEventBus,
-    InboundMessage,
-    IStateStore,
-    OutboxMessage,
-    PendingOutbox,
-    Subscription,
-    Timer,
-    TransitionWrite,
-    finished,
-)
+from ...constants import DEFAULT_TOPIC_PREFIX
+from ...errors import EventBusError
+from ...ports import BatchHandler, IEventBus, Subscription, finished
+from ...values import InboundMessage, OutboxMessage
 
 _log = logging.getLogger("orchestrator_kafka.memory")
-
-
-# ---------------------------------------------------------------- the state store
-
-
-@dataclass(slots=True)
-class _Record:
-    # Stored as JSON so no caller ever holds a reference into the store's state.
-    json: bytes
-    version: int
-    workflow_id: str
-    state: str
-
-
-class InMemoryStateStore(IStateStore):
-    """A state store in this process's memory, with the atomic-transition semantics of the Redis one."""
-
-    def __init__(self) -> None:
-        self._sagas: dict[str, _Record] = {}
-        self._processed: set[str] = set()
-        self._outbox: dict[str, list[tuple[int, tuple[OutboxMessage, ...]]]] = {}
-        self._timers: dict[str, tuple[Timer, float]] = {}
-        self._due: list[tuple[float, str]] = []
-        self._by_workflow: dict[str, set[str]] = defaultdict(set)
-        self._by_state: dict[str, set[str]] = defaultdict(set)
-
-    def _put(self, ctx: SagaContext, raw: bytes | None = None) -> None:
-        self._unindex(ctx.transaction_id)
-        self._sagas[ctx.transaction_id] = _Record(
-            ctx.to_json() if raw is None else raw, ctx.version, ctx.workflow_id, str(ctx.state)
-        )
-        self._by_workflow[ctx.workflow_id].add(ctx.transaction_id)
-        self._by_state[str(ctx.state)].add(ctx.transaction_id)
-
-    def _unindex(self, tx: str) -> None:
-        old = self._sagas.get(tx)
-        if old is not None:
-            self._by_workflow[old.workflow_id].discard(tx)
-            self._by_state[old.state].discard(tx)
-
-    async def save_context(self, context: SagaContext) -> None:
-        self._put(context, storable(context))
-
-    async def load_context(self, transaction_id: str) -> SagaContext | None:
-        record = self._sagas.get(transaction_id)
-        return None if record is None else SagaContext.from_json(record.json)
-
-    async def load_contexts(self, transaction_ids: Sequence[str]) -> dict[str, SagaContext]:
-        return {
-            tx: SagaContext.from_json(record.json)
-            for tx in transaction_ids
-            if (record := self._sagas.get(tx)) is not None
-        }
-
-    async def delete_context(self, transaction_id: str) -> bool:
-        if transaction_id not in self._sagas:
-            return False
-        self._unindex(transaction_id)
-        del self._sagas[transaction_id]
-        self._outbox.pop(transaction_id, None)
-        for timer_id in [
-            t for t, (timer, _) in self._timers.items() if timer.transaction_id == transaction_id
-        ]:
-            del self._timers[timer_id]
-        return True
-
-    async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
-        found = set(self._sagas)
-        if workflow_id is not None:
-            found &= self._by_workflow.get(workflow_id, set())
-        if state is not None:
-            found &= self._by_state.get(str(state), set())
-        return sorted(found)
-
-    async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
-        results: list[ApplyResult] = []
-        conflicted: set[str] = set()
-        for w in writes:
-            tx = w.transaction_id
-            if w.event_id in self._processed:
-                results.append(self._duplicate(tx))
-                continue
-            record = self._sagas.get(tx)
-            version = 0 if record is None else record.version
-            if tx in conflicted or version != w.expected_version:
-                conflicted.add(tx)
-                results.append(ApplyResult("conflict", tx))
-                continue
-            for timer_id in w.cancel_timers:
-                self._timers.pop(timer_id, None)
-            if w.saga is None:
-                results.append(ApplyResult("unchanged", tx))
-                continue
-            if w.saga.version != w.expected_version + 1 or w.saga.transaction_id != tx:
-                raise ValueError(f"write for {tx!r} does not carry version {w.expected_version + 1}")
-            self._put(w.saga)
-            if w.outbox:
-                self._outbox.setdefault(tx, []).append((w.saga.version, w.outbox))
-            for timer in w.timers:
-                self._timers[timer.timer_id] = (timer, timer.due_at)
-                heapq.heappush(self._due, (timer.due_at, timer.timer_id))
-            self._processed.add(w.event_id)
-            results.append(ApplyResult("applied", tx, w.saga.version if w.outbox else 0, w.outbox))
-        return results
-
-    def _duplicate(self, tx: str) -> ApplyResult:
-        entries = self._outbox.get(tx, [])
-        if not entries:
-            return ApplyResult("duplicate", tx)
-        return ApplyResult("duplicate", tx, entries[-1][0], tuple(m for _, batch in entries for m in batch))
-
-    async def ack_outbox(self, acks: Sequence[tuple[str, int]]) -> None:
-        for tx, outbox_id in acks:
-            entries = [e for e in self._outbox.get(tx, []) if e[0] > outbox_id]
-            if entries:
-                self._outbox[tx] = entries
-            else:
-                self._outbox.pop(tx, None)
-
-    async def pending_outboxes(self, limit: int = 1000) -> list[PendingOutbox]:
-        found = []
-        for tx, entries in list(self._outbox.items())[:limit]:
-            found.append(PendingOutbox(tx, entries[-1][0], tuple(m for _, b in entries for m in b)))
-        return found
-
-    async def claim_due_timers(self, now: float, limit: int, lease: float) -> list[Timer]:
-        claimed: list[Timer] = []
-        while self._due and self._due[0][0] <= now and len(claimed) < limit:
-            due, timer_id = heapq.heappop(self._due)
-            entry = self._timers.get(timer_id)
-            if entry is None or entry[1] != due:
-                continue  # cancelled, or re-leased: a newer heap entry stands for it
-            timer = entry[0]
-            self._timers[timer_id] = (timer, now + lease)
-            heapq.heappush(self._due, (now + lease, timer_id))
-            claimed.append(timer)
-        return claimed
-
-    async def close(self) -> None:
-        return None
 
 
 # ---------------------------------------------------------------- the event bus

@@ -1,0 +1,108 @@
+"""Topic admin: creating the bus's topics (``partitions`` x ``replication_factor``) when first used, and
+waiting until their partitions have leaders, with aiokafka's admin client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from aiokafka.admin import NewTopic
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
+
+from ...errors import EventBusError
+
+__all__ = ["TopicAdmin"]
+
+_log = logging.getLogger("orchestrator_kafka.kafka")
+
+# Poll interval while waiting for a new topic's partitions to get leaders.
+_LEADER_POLL = 0.05
+
+
+class TopicAdmin:
+    """The bus's admin client and the topics known to exist; :meth:`ensure` creates the others.
+
+    ``timeout`` bounds a CreateTopics request and the wait for the new partitions' leaders.
+    """
+
+    def __init__(self, *, partitions: int, replication_factor: int, timeout: float) -> None:
+        self._partitions = partitions
+        self._replication_factor = replication_factor
+        self._timeout = timeout
+        # The started admin client while the bus runs (the bus sets it in start and clears it in stop).
+        self.client: Any = None
+        # Topics created or found, never asked about again.
+        self.known: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    async def ensure(self, topics: Sequence[str]) -> None:
+        """Create the topics of ``topics`` not known yet and wait for their leaders; see
+        :meth:`KafkaEventBus.ensure_topics`. The caller checks that the bus is started."""
+        if all(t in self.known for t in topics):
+            return
+        async with self._lock:
+            missing = sorted({t for t in topics if t not in self.known})
+            if not missing:
+                return
+            try:
+                present = await self._create_topics(missing)
+                if present:
+                    await self._wait_for_leaders(present)
+            except (KafkaError, OSError) as exc:
+                raise EventBusError(f"could not create topics {missing}: {exc!r}") from exc
+            self.known.update(missing)
+
+    async def _create_topics(self, names: list[str]) -> list[str]:
+        """Issue one CreateTopics request; the names created now or already there. A topic "already
+        there" may have been created by another client an instant ago, so its leaders are awaited too;
+        topics this client may not create are left out (the operator manages them)."""
+        new = [NewTopic(n, self._partitions, self._replication_factor) for n in names]
+        response = await self.client.create_topics(new, timeout_ms=int(self._timeout * 1000))
+        present: list[str] = []
+        for entry in response.topic_errors:
+            # (topic, error_code) in v0, (topic, error_code, error_message) from v1 on. aiokafka
+            # returns the codes instead of raising them.
+            name, code = entry[0], entry[1]
+            error = for_code(code) if code else None
+            if error is None or error is TopicAlreadyExistsError:
+                present.append(name)
+                continue
+            if error in (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+                _log.warning("not allowed to create topic %s; assuming the operator manages it", name)
+                continue
+            message = entry[2] if len(entry) > 2 and entry[2] else error.__name__
+            raise EventBusError(f"Kafka refused to create topic {name!r}: {message}")
+        return present
+
+    async def _wait_for_leaders(self, names: list[str]) -> None:
+        # CreateTopics can return before every partition has a leader in the metadata; a consumer
+        # joining then would be assigned none of the topic's partitions, and a producer would wait.
+        try:
+            async with asyncio.timeout(self._timeout):
+                while True:
+                    described = await self.client.describe_topics(names)
+                    if _all_led(described, names):
+                        return
+                    await asyncio.sleep(_LEADER_POLL)
+        except TimeoutError as exc:
+            raise EventBusError(f"topics {names} got no partition leaders within {self._timeout:g}s") from exc
+
+
+def _all_led(described: Iterable[Any], names: Sequence[str]) -> bool:
+    """True when every topic of ``names`` is in the metadata with all its partitions led."""
+    seen: set[str] = set()
+    for topic in described:
+        if topic["error_code"] != 0 or not topic["partitions"]:
+            return False
+        if any(p["error_code"] != 0 or p["leader"] < 0 for p in topic["partitions"]):
+            return False
+        seen.add(topic["topic"])
+    return seen.issuperset(names)

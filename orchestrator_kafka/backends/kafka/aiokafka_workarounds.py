@@ -1,0 +1,103 @@
+"""Every workaround of an aiokafka bug, and the only module of the package that touches aiokafka's
+private attributes or leans on how its internals behave.
+
+Each names the upstream issue it works around and the aiokafka version it was checked against (0.13.0,
+the newest that pyproject.toml allows when this was written). On an aiokafka upgrade, this is the module
+to check against the changelog: a workaround whose issue is fixed can go, and one whose private attribute
+moved must follow it. Private attributes are looked up defensively (``getattr`` with a default) where a
+missing one must not break the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .teardown import quietly
+
+__all__ = ["InTurn", "producer_is_dead", "stop_consumer", "why_producer_died"]
+
+_log = logging.getLogger("orchestrator_kafka.kafka")
+
+
+# ---------------------------------------------------------------- the producer that dies for good
+#
+# https://github.com/aio-libs/aiokafka/issues/1017 (open; seen on aiokafka 0.13.0): the idempotent
+# producer dies for good on some errors (OutOfOrderSequenceNumber after a rejected batch): its sender task
+# ends and every later send raises the same error. Only a new producer (a new producer id) publishes
+# again, and aiokafka has no public way to tell that its producer is dead: its sender task is private.
+
+
+def producer_is_dead(producer: Any) -> bool:
+    """True when an aiokafka producer's sender task has ended: it will never deliver again."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    return task is not None and task.done()
+
+
+def why_producer_died(producer: Any) -> BaseException | None:
+    """The error that ended a dead producer's sender task; None if it was cancelled or had none."""
+    task = producer._sender.sender_task
+    reason: BaseException | None = task.exception() if task.done() and not task.cancelled() else None
+    return reason
+
+
+# ---------------------------------------------------------------- batches queued in turn
+
+
+class InTurn:
+    """Hands record batches to a producer's ``send_batch`` one caller at a time per (topic, partition),
+    first come first served.
+
+    aiokafka's ``add_batch`` (under ``send_batch``) lets a batch wait while the partition has one queued,
+    and takes the *total* time waited off its timeout after every wake-up: with a few hundred concurrent
+    publish calls (a service starting sagas per request) the waits add up quadratically and the later
+    calls fail with KafkaTimeoutError after a second or so of real waiting. Behind this lock, a batch
+    waits for at most the one queued before it. Upstream this is the wake-up loop of
+    https://github.com/aio-libs/aiokafka/issues/528 (every waiter woken for each free slot; open), which
+    https://github.com/aio-libs/aiokafka/pull/814 (a waitlist with one timeout; not merged) would replace;
+    no issue reports the timeout arithmetic itself (seen in aiokafka 0.13.0,
+    ``MessageAccumulator.add_batch``). Touches no private name, but relies on that internal behaviour.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    async def send_batch(self, producer: Any, batch: Any, topic: str, partition: int) -> Any:
+        """``producer.send_batch(batch, topic, partition=partition)`` once the callers before this one
+        for that partition have had their batches accepted; the batch's delivery future."""
+        where = (topic, partition)
+        lock = self._locks.get(where)
+        if lock is None:
+            lock = self._locks[where] = asyncio.Lock()
+        async with lock:
+            return await producer.send_batch(batch, topic, partition=partition)
+
+
+# ---------------------------------------------------------------- consumer.stop() leaking a cancellation
+
+
+async def stop_consumer(consumer: Any, limit: float) -> None:
+    """Stop an aiokafka consumer, bounded, and finish the job when aiokafka gives up half-way."""
+    try:
+        await quietly("consumer stop", consumer.stop(), limit)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # a real cancellation of the caller
+        # https://github.com/aio-libs/aiokafka/issues/647 (open; the fix,
+        # https://github.com/aio-libs/aiokafka/pull/1000, is not merged; the same pattern is discussed in
+        # https://github.com/aio-libs/aiokafka/issues/983). Still so in aiokafka 0.13.0: Fetcher.close()
+        # awaits its cancelled fetch tasks without suppressing CancelledError, so with the broker down (a
+        # task sleeping in its retry backoff) consumer.stop() raises CancelledError into a caller nobody
+        # cancelled and skips closing the remaining tasks and the connections. Close them here (private
+        # attributes, so looked up defensively).
+        _log.debug("aiokafka consumer.stop() leaked a CancelledError; finishing the close")
+        fetcher = getattr(consumer, "_fetcher", None)
+        pending = list(getattr(fetcher, "_pending_tasks", ()))
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        client = getattr(consumer, "_client", None)
+        if client is not None:
+            await quietly("consumer client close", client.close(), limit)

@@ -1,0 +1,217 @@
+"""What the Redis state store sends its script and stores: the packed batch of writes, outbox entries
+and timer entries, with the field positions both sides read them by (:class:`WriteField`,
+:class:`TimerField`, :class:`Outcome`), defined here once and handed to Lua by :func:`lua_definitions`.
+
+A batch travels as two arguments: a small JSON document (orjson in, Lua ``cjson`` out), a list with one
+row per write holding its ids, versions and the lengths of its large values, and those values (saga
+JSON, outbox and timer entries) raw and back to back, so neither side escapes or unescapes them:
+decoding them as escaped JSON strings cost cjson as much time as all of a transition's Redis commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any, Final
+
+import orjson
+
+from ...values import ApplyStatus, OutboxMessage, Timer, TransitionWrite
+from ..writes import saga_json
+
+__all__ = [
+    "STATUS",
+    "Outcome",
+    "TimerField",
+    "WriteField",
+    "dump_outbox",
+    "dump_timer",
+    "load_outbox",
+    "load_timer",
+    "lua_definitions",
+    "messages_of",
+    "pack",
+]
+
+Messages = tuple[OutboxMessage, ...]
+
+
+class WriteField(IntEnum):
+    """The position (1-based, as Lua counts) of each field in a write's row of the packed batch."""
+
+    EVENT_ID = 1
+    TX = 2
+    EXPECTED_VERSION = 3
+    NEW_VERSION = 4  # 0: the write has no saga
+    CONTEXT_LEN = 5  # the saga JSON's length in the raw values
+    WORKFLOW = 6
+    STATE = 7
+    OUTBOX_LEN = 8  # the outbox entry's length in the raw values; 0: no entry
+    TIMERS = 9  # one row per timer, by TimerField
+    CANCEL_TIMERS = 10  # timer ids
+
+
+class TimerField(IntEnum):
+    """The position of each field in a timer's row, :attr:`WriteField.TIMERS`."""
+
+    ID = 1
+    DUE_AT = 2
+    ENTRY_LEN = 3  # the timer entry's length in the raw values
+
+
+class Outcome(IntEnum):
+    """The status code that starts the script's reply for each write."""
+
+    APPLIED = 1
+    DUPLICATE = 2
+    CONFLICT = 3
+    UNCHANGED = 4
+
+
+STATUS: Final[dict[int, ApplyStatus]] = {
+    Outcome.APPLIED: "applied",
+    Outcome.DUPLICATE: "duplicate",
+    Outcome.CONFLICT: "conflict",
+    Outcome.UNCHANGED: "unchanged",
+}
+
+
+def lua_definitions() -> str:
+    """Lua source that defines ``W``, ``T`` and ``R``: the names of :class:`WriteField`,
+    :class:`TimerField` and :class:`Outcome` with their numbers."""
+    return "\n".join(
+        f"local {name} = {{{', '.join(f'{m.name} = {m.value}' for m in enum)}}}"
+        for name, enum in (("W", WriteField), ("T", TimerField), ("R", Outcome))
+    )
+
+
+# ---------------------------------------------------------------- entries
+#
+# An outbox entry is a small JSON head, a newline, then the messages' values back to back, raw:
+#     [outbox_id, [topic, key, value_length, [[header, value], ...]], ...] \n value value ...
+# The outbox id makes every entry unique in the outbox's sorted set even when two transitions publish
+# the same messages. The values (message JSON, usually) go raw so nothing escapes them; header values are
+# short and go as latin-1 strings, a bijection between bytes and the code points 0-255. orjson never
+# writes a raw newline, so the first one ends the head.
+
+
+def dump_outbox(outbox_id: int, messages: Messages) -> bytes:
+    """The outbox entry of ``messages`` under ``outbox_id``."""
+    head: list[Any] = [outbox_id]
+    for m in messages:
+        headers = m.headers
+        head.append(
+            (m.topic, m.key, len(m.value), [(k, v.decode("latin-1")) for k, v in headers] if headers else ())
+        )
+    return b"".join((orjson.dumps(head), b"\n", *(m.value for m in messages)))
+
+
+def load_outbox(entry: bytes) -> Messages:
+    """The messages of an outbox entry.
+
+    Raises:
+        ValueError: ``entry`` is not an outbox entry (orjson's decode error is one).
+    """
+    raw_head, newline, values = entry.partition(b"\n")
+    if not newline:
+        raise ValueError("an outbox entry without the newline that ends its head")
+    _, *heads = orjson.loads(raw_head)
+    messages: list[OutboxMessage] = []
+    at = 0
+    for topic, key, length, headers in heads:
+        value = values[at : at + length]
+        at += length
+        messages.append(OutboxMessage(topic, key, value, tuple((k, v.encode("latin-1")) for k, v in headers)))
+    if at != len(values):
+        raise ValueError(f"an outbox entry's values take {len(values)} bytes, its head says {at}")
+    return tuple(messages)
+
+
+def messages_of(entries: Sequence[bytes], cache: dict[bytes, Messages]) -> Messages:
+    """The messages of ``entries``, oldest first; ``cache`` keeps each entry decoded once, since several
+    duplicates of one saga in a batch bring back the same entries.
+
+    Raises:
+        ValueError: an entry is not an outbox entry.
+    """
+    messages: list[OutboxMessage] = []
+    for entry in entries:
+        found = cache.get(entry)
+        if found is None:
+            found = cache[entry] = load_outbox(entry)
+        messages.extend(found)
+    return tuple(messages)
+
+
+def dump_timer(t: Timer) -> bytes:
+    """The stored form of a timer."""
+    return orjson.dumps(
+        (t.timer_id, t.transaction_id, t.due_at, t.kind, t.step, t.phase, t.attempt, t.command_id)
+    )
+
+
+def load_timer(entry: bytes) -> Timer:
+    """The timer stored as ``entry``.
+
+    Raises:
+        ValueError, TypeError: ``entry`` is not a stored timer.
+    """
+    timer_id, tx, due_at, kind, step, phase, attempt, command_id = orjson.loads(entry)
+    return Timer(timer_id, tx, float(due_at), kind, step, phase, attempt, command_id)
+
+
+# ---------------------------------------------------------------- the batch
+
+
+def pack(writes: Sequence[TransitionWrite]) -> tuple[bytes, bytes]:
+    """The script's two arguments for ``writes``: the JSON document, one row per write by
+    :class:`WriteField`, and the raw values, each write's saga JSON, outbox entry (under its new
+    version) and timer entries in that order.
+
+    Raises:
+        ValidationError: a write's saga is not its transaction's, not at ``expected_version + 1``, or
+            cannot be stored.
+        orjson.JSONEncodeError: a write's ids cannot be encoded.
+    """
+    packed: list[tuple[Any, ...]] = []
+    append = packed.append
+    data: list[bytes] = []
+    put = data.append
+    for w in writes:
+        saga = w.saga
+        ctx = saga_json(w)
+        if saga is None or ctx is None:
+            # By WriteField, as below.
+            append((w.event_id, w.transaction_id, w.expected_version, 0, 0, "", "", 0, (), w.cancel_timers))
+            continue
+        version = saga.version
+        put(ctx)
+        entry_len = 0
+        if w.outbox:
+            entry = dump_outbox(version, w.outbox)
+            put(entry)
+            entry_len = len(entry)
+        timers: list[tuple[str, float, int]] | tuple[()] = ()
+        if w.timers:
+            timers = []
+            for t in w.timers:
+                timer_entry = dump_timer(t)
+                put(timer_entry)
+                timers.append((t.timer_id, t.due_at, len(timer_entry)))  # by TimerField
+        # A tuple in WriteField order, not a row built through the enum: this runs once per transition
+        # on the hot path (DESIGN section 7). tests/backends/test_redis_store_unit.py checks the order.
+        append(
+            (
+                w.event_id,
+                w.transaction_id,
+                w.expected_version,
+                version,
+                len(ctx),
+                saga.workflow_id,
+                saga.state,  # orjson writes a str Enum as its value
+                entry_len,
+                timers,
+                w.cancel_timers,
+            )
+        )
+    return orjson.dumps(packed), b"".join(data)

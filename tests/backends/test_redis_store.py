@@ -1,0 +1,240 @@
+"""RedisStateStore on a real Redis (``REDIS_URL``, default redis://127.0.0.1:6379/0): what only the
+Redis store has (its keys, TTLs, script loading, corrupt entries, clients, racing clients, client CPU).
+What every state store does is in tests/contract/test_state_store.py, which runs on Redis too.
+
+Each test uses a key prefix of its own and deletes its keys afterwards, so it can share a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from orchestrator_kafka.backends.redis import RedisStateStore
+from orchestrator_kafka.context import WorkflowState
+from orchestrator_kafka.errors import StateStoreError
+from orchestrator_kafka.ports import OutboxMessage
+
+from ..conftest import RedisStores
+from ..contract.test_state_store import create, msg, saga, step, timer
+from .test_redis_store_unit import realistic
+
+pytestmark = pytest.mark.redis
+
+
+async def cmd(client: aioredis.Redis, *args: Any) -> Any:
+    """A raw Redis command (redis-py's own method types do not say they are awaitable)."""
+    return await cast("Callable[..., Awaitable[Any]]", client.execute_command)(*args)
+
+
+@pytest.fixture
+def store(redis_stores: RedisStores) -> RedisStateStore:
+    return redis_stores()
+
+
+@pytest.fixture
+async def raw(redis_stores: RedisStores) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_stores.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# ---------------------------------------------------------------- keys
+
+
+async def test_raw_layout(store: RedisStateStore, raw: aioredis.Redis) -> None:
+    """Operators can read a saga with plain commands: HGET P:{tx} ctx."""
+    await store.apply([create("t1", outbox=(msg(1),), timers=(timer("t1", "tm", 5.0),))])
+    p = store.key_prefix
+    assert await cmd(raw, "HGET", f"{p}:{{t1}}", "ctx") == saga("t1", 1).to_json()
+    assert await cmd(raw, "HMGET", f"{p}:{{t1}}", "v", "wf", "state") == [b"1", b"orders", b"running"]
+    assert await cmd(raw, "SMEMBERS", f"{p}:{{t1}}:ev") == {b"t1-create"}
+    assert await cmd(raw, "ZRANGE", f"{p}:{{t1}}:outbox", 0, -1, "WITHSCORES") != []
+    assert await cmd(raw, "SMEMBERS", f"{p}:outboxes") == {b"t1"}
+    assert await cmd(raw, "ZSCORE", f"{p}:timers", "tm") == 5.0
+    assert await cmd(raw, "SMEMBERS", f"{p}:{{t1}}:timers") == {b"tm"}
+    for key in (f"{p}:idx:all", f"{p}:idx:wf:orders", f"{p}:idx:state:running"):
+        assert await cmd(raw, "SMEMBERS", key) == {b"t1"}
+
+
+async def _keys_under(raw: aioredis.Redis, prefix: str) -> set[str]:
+    return {key.decode() async for key in raw.scan_iter(match=f"{prefix}:*", count=1000)}
+
+
+async def test_the_script_writes_exactly_the_keys_redis_keys_names(
+    store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    """The script builds key names itself, from definitions generated from RedisKeys: both agree."""
+    k = store.keys
+    await store.apply([create("t1", outbox=(msg(1),), timers=(timer("t1", "tm", 5.0),))])
+    saga_keys = {k.saga("t1"), k.events("t1"), k.outbox("t1"), k.saga_timers("t1")}
+    shared = {k.outboxes, k.timers, k.timer_entries, k.all_sagas}
+    indexes = {k.by_workflow("orders"), k.by_state("running")}
+    assert await _keys_under(raw, store.key_prefix) == saga_keys | shared | indexes
+    await store.save_context(saga("t2", 1, WorkflowState.FAILED, wf="refunds"))
+    await store.apply([step("t1", 1, "e2", state=WorkflowState.COMPLETED, cancel_timers=("tm",))])
+    assert await _keys_under(raw, store.key_prefix) == (
+        {k.saga("t1"), k.events("t1"), k.outbox("t1"), k.saga("t2"), k.outboxes, k.all_sagas}
+        | {k.by_workflow("orders"), k.by_workflow("refunds"), k.by_state("completed"), k.by_state("failed")}
+    )
+    assert await store.load_contexts(["t1", "t2"]) == {
+        "t1": saga("t1", 2, WorkflowState.COMPLETED),
+        "t2": saga("t2", 1, WorkflowState.FAILED, wf="refunds"),
+    }
+    await store.ack_outbox([("t1", 2)])
+    assert await store.delete_context("t1") is True
+    assert await store.delete_context("t2") is True
+    # The processed event ids stay, until they expire.
+    assert await _keys_under(raw, store.key_prefix) == {k.events("t1")}
+
+
+async def test_deleting_a_saga_deletes_its_keys(store: RedisStateStore, raw: aioredis.Redis) -> None:
+    await store.apply([create("d1", outbox=(msg(1),), timers=(timer("d1", "dt", 1.0),))])
+    assert await store.delete_context("d1") is True
+    assert not await cmd(
+        raw, "EXISTS", f"{store.key_prefix}:{{d1}}:outbox", f"{store.key_prefix}:{{d1}}:timers"
+    )
+    assert not await cmd(raw, "HEXISTS", f"{store.key_prefix}:timer", "dt")
+
+
+async def test_dedupe_keys_expire(
+    redis_stores: RedisStores, store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    short = redis_stores(dedupe_ttl=60)
+    await short.apply([create("t1")])
+    await short.close()
+    ttl = await raw.ttl(f"{store.key_prefix}:{{t1}}:ev")
+    assert 0 < ttl <= 60
+    await store.apply([step("t1", 1, "e2")])
+    ttl = await raw.ttl(f"{store.key_prefix}:{{t1}}:ev")
+    assert ttl > 60  # refreshed with the store's own (default, 7 day) ttl
+    assert await raw.ttl(f"{store.key_prefix}:{{t1}}") == -1  # the saga itself never expires
+
+
+# ---------------------------------------------------------------- corrupt entries
+
+
+async def test_corrupt_record_raises_state_store_error(store: RedisStateStore, raw: aioredis.Redis) -> None:
+    await cmd(raw, "HSET", f"{store.key_prefix}:{{bad}}", "v", 1, "ctx", b"{not json")
+    with pytest.raises(StateStoreError, match="not a valid SagaContext"):
+        await store.load_context("bad")
+    with pytest.raises(StateStoreError):
+        await store.load_contexts(["bad"])
+
+
+async def test_corrupt_outbox_entry_raises_state_store_error(
+    store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    await store.apply([create("t1", outbox=(msg(1),))])
+    await cmd(raw, "ZADD", f"{store.key_prefix}:{{t1}}:outbox", 0, b"not json")
+    with pytest.raises(StateStoreError, match="cannot be decoded"):
+        await store.pending_outboxes()
+    with pytest.raises(StateStoreError, match="cannot be decoded"):
+        await store.apply([create("t1")])
+    await cmd(raw, "HSET", f"{store.key_prefix}:timer", "bad", b"[1]")
+    await cmd(raw, "ZADD", f"{store.key_prefix}:timers", 0, "bad")
+    with pytest.raises(StateStoreError, match="cannot be decoded"):
+        await store.claim_due_timers(1.0, 10, 30.0)
+
+
+# ---------------------------------------------------------------- clients
+
+
+async def test_script_reloaded_on_noscript(redis_stores: RedisStores) -> None:
+    client = aioredis.Redis.from_url(redis_stores.url)
+    real = client.execute_command
+    calls: list[str] = []
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(str(args[0]))
+        if args[0] == "EVALSHA" and calls.count("EVALSHA") == 1:
+            raise NoScriptError("NOSCRIPT No matching script.")
+        return await cast("Callable[..., Awaitable[Any]]", real)(*args, **kwargs)
+
+    client.execute_command = flaky  # type: ignore[method-assign]
+    made = redis_stores(client=client)
+    try:
+        [res] = await made.apply([create("t1")])
+        assert res.status == "applied"
+        assert calls == ["EVALSHA", "SCRIPT", "EVALSHA"]
+        await made.close()
+        # A client passed in stays open.
+        assert await cmd(client, "PING")
+    finally:
+        await client.aclose()
+
+
+async def test_client_that_decodes_responses(redis_stores: RedisStores) -> None:
+    client = aioredis.Redis.from_url(redis_stores.url, decode_responses=True)
+    made = redis_stores(client=client)
+    try:
+        odd = OutboxMessage("t", "k", bytes(range(256)), (("h", b"\xff"),))
+        [res] = await made.apply([create("t1", outbox=(odd,), timers=(timer("t1", "tm", 1.0),))])
+        assert res.outbox == (odd,)
+        [dup] = await made.apply([create("t1")])
+        assert dup.outbox == (odd,)
+        [pending] = await made.pending_outboxes()
+        assert (pending.transaction_id, pending.messages) == ("t1", (odd,))
+        assert await made.list_contexts("orders") == ["t1"]
+        assert await made.load_context("t1") == saga("t1", 1)
+        assert await made.load_contexts(["t1"]) == {"t1": saga("t1", 1)}
+        assert await made.claim_due_timers(2.0, 10, 30.0) == [timer("t1", "tm", 1.0)]
+    finally:
+        await made.close()
+        await client.aclose()
+
+
+async def test_concurrent_batches_stay_consistent(redis_stores: RedisStores, store: RedisStateStore) -> None:
+    """Two clients racing on the same sagas: each transition is applied exactly once."""
+    other = redis_stores()
+    await store.apply([create(f"t{i}") for i in range(50)])
+    batch = [step(f"t{i}", 1, f"e{i}") for i in range(50)]
+    first, second = await asyncio.gather(store.apply(batch), other.apply(batch))
+    for a, b in zip(first, second, strict=True):
+        assert sorted([a.status, b.status]) == ["applied", "duplicate"]
+
+
+# ---------------------------------------------------------------- client CPU
+
+
+async def _measure(store: RedisStateStore, size: int, rounds: int) -> tuple[float, float, float]:
+    """Client CPU per transition for batches of ``size``, in microseconds: the least and the median over
+    ``rounds`` apply calls (the least is the cost without interference from other processes), and the
+    median wall time."""
+    tag = uuid.uuid4().hex[:6]
+    txs = [f"bench-{tag}-{i}" for i in range(size)]
+    await store.apply([realistic(tx, 0, i) for i, tx in enumerate(txs)])
+    cpu: list[float] = []
+    wall: list[float] = []
+    for r in range(1, rounds + 1):
+        writes = [realistic(tx, r, i) for i, tx in enumerate(txs)]
+        c0, w0 = time.process_time(), time.perf_counter()
+        results = await store.apply(writes)
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+        assert all(res.status == "applied" for res in results)
+        await store.ack_outbox([(res.transaction_id, res.outbox_id) for res in results])
+    cpu.sort()
+    wall.sort()
+    return cpu[0] / size * 1e6, cpu[rounds // 2] / size * 1e6, wall[rounds // 2] / size * 1e6
+
+
+@pytest.mark.parametrize("size", [100, 500])
+async def test_client_cpu_per_transition(store: RedisStateStore, size: int) -> None:
+    await _measure(store, size, 3)  # warm up: script load, connection, caches
+    least, median, wall = await _measure(store, size, 20)
+    print(
+        f"\nbatch {size}: client CPU per transition {least:.1f} us least, {median:.1f} us median; "
+        f"wall {wall:.1f} us median"
+    )
+    # Generous bound: DESIGN section 7 expects ~11-14 us; this only catches a gross regression.
+    assert least < 100
