@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from .errors import EventBusError
+from .lifecycle import Service
 from .values import (
     ApplyResult,
     ApplyStatus,
@@ -175,8 +176,8 @@ class Subscription(ABC):
         """Stop consuming; idempotent."""
 
 
-class IEventBus(ABC):
-    """Topics with keys and consumer groups, at-least-once.
+class IEventBus(Service):
+    """Topics with keys and consumer groups, at-least-once; ``async with`` starts and stops it.
 
     A subscriber's handler gets batches; the bus commits their offsets only after the handler returns
     (and after the completion it returned, if any, finished), and redelivers the batch when it raises.
@@ -191,15 +192,6 @@ class IEventBus(ABC):
     @abstractmethod
     async def stop(self) -> None:
         """Stop every subscription and disconnect; idempotent."""
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     @abstractmethod
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:
