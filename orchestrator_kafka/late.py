@@ -106,12 +106,11 @@ def unawaited_result(run: Decision[T], step: WorkflowStep, rt: StepRuntime, body
 def _dispatch(
     run: Decision[Any], step: WorkflowStep, base: str, attempt: int, action: AuditActionName, shown: int
 ) -> None:
-    """Send ``attempt`` of the late compensation ``base``, and record it as ``action`` of attempt
-    ``shown``. The first goes under ``base`` itself (the id the first release of this rule used),
-    the next ones as ``<base>.<attempt>``."""
+    """Send ``attempt`` of the late compensation ``base``, as command ``<base>.<attempt>``, and record it
+    as ``action`` of attempt ``shown``."""
     assert step.compensation is not None
     compensation = run.saga.late_runs[base]
-    cid = base if attempt == 1 else f"{base}.{attempt}"
+    cid = f"{base}.{attempt}"
     compensation.attempt, compensation.command_id = attempt, cid
     topic = run.topics.compensations(step.compensation)
     compensation.timer_id = run.send_timed(cid, step, "compensate", attempt, step.compensation, topic)
@@ -148,10 +147,8 @@ def _run_of(saga: SagaContext, cid: str) -> tuple[str, LateCompensation, int] | 
     """The late compensation that sent command ``cid`` (unsettled, or failed for good), and that
     command's attempt. Ids are matched exactly, never parsed: a result can carry any text."""
     for base, compensation in saga.late_runs.items():
-        if cid == base:
-            return base, compensation, 1
         if cid.startswith(base):
-            for attempt in range(2, compensation.attempt + 1):
+            for attempt in range(1, compensation.attempt + 1):
                 if cid == f"{base}.{attempt}":
                     return base, compensation, attempt
     return None

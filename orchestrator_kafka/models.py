@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .constants import SCHEMA_VERSION
 
 Identifier = Annotated[str, Field(min_length=1, max_length=200)]
-# "<transaction id>:<step>:<execute|compensate>:<attempt, late-n or late-n.k>": two 200-character ids and
+# "<transaction id>:<step>:<execute|compensate>:<attempt or late-n.k>": two 200-character ids and
 # the rest.
 CommandId = Annotated[str, Field(min_length=1, max_length=512)]
 StepKind = Literal["execute", "compensate"]
@@ -39,7 +39,7 @@ ERROR_MESSAGE_MAX = 10_000
 
 def command_id(transaction_id: str, step: str, kind: StepKind, attempt: int | str) -> str:
     """The id of a command: unique per saga, step, kind and attempt (``attempt`` is a number, or
-    ``late-<n>`` for the compensation of a late success of attempt n)."""
+    ``late-<n>.<k>`` for attempt k of the compensation of a late success of attempt n)."""
     return f"{transaction_id}:{step}:{kind}:{attempt}"
 
 

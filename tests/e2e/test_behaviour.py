@@ -375,7 +375,7 @@ async def test_a_late_success_of_an_abandoned_attempt_is_compensated(backend: Ba
 
 async def test_a_failed_compensation_of_a_late_success_is_retried(backend: Backend) -> None:
     async def refund(ctx: StepContext) -> dict[str, Any]:
-        if ctx.command_id.endswith(":late-1"):
+        if ctx.command_id.endswith(":late-1.1"):
             raise RuntimeError("refund service busy")
         return {}
 

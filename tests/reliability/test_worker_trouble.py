@@ -131,7 +131,7 @@ async def test_timeout_storm_late_and_duplicate_results_and_results_for_ended_sa
 
     # Each late success got exactly one compensation, run once by the worker (verify checks "once").
     deadline = time.monotonic() + 60
-    wanted = {f"{c['transaction_id']}:wait:compensate:late-{c['body']['attempt']}" for c in late}
+    wanted = {f"{c['transaction_id']}:wait:compensate:late-{c['body']['attempt']}.1" for c in late}
     while not wanted <= {k.decode() for k in await world.record.hkeys(f"{world.prefix}:runs")}:
         assert time.monotonic() < deadline, "late successes were not all compensated"
         await asyncio.sleep(0.5)

@@ -791,7 +791,7 @@ def test_late_success_after_cancel() -> None:
     d.cancel()
     # charge's compensation is in flight: a success that lands now may have come after it ran.
     t = d.feed(result_event(charge, result={"paid": True}))
-    assert sent(t) == [(comp("refund_payment"), cmd("charge", "compensate", "late-1"))]
+    assert sent(t) == [(comp("refund_payment"), cmd("charge", "compensate", "late-1.1"))]
     assert t.saga is not None and "paid" not in t.saga.step_results.get("charge", {})
     assert d.feed(result_event(charge, result={"paid": True})).changed is False
 
@@ -882,7 +882,7 @@ def test_late_success_after_rollback_gets_one_extra_compensation() -> None:
     late = result_event(b1, result={"b": "done"})
     t = d.feed(late)
     assert actions(t) == ["late_success_compensated"]
-    assert sent(t) == [(comp("ub"), cmd("b", "compensate", "late-1"))]
+    assert sent(t) == [(comp("ub"), cmd("b", "compensate", "late-1.1"))]
     assert t.commands[0][1].body.kind == "compensate"
     assert t.saga is not None and "b" not in t.saga.step_results
     assert t.saga.state is WorkflowState.COMPENSATING
@@ -903,7 +903,7 @@ def test_late_success_after_the_saga_ended_is_compensated() -> None:
     d.succeed("a", kind="compensate")
     assert d.state == "compensated"
     t = d.feed(result_event(a1, result={}))
-    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-1"))]
+    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-1.1"))]
     assert t.saga is not None and t.saga.state is WorkflowState.COMPENSATED
     assert d.feed(result_event(a1, result={})).changed is False
 
@@ -944,7 +944,7 @@ def test_another_attempts_success_after_the_step_was_compensated_is_compensated(
     assert compensations_in_order(d) == ["ub", "ua"]
     # Attempt 1's success lands after "a" was compensated: its effect may post-date the compensation.
     t = d.feed(result_event(a1, result={"n": 1}))
-    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-1"))]
+    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-1.1"))]
     # The counted success, redelivered, was undone by the rollback already.
     assert d.succeed("a", {"n": 2}, attempt=2).changed is False
 
@@ -966,7 +966,7 @@ def test_adopted_late_success_is_the_one_counted() -> None:
     assert d.state == "compensated"
     assert d.feed(result_event(a1, result={"n": 1})).changed is False
     t = d.feed(result_event(a2, result={"n": 2}))
-    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-2"))]
+    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-2.1"))]
 
 
 def ended_with_a_late_success(**retry: Any) -> tuple[Driver, Transition]:
@@ -981,24 +981,24 @@ def ended_with_a_late_success(**retry: Any) -> tuple[Driver, Transition]:
     d.succeed("a", kind="compensate")
     assert d.state == "compensated"
     t = d.feed(result_event(a1, result={}))
-    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-1"))]
+    assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-1.1"))]
     return d, t
 
 
 def test_a_failed_late_compensation_is_retried_under_new_command_ids() -> None:
     d, _ = ended_with_a_late_success(max_retries=2, initial_delay=1.0, backoff_factor=2.0)
-    assert {t.timer_id for t in d.timers.values()} == {cmd("a", "compensate", "late-1") + ":timeout"}
-    t = d.fail("a", kind="compensate", attempt="late-1")
+    assert {t.timer_id for t in d.timers.values()} == {cmd("a", "compensate", "late-1.1") + ":timeout"}
+    t = d.fail("a", kind="compensate", attempt="late-1.1")
     assert actions(t) == ["late_compensation_failed_attempt", "late_compensation_retry_scheduled"]
     retry = d.timer("a", "retry")
     assert (retry.phase, retry.attempt, retry.due_at - d.now.timestamp()) == ("compensate", 2, 1.0)
-    assert t.cancel_timers == (cmd("a", "compensate", "late-1") + ":timeout",)
+    assert t.cancel_timers == (cmd("a", "compensate", "late-1.1") + ":timeout",)
     t = d.fire(retry)
     assert actions(t) == ["late_compensation_dispatched"]
     assert sent(t) == [(comp("ua"), cmd("a", "compensate", "late-1.2"))]
     assert t.commands[0][1].body.attempt == 2
     # A second answer to attempt 1 is stale now; attempt 2's success settles it.
-    assert d.fail("a", kind="compensate", attempt="late-1").changed is False
+    assert d.fail("a", kind="compensate", attempt="late-1.1").changed is False
     t = d.succeed("a", kind="compensate", attempt="late-1.2")
     assert actions(t) == ["late_compensation_succeeded"]
     assert t.saga is not None and t.saga.state is WorkflowState.COMPENSATED and t.saga.late_runs == {}
@@ -1020,8 +1020,8 @@ def test_a_late_compensation_that_times_out_is_retried() -> None:
 
 def test_an_earlier_late_attempts_success_settles_it_while_it_waits_to_retry() -> None:
     d, _ = ended_with_a_late_success(max_retries=1)
-    d.fail("a", kind="compensate", attempt="late-1")
-    t = d.succeed("a", kind="compensate", attempt="late-1")
+    d.fail("a", kind="compensate", attempt="late-1.1")
+    t = d.succeed("a", kind="compensate", attempt="late-1.1")
     assert actions(t) == ["late_compensation_succeeded"]
     assert t.cancel_timers == (cmd("a", "compensate", "late-1.2") + ":retry",)
     assert d.timers == {} and d.state == "compensated"
@@ -1029,10 +1029,10 @@ def test_an_earlier_late_attempts_success_settles_it_while_it_waits_to_retry() -
 
 def test_an_earlier_late_attempts_success_settles_it_while_the_next_runs() -> None:
     d, _ = ended_with_a_late_success(max_retries=1)
-    d.fail("a", kind="compensate", attempt="late-1")
+    d.fail("a", kind="compensate", attempt="late-1.1")
     d.fire(d.timer("a", "retry"))
     assert d.command("a", "compensate").body.command_id == cmd("a", "compensate", "late-1.2")
-    t = d.succeed("a", kind="compensate", attempt="late-1")
+    t = d.succeed("a", kind="compensate", attempt="late-1.1")
     assert actions(t) == ["late_compensation_succeeded"]
     assert t.cancel_timers == (cmd("a", "compensate", "late-1.2") + ":timeout",)
     assert d.saga is not None and d.saga.late_runs == {} and d.timers == {}
@@ -1041,11 +1041,11 @@ def test_an_earlier_late_attempts_success_settles_it_while_the_next_runs() -> No
 
 def test_results_that_only_look_like_a_late_attempt_change_nothing() -> None:
     d, _ = ended_with_a_late_success(max_retries=2)
-    d.fail("a", kind="compensate", attempt="late-1")
+    d.fail("a", kind="compensate", attempt="late-1.1")
     d.fire(d.timer("a", "retry"))
     base = cmd("a", "compensate", "late-1")
     real = d.command("a", "compensate", "late-1.2")
-    for forged in (f"{base}.02", f"{base}.\u00b2", f"{base}.3", f"{base}.2.2", f"{base}x"):
+    for forged in (base, f"{base}.02", f"{base}.\u00b2", f"{base}.3", f"{base}.2.2", f"{base}x"):
         body = real.body.model_copy(update={"command_id": forged})
         assert d.feed(result_event(real.model_copy(update={"body": body}), result={})).changed is False
     assert d.succeed("a", kind="compensate", attempt="late-1.2").changed is True
@@ -1058,10 +1058,10 @@ def test_a_late_success_of_a_given_up_compensation_during_the_rollback_saves_the
     b1 = d.command("b")
     d.fire(d.timer("b"))
     d.feed(result_event(b1, result={}))
-    late_timeout = cmd("b", "compensate", "late-1") + ":timeout"
+    late_timeout = cmd("b", "compensate", "late-1.1") + ":timeout"
     d.fire(d.timers[late_timeout])  # the late compensation times out, with no retries: it gives up
     assert d.saga is not None and d.saga.late_runs[cmd("b", "compensate", "late-1")].failed
-    t = d.succeed("b", kind="compensate", attempt="late-1")  # it did undo it, after all
+    t = d.succeed("b", kind="compensate", attempt="late-1.1")  # it did undo it, after all
     assert actions(t) == ["late_compensation_succeeded"]
     assert compensations_in_order(d) == ["ub", "ua"]
     assert d.state == "compensated"
@@ -1069,7 +1069,7 @@ def test_a_late_success_of_a_given_up_compensation_during_the_rollback_saves_the
 
 def test_a_late_compensation_that_fails_for_good_fails_the_ended_saga() -> None:
     d, _ = ended_with_a_late_success(max_retries=0)
-    t = d.fail("a", kind="compensate", attempt="late-1")
+    t = d.fail("a", kind="compensate", attempt="late-1.1")
     assert actions(t) == ["late_compensation_failed_attempt", "late_compensation_failed", "saga_failed"]
     saga = t.saga
     assert saga is not None and saga.state is WorkflowState.FAILED
@@ -1087,7 +1087,7 @@ def test_a_late_compensation_that_fails_for_good_during_the_rollback_fails_it_at
     b1 = d.command("b")
     d.fire(d.timer("b"))  # b times out for good: its compensation, then a's
     d.feed(result_event(b1, result={}))  # b's late success: an extra compensation
-    t = d.fail("b", kind="compensate", attempt="late-1", retryable=False)
+    t = d.fail("b", kind="compensate", attempt="late-1.1", retryable=False)
     assert actions(t) == ["late_compensation_failed_attempt", "late_compensation_failed"]
     assert d.state == "compensating"  # the rollback goes on
     assert compensations_in_order(d) == ["ub", "ua"]

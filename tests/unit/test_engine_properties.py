@@ -105,10 +105,10 @@ class Facts:
                 f.commands.append((entry.index, topic, body))
                 label = body.command_id.rsplit(":", 1)[1]
                 if label.startswith("late-"):
-                    first = label.split(".", 1)[0]
-                    f.late_attempts[f"{body.step}:{first}"].append(body.attempt)
-                    if label == first:
-                        f.late.append((entry.index, body.step, label))
+                    late, _, attempt = label.partition(".")
+                    f.late_attempts[f"{body.step}:{late}"].append(body.attempt)
+                    if attempt == "1":
+                        f.late.append((entry.index, body.step, late))
                 elif body.kind == "execute":
                     f.executes[body.step].append(body.attempt)
                 else:
@@ -258,7 +258,7 @@ def check_saga_ends_final_and_agrees_with_its_steps(run: Run) -> None:
     # then the saga ends failed: a side effect is left behind.
     for base, late_run in saga.late_runs.items():
         attempts = f.late_attempts[f"{late_run.step}:{base.rsplit(':', 1)[1]}"]
-        last = base if len(attempts) == 1 else f"{base}.{len(attempts)}"
+        last = f"{base}.{len(attempts)}"
         assert len(attempts) == max_attempts(run, late_run.step) or run.outcomes.get(last) == "fatal"
         assert saga.state is WorkflowState.FAILED
     # A late compensation is not retried after a non-retryable error it took.
@@ -329,8 +329,7 @@ def check_command_ids_topics_timers_and_versions(run: Run) -> None:
         late_label, _, late_attempt = label.partition(".")
         assert (
             label == str(body.attempt)
-            or (label.startswith("late-") and not late_attempt and body.attempt == 1)
-            or (late_label.startswith("late-") and late_attempt == str(body.attempt) and body.attempt > 1)
+            or (late_label.startswith("late-") and late_attempt == str(body.attempt))
         )
         assert body.command_id == f"{TX}:{body.step}:{body.kind}:{label}"
         if body.kind == "execute":
