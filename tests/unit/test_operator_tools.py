@@ -135,7 +135,8 @@ def test_repeated_log_lines_are_held_back_and_counted() -> None:
 def test_status_table_shows_the_compensations_of_late_successes() -> None:
     saga = SagaContext("tx-1", "orders", WorkflowState.FAILED, error="late compensation failed")
     saga.late_runs["tx-1:charge:compensate:late-1"] = LateCompensation("charge", 3, failed=True, error="Boom")
-    saga.late_runs["tx-1:ship:compensate:late-2"] = LateCompensation("ship", 1, "tx-1:ship:compensate:late-2.1")
+    ship = "tx-1:ship:compensate:late-2"
+    saga.late_runs[ship] = LateCompensation("ship", 1, f"{ship}.1")
     console = Console(record=True, width=120)
     console.print(status_table(saga.to_status()))
     text = console.export_text()
