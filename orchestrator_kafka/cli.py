@@ -399,9 +399,9 @@ def topics_create(spec: str | None) -> None:
     wanted = {names.start, names.results, names.events, names.dlq}
     for definition in load_workflows(spec) if spec else []:
         for step in definition.get_steps():
-            wanted.add(names.commands(step.worker_name))
+            wanted.update(names.of_worker(step.worker_name))
             if step.compensation:
-                wanted.add(names.compensations(step.compensation))
+                wanted.update(names.of_worker(step.compensation))
 
     @_run
     async def main() -> None:

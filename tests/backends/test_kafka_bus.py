@@ -718,3 +718,21 @@ async def test_publish_and_subscription_survive_a_broker_crash() -> None:
         await b.stop()
         if not was_up:
             await asyncio.to_thread(_services, "down")
+
+
+@pytest.mark.kafka
+async def test_new_topics_are_served_before_ensure_topics_returns(
+    bus: KafkaEventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new group consuming topics created a moment ago resets its offsets at each partition's leader: a
+    leader named in the metadata but not serving yet made aiokafka log NotLeaderForPartitionError at
+    ERROR (seven lines per first start of the example's orchestrator, before ensure_topics waited)."""
+    caplog.set_level("ERROR", logger="aiokafka")
+    topics = [_topic(bus, f"fresh{i}") for i in range(16)]
+    await bus.ensure_topics(topics)
+    got = Collector()
+    sub = await bus.subscribe(topics, _uid("g"), got)
+    await bus.publish([OutboxMessage(t, "k", b"1|") for t in topics])
+    await got.wait_for(len(topics))
+    await sub.stop()
+    assert "NotLeaderForPartition" not in caplog.text
