@@ -206,9 +206,15 @@ def run(spec: str, health_port: int | None, health_host: str) -> None:
 @cli.command()
 @click.option("--handlers", "spec", required=True, metavar="MODULE[:ATTR]", help="Where the handlers are.")
 @click.option("--concurrency", default=64, show_default=True, help="Handlers run at once, per worker name.")
+@click.option(
+    "--grace",
+    default=30.0,
+    show_default=True,
+    help="Seconds the handlers running get to finish on a rebalance or SIGTERM.",
+)
 @_health_port
 @_health_host
-def worker(spec: str, concurrency: int, health_port: int | None, health_host: str) -> None:
+def worker(spec: str, concurrency: int, grace: float, health_port: int | None, health_host: str) -> None:
     """Run the step handlers a module defines, until SIGTERM."""
     from .service import serve
     from .telemetry import configure
@@ -223,7 +229,7 @@ def worker(spec: str, concurrency: int, health_port: int | None, health_host: st
     async def main() -> None:
         configure("orchestrator-kafka-worker")
         bus = settings.event_bus()
-        the_worker = Worker(bus, concurrency=concurrency)
+        the_worker = Worker(bus, concurrency=concurrency, grace=grace)
         for name, fn in handlers.items():
             the_worker.register(name, fn)
         await serve(the_worker, closers=[bus.stop], health=health)
