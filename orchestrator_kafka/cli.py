@@ -206,9 +206,15 @@ def run(spec: str, health_port: int | None, health_host: str) -> None:
 @cli.command()
 @click.option("--handlers", "spec", required=True, metavar="MODULE[:ATTR]", help="Where the handlers are.")
 @click.option("--concurrency", default=64, show_default=True, help="Handlers run at once, per worker name.")
+@click.option(
+    "--grace",
+    default=30.0,
+    show_default=True,
+    help="Seconds the handlers running get to finish on a rebalance or SIGTERM.",
+)
 @_health_port
 @_health_host
-def worker(spec: str, concurrency: int, health_port: int | None, health_host: str) -> None:
+def worker(spec: str, concurrency: int, grace: float, health_port: int | None, health_host: str) -> None:
     """Run the step handlers a module defines, until SIGTERM."""
     from .service import serve
     from .telemetry import configure
@@ -223,7 +229,7 @@ def worker(spec: str, concurrency: int, health_port: int | None, health_host: st
     async def main() -> None:
         configure("orchestrator-kafka-worker")
         bus = settings.event_bus()
-        the_worker = Worker(bus, concurrency=concurrency)
+        the_worker = Worker(bus, concurrency=concurrency, grace=grace)
         for name, fn in handlers.items():
             the_worker.register(name, fn)
         await serve(the_worker, closers=[bus.stop], health=health)
@@ -399,9 +405,9 @@ def topics_create(spec: str | None) -> None:
     wanted = {names.start, names.results, names.events, names.dlq}
     for definition in load_workflows(spec) if spec else []:
         for step in definition.get_steps():
-            wanted.add(names.commands(step.worker_name))
+            wanted.update(names.of_worker(step.worker_name))
             if step.compensation:
-                wanted.add(names.compensations(step.compensation))
+                wanted.update(names.of_worker(step.compensation))
 
     @_run
     async def main() -> None:

@@ -66,5 +66,10 @@ class Topics:
     def compensations(self, worker_name: str) -> str:
         return f"{self.prefix}.compensations.{worker_name}"
 
+    def of_worker(self, worker_name: str) -> tuple[str, str]:
+        """Both topics a worker named ``worker_name`` consumes (commands, then compensations): they are
+        created together, so a worker subscribing to both never meets a missing one."""
+        return self.commands(worker_name), self.compensations(worker_name)
+
     def group(self, name: str) -> str:
         return f"{self.prefix}.{name}"

@@ -147,9 +147,11 @@ class Orchestrator(IOrchestrator, Service):
         topics = [self.topics.start, self.topics.results, self.topics.events, self.topics.dlq]
         for definition in self._workflows.values():
             for step in definition.get_steps():
-                topics.append(self.topics.commands(step.worker_name))
+                # Both topics of every worker name, a compensation-only one included: a worker (in any
+                # language) subscribes to both, and some clients stop on a missing subscribed topic.
+                topics.extend(self.topics.of_worker(step.worker_name))
                 if step.compensation:
-                    topics.append(self.topics.compensations(step.compensation))
+                    topics.extend(self.topics.of_worker(step.compensation))
         await self._bus.ensure_topics(sorted(set(topics)))
         await self._housekeeping.sweep_outboxes(everything=True)
         self._subscription = await self._bus.subscribe(

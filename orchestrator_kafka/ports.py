@@ -43,6 +43,7 @@ __all__ = [
     "IStateStore",
     "IWorkflowDefinition",
     "InboundMessage",
+    "MessageHandler",
     "OutboxMessage",
     "PendingOutbox",
     "Subscription",
@@ -152,6 +153,15 @@ as the handler raising. Meanwhile the bus may hand over the next batches, so a h
 N+1 while batch N is still being written; completions are awaited, and offsets committed, in order."""
 
 
+MessageHandler = Callable[[InboundMessage], Awaitable[Awaitable[None] | None]]
+"""Handles one message of a :meth:`IEventBus.consume` subscription, in a slot of its own. Once it returns,
+the message is *done*: its offset may be committed (when every message before it on its partition is done
+too). It may return an awaitable that keeps the message's slot taken until it finishes without holding
+the offset back (a handler's thread that cannot be stopped). One that raises is called again with the same
+message after a backoff, keeping its slot; one cancelled (its partition revoked or the subscription
+stopped, past the grace period) is left to be delivered again."""
+
+
 async def finished(completion: Awaitable[None]) -> None:
     """Await a batch's completion (see :data:`BatchHandler`) for a bus. One that was cancelled, when the
     awaiting task was not, counts as failed.
@@ -212,6 +222,31 @@ class IEventBus(Service):
     ) -> Subscription:
         """Consume ``topics`` as a member of consumer group ``group``; returns once partitions are
         assigned, so a message published afterwards is never missed."""
+
+    async def consume(
+        self,
+        topics: Sequence[str],
+        group: str,
+        handler: MessageHandler,
+        *,
+        concurrency: int,
+        grace: float = 30.0,
+    ) -> Subscription:
+        """Consume ``topics`` as a member of consumer group ``group``, one message at a time: each message
+        is handed to ``handler`` as its own task as soon as one of ``concurrency`` slots is free, whatever
+        is slow beside it; at most ``concurrency`` run at once. While every slot is taken the member
+        fetches nothing more (and stays in the group). Each partition's offset is committed, in the
+        background, up to its first message not done (see :data:`MessageHandler`). When partitions are
+        revoked, or the subscription stops, their handlers get ``grace`` seconds to finish, what finished
+        is committed, and what is still running is cancelled and left to be delivered again (logged).
+        Returns once partitions are assigned, so a message published afterwards is never missed.
+
+        Raises:
+            ValidationError: no topics, or ``concurrency`` < 1, or ``grace`` < 0.
+            EventBusError: not started, or this bus cannot consume per message (the default, so that
+                buses written before this method keep working).
+        """
+        raise EventBusError(f"{type(self).__name__} cannot consume one message at a time")
 
     @abstractmethod
     async def ensure_topics(self, topics: Sequence[str]) -> None:

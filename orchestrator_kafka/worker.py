@@ -1,27 +1,34 @@
 """The Worker SDK: handlers for step and compensation commands, results back to the orchestrator.
 
-A worker subscribes to ``<prefix>.commands.<name>`` and ``<prefix>.compensations.<name>`` for every
-registered name, one consumer per name so a slow handler never holds up another name's. Each consumed
-batch runs its handlers concurrently (at most ``concurrency`` at once per name), publishes their results
-together and only then lets the bus commit the offsets: a crash re-runs the batch, and commands already
-handled are answered from a window of recent results instead of being run again.
+A worker consumes ``<prefix>.commands.<name>`` and ``<prefix>.compensations.<name>`` for every registered
+name, one consumer per name so a slow handler never holds up another name's. Each command runs as its own
+task as soon as one of the name's ``concurrency`` slots is free, whatever is slow beside it
+(:meth:`IEventBus.consume`, DESIGN section 10); its result is published as soon as it finishes, gathered
+with the others finishing meanwhile into one publish. The bus commits each partition's offset up to the
+first command whose result is not yet published, so a crash re-delivers only those and the ones behind
+them, and commands already handled are answered from a window of recent results instead of being run
+again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import functools
 import inspect
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from operator import length_hint
 from typing import Any
 
 import orjson
 
 from . import codec
+from .coalescing import CoalescingPublisher
 from .constants import WORKER_GROUP, Topics
 from .dead_letters import dead_letter
 from .errors import DecodeError, NonRetryableError, ValidationError
@@ -55,11 +62,17 @@ class StepContext:
 class Worker(Service):
     """Runs step handlers for commands consumed from the event bus.
 
-    A handler is ``async def fn(ctx: StepContext) -> dict | None`` or a plain function (run in a
-    thread). The returned dict is the step's result. :class:`NonRetryableError` fails the step at
-    once; any other exception is a retryable failure carrying the exception's type and message. A
-    handler still running at its step's timeout is cancelled (a thread is abandoned) and the attempt
-    fails with ``TimeoutError``.
+    A handler is ``async def fn(ctx: StepContext) -> dict | None`` or a plain function (run on the
+    worker's own thread pool, one thread per slot, so plain handlers never queue behind each other or
+    behind the event loop's default pool). The returned dict is the step's result.
+    :class:`NonRetryableError` fails the step at once; any other exception is a retryable failure
+    carrying the exception's type and message. A handler still running at its step's timeout fails the
+    attempt with ``TimeoutError`` at once: a coroutine is cancelled; a thread cannot be, so it keeps its
+    slot until it returns (a log line says so).
+
+    Each registered name gets ``concurrency`` slots: at most that many of its handlers run at once. On a
+    rebalance, and on :meth:`stop`, the handlers of the partitions given up get ``grace`` seconds to
+    finish; those still running then are cancelled and their commands delivered again (logged).
     """
 
     def __init__(
@@ -69,10 +82,12 @@ class Worker(Service):
         concurrency: int = 64,
         dedupe_window: int = 10_000,
         logger: ILogger | None = None,
-        max_batch: int = 500,
+        grace: float = 30.0,
     ) -> None:
         if concurrency < 1:
             raise ValidationError(f"concurrency must be >= 1, got {concurrency}")
+        if grace < 0:
+            raise ValidationError(f"grace must not be negative, got {grace}")
         self._bus = event_bus
         self.topics = Topics(event_bus.topic_prefix)
         self._results_topic = self.topics.results
@@ -80,11 +95,14 @@ class Worker(Service):
         # Whether each handler is a coroutine function, decided once rather than per command.
         self._is_async: dict[str, bool] = {}
         self._concurrency = concurrency
+        self._grace = grace
         self._window = dedupe_window
-        self._max_batch = max_batch
+        # The results of the last ``dedupe_window`` commands, and the ids of those running now.
         self._done: OrderedDict[str, OutboxMessage] = OrderedDict()
+        self._running: set[str] = set()
+        self._publisher = CoalescingPublisher(event_bus)
+        self._threads: ThreadPoolExecutor | None = None
         self._telemetry = Telemetry("worker")
-        self._trace_headers: dict[str, Headers] = {}
         self._log: ILogger = logger or logging.getLogger("orchestrator_kafka.worker")
         self._subscriptions: list[Subscription] = []
         self._started = False
@@ -120,11 +138,11 @@ class Worker(Service):
         return sorted(self._handlers)
 
     async def start(self) -> None:
-        """Subscribe to every registered name's command topics; idempotent.
+        """Consume every registered name's command topics; idempotent.
 
         Raises:
             ValidationError: no handler is registered.
-            EventBusError: the bus could not be reached.
+            EventBusError: the bus could not be reached, or cannot consume one message at a time.
         """
         if self._started:
             return
@@ -133,118 +151,94 @@ class Worker(Service):
         await self._bus.start()
         self._telemetry = Telemetry("worker")  # now that the application's providers are installed
         await self._bus.ensure_topics([self.topics.results, self.topics.dlq])
-        for name in sorted(self._handlers):
-            limit = asyncio.Semaphore(self._concurrency)
-
-            async def on_batch(
-                batch: Sequence[InboundMessage], name: str = name, limit: asyncio.Semaphore = limit
-            ) -> None:
-                await self._on_batch(name, limit, batch)
-
-            self._subscriptions.append(
-                await self._bus.subscribe(
-                    [self.topics.commands(name), self.topics.compensations(name)],
-                    self.topics.group(f"{WORKER_GROUP}.{name}"),
-                    on_batch,
-                    max_batch=self._max_batch,
-                )
+        if any(not is_async for is_async in self._is_async.values()):
+            # A thread per slot of every name: a plain handler never waits for a thread.
+            self._threads = ThreadPoolExecutor(
+                max_workers=self._concurrency * len(self._handlers), thread_name_prefix="saga-worker"
             )
+        try:
+            for name in sorted(self._handlers):
+                self._subscriptions.append(
+                    await self._bus.consume(
+                        [self.topics.commands(name), self.topics.compensations(name)],
+                        self.topics.group(f"{WORKER_GROUP}.{name}"),
+                        functools.partial(self._on_message, name),
+                        concurrency=self._concurrency,
+                        grace=self._grace,
+                    )
+                )
+        except BaseException:
+            await self.stop()
+            raise
         self._started = True
 
     async def stop(self) -> None:
-        """Stop consuming after the batches in hand; idempotent."""
+        """Stop consuming: the handlers running get the grace period, their results are published and
+        their offsets committed; idempotent."""
         subscriptions, self._subscriptions = self._subscriptions, []
-        for subscription in subscriptions:
-            await subscription.stop()
+        # Together: each drains for up to the grace period.
+        await asyncio.gather(*(subscription.stop() for subscription in subscriptions))
+        threads, self._threads = self._threads, None
+        if threads is not None:
+            # A thread past its timeout cannot be stopped; it is not waited for.
+            threads.shutdown(wait=False, cancel_futures=True)
         self._started = False
 
-    async def _on_batch(self, name: str, limit: asyncio.Semaphore, batch: Sequence[InboundMessage]) -> None:
-        out: list[OutboxMessage] = []
-        todo: list[StepCommand] = []
-        seen: set[str] = set()
+    async def _on_message(self, name: str, message: InboundMessage) -> Awaitable[None] | None:
+        """Handle one consumed message: run its command (or answer it from the window) and publish the
+        result; a slot of the bus's. Returns what keeps the slot taken after the result is out: a
+        plain handler's thread still running past its timeout."""
+        try:
+            command = codec.decode_command_first(message.value)
+        except DecodeError as exc:
+            await self._publisher.publish(self._dead(message, exc.reason, exc.detail))
+            return None
+        if not isinstance(command, StepCommand) or command.body.worker_name != name:
+            what = command.event_type if not isinstance(command, StepCommand) else command.body.worker_name
+            await self._publisher.publish(
+                self._dead(message, codec.UNEXPECTED_EVENT_TYPE, f"{what} on {message.topic}")
+            )
+            return None
+        cid = command.body.command_id
         done = self._done
-        for message in batch:
-            try:
-                command = codec.decode_command_first(message.value)
-            except DecodeError as exc:
-                out.append(self._dead(message, exc.reason, exc.detail))
-                continue
-            if not isinstance(command, StepCommand) or command.body.worker_name != name:
-                what = (
-                    command.event_type if not isinstance(command, StepCommand) else command.body.worker_name
-                )
-                out.append(self._dead(message, codec.UNEXPECTED_EVENT_TYPE, f"{what} on {message.topic}"))
-                continue
-            cid = command.body.command_id
-            if cid in done:
-                # Already handled: answer again (the first answer may be what was lost), run nothing.
-                out.append(done[cid])
-            elif cid not in seen:
-                seen.add(cid)
-                todo.append(command)
-                if self._telemetry.tracing:
-                    self._trace_headers[cid] = message.headers
-
-        results = await self._run_all(name, limit, todo) if todo else []
-        out.extend(results)
-        if out:
-            await self._bus.publish(out)
-        for command, result in zip(todo, results, strict=True):
-            done[command.body.command_id] = result
+        answer = done.get(cid)
+        if answer is not None:
+            # Already handled: answer again (the first answer may be what was lost), run nothing.
+            await self._publisher.publish(answer)
+            return None
+        if cid in self._running:
+            # A copy is running now: it answers, and it holds its partition's watermark back till then.
+            return None
+        self._running.add(cid)
+        try:
+            answer, hold = await self._run(name, command, message.headers)
+        except asyncio.CancelledError:
+            self._log.warning(
+                "%s: %s of %s cancelled before it finished (its partition was released or the worker "
+                "stopped); it will be delivered again",
+                name,
+                cid,
+                command.transaction_id,
+            )
+            raise
+        finally:
+            self._running.discard(cid)
+        # Remembered before it is published: if the publish fails, the bus hands the message over
+        # again and the answer is published without running the handler again.
+        done[cid] = answer
         while len(done) > self._window:
             done.popitem(last=False)
-
-    async def _run_all(
-        self, name: str, limit: asyncio.Semaphore, todo: list[StepCommand]
-    ) -> list[OutboxMessage]:
-        """Run ``todo``'s handlers, at most ``concurrency`` (and ``limit``) at once, results in order.
-
-        A lane runs commands one after another and holds one of ``limit``'s permits meanwhile. The
-        batch's own task is the first lane: a handler that returns without waiting costs no task. The
-        other lanes start, as tasks, only once a handler in hand waits for something (that is, yields to
-        the loop), and then take the commands not yet started, so the batch still runs concurrently.
-        """
-        run = self._run
-        if len(todo) == 1:
-            async with limit:
-                return [await run(name, todo[0])]
-        results: list[OutboxMessage | None] = [None] * len(todo)
-        pending = iter(range(len(todo)))
-
-        async def lane() -> None:
-            # A lane holds one of ``limit``'s permits while it runs commands one after another.
-            async with limit:
-                for i in pending:  # shared by all lanes: each command is taken once
-                    results[i] = await run(name, todo[i])
-
-        loop = asyncio.get_running_loop()
-        lanes: list[asyncio.Task[None]] = []
-
-        def spawn() -> None:
-            for _ in range(min(length_hint(pending), self._concurrency - 1)):
-                lanes.append(loop.create_task(lane()))
-
-        spawner = loop.call_soon(spawn) if self._concurrency > 1 else None
-        try:
-            await lane()
-            if spawner is not None:
-                spawner.cancel()  # nothing waited, so nothing needed another lane
-            if lanes:
-                await asyncio.gather(*lanes)
-        except BaseException:
-            if spawner is not None:
-                spawner.cancel()
-            for task in lanes:
-                task.cancel()
-            raise
-        return results  # type: ignore[return-value]  # every index was filled
+        await self._publisher.publish(answer)
+        return hold
 
     def _dead(self, message: InboundMessage, reason: str, detail: str) -> OutboxMessage:
         self._telemetry.dead_letter(reason, message.topic)
         self._log.warning("dead letter from %s@%d: %s (%s)", message.topic, message.offset, reason, detail)
         return dead_letter(message, self.topics.dlq, reason, detail)
 
-    async def _run(self, name: str, command: StepCommand) -> OutboxMessage:
+    async def _run(
+        self, name: str, command: StepCommand, headers: Headers
+    ) -> tuple[OutboxMessage, Awaitable[None] | None]:
         if not self._telemetry.tracing:
             return await self._execute(name, command)
         body = command.body
@@ -255,12 +249,14 @@ class Worker(Service):
             "saga.kind": body.kind,
             "saga.attempt": body.attempt,
         }
-        headers = self._trace_headers.pop(body.command_id, ())
         with self._telemetry.handling(name, headers, attributes) as reply_headers:
-            reply = await self._execute(name, command)
-        return dataclasses.replace(reply, headers=reply_headers)
+            reply, hold = await self._execute(name, command)
+        return dataclasses.replace(reply, headers=reply_headers), hold
 
-    async def _execute(self, name: str, command: StepCommand) -> OutboxMessage:
+    async def _execute(
+        self, name: str, command: StepCommand
+    ) -> tuple[OutboxMessage, Awaitable[None] | None]:
+        """The command's result, and what keeps its slot taken after (a thread past its timeout)."""
         body = command.body
         ctx = StepContext(
             transaction_id=command.transaction_id,
@@ -272,28 +268,34 @@ class Worker(Service):
             is_compensation=body.kind == "compensate",
             command_id=body.command_id,
         )
-        fn, is_async = self._handlers[name], self._is_async[name]
+        fn = self._handlers[name]
         timeout = body.timeout
         error: tuple[str, str, bool] | None = None
+        hold: Awaitable[None] | None = None
         try:
-            if timeout is None:
-                outcome = await fn(ctx) if is_async else await _call_plain(fn, ctx)  # type: ignore[misc]
+            if not self._is_async[name]:
+                outcome = await self._in_thread(fn, ctx, timeout)
+            elif timeout is None:
+                outcome = await fn(ctx)  # type: ignore[misc]
             else:
                 # The orchestrator gives up on the attempt at its timeout; so does the worker, so a hung
-                # handler cannot hold up the commands behind it for longer than that.
+                # handler cannot hold its slot for longer than that.
                 deadline = asyncio.timeout(timeout)
                 async with deadline:
-                    outcome = await fn(ctx) if is_async else await _call_plain(fn, ctx)  # type: ignore[misc]
+                    outcome = await fn(ctx)  # type: ignore[misc]
         except NonRetryableError as exc:
             error = (_error_type(exc), str(exc), False)
+        except _PastTimeout as exc:
+            error = ("TimeoutError", f"handler timed out after {timeout:g}s", True)
+            hold = self._outlived(name, command, exc.thread)
         except TimeoutError as exc:
-            expired = timeout is not None and deadline.expired()
+            expired = timeout is not None and self._is_async[name] and deadline.expired()
             error = ("TimeoutError", f"handler timed out after {timeout:g}s" if expired else str(exc), True)
         except Exception as exc:  # noqa: BLE001 - a handler's failure becomes a failed result
             error = (_error_type(exc), str(exc), True)
         else:
             if outcome is None:
-                return self._reply(command, _EMPTY)
+                return self._reply(command, _EMPTY), hold
             if not isinstance(outcome, dict):
                 error = (
                     "TypeError",
@@ -302,7 +304,7 @@ class Worker(Service):
                 )
             else:
                 try:
-                    return self._reply(command, outcome)
+                    return self._reply(command, outcome), hold
                 except TypeError:
                     # Only what the result alone cannot encode fails it; the envelope's two levels of
                     # nesting must not (orjson stops at 254 levels).
@@ -311,11 +313,57 @@ class Worker(Service):
                     except TypeError as exc:
                         error = ("TypeError", f"handler result is not JSON-serialisable: {exc}", False)
                     else:
-                        return self._reply(command, fragment)
+                        return self._reply(command, fragment), hold
         self._log.info(
             "%s %s of %s failed: %s: %s", name, body.kind, command.transaction_id, error[0], error[1]
         )
-        return self._reply(command, None, error)
+        return self._reply(command, None, error), hold
+
+    async def _in_thread(self, fn: Handler, ctx: StepContext, limit: float | None) -> object:
+        """Run a plain handler on the worker's threads, in the caller's context (its trace span).
+
+        Raises:
+            _PastTimeout: the thread is still running after ``limit`` seconds (the step's timeout); it
+                carries the thread's future.
+        """
+        call = functools.partial(contextvars.copy_context().run, fn, ctx)
+        thread = asyncio.get_running_loop().run_in_executor(self._threads, call)
+        if limit is None:
+            outcome = await thread
+        else:
+            finished, _ = await asyncio.wait({thread}, timeout=limit)
+            if not finished:
+                raise _PastTimeout(thread)
+            outcome = thread.result()
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+        return outcome
+
+    def _outlived(self, name: str, command: StepCommand, thread: asyncio.Future[Any]) -> Awaitable[None]:
+        """Say that a plain handler's thread outlived its step's timeout; the thread's future, which keeps
+        the command's slot taken until the thread returns."""
+        started = time.monotonic()
+        self._log.warning(
+            "%s: the thread running %s of %s is still busy at the step's %gs timeout: answered as timed "
+            "out; it keeps its slot until it returns",
+            name,
+            command.body.command_id,
+            command.transaction_id,
+            command.body.timeout,
+        )
+
+        def returned(future: asyncio.Future[Any]) -> None:
+            if not future.cancelled():
+                future.exception()  # retrieved: its outcome was given up on
+            self._log.warning(
+                "%s: the thread running %s returned %.1fs after its timeout; its slot is free",
+                name,
+                command.body.command_id,
+                time.monotonic() - started,
+            )
+
+        thread.add_done_callback(returned)
+        return thread
 
     def _reply(
         self,
@@ -335,12 +383,16 @@ class Worker(Service):
 _EMPTY: dict[str, Any] = {}
 
 
+class _PastTimeout(Exception):
+    """A plain handler's thread is still running at its step's timeout."""
+
+    def __init__(self, thread: asyncio.Future[Any]) -> None:
+        super().__init__("past the step's timeout")
+        self.thread = thread
+
+
 def _error_type(exc: BaseException) -> str:
     return type(exc).__name__[:ERROR_TYPE_MAX]
 
 
-async def _call_plain(fn: Handler, ctx: StepContext) -> object:
-    outcome = await asyncio.to_thread(fn, ctx)
-    if inspect.isawaitable(outcome):
-        return await outcome
-    return outcome
+

@@ -718,3 +718,56 @@ async def test_publish_and_subscription_survive_a_broker_crash() -> None:
         await b.stop()
         if not was_up:
             await asyncio.to_thread(_services, "down")
+
+
+@pytest.mark.kafka
+async def test_consume_with_every_slot_taken_pauses_and_stays_in_the_group(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every slot taken for twice the max poll interval: the member pauses its partitions but keeps
+    polling, so the group keeps it (no revocation), and it resumes when a slot frees."""
+    _require_kafka()
+    caplog.set_level("INFO", logger="orchestrator_kafka.slots")
+    b = KafkaEventBus(
+        KAFKA, topic_prefix=_uid("t"), partitions=2, start_timeout=20, max_poll_interval_ms=2000
+    )
+    await b.start()
+    try:
+        topic = _topic(b, "full")
+        await b.publish(_msgs(topic, 6, keys=3))
+        release = asyncio.Event()
+        handled: list[int] = []
+
+        async def handler(message: InboundMessage) -> None:
+            await release.wait()
+            handled.extend(_ids([message]))
+
+        sub = await b.consume([topic], _uid("g"), handler, concurrency=2)
+        await asyncio.sleep(4.5)  # more than twice max_poll_interval_ms with both slots taken
+        assert handled == []
+        assert "released partitions" not in caplog.text  # never revoked: still the group's member
+        assert sub._consumer.paused()  # type: ignore[attr-defined]
+        release.set()
+        await _poll_until(lambda: sorted(handled) == list(range(6)), within=30)
+        assert not sub._consumer.paused()  # type: ignore[attr-defined]
+        await sub.stop()
+    finally:
+        await b.stop()
+
+
+@pytest.mark.kafka
+async def test_new_topics_are_served_before_ensure_topics_returns(
+    bus: KafkaEventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new group consuming topics created a moment ago resets its offsets at each partition's leader: a
+    leader named in the metadata but not serving yet made aiokafka log NotLeaderForPartitionError at
+    ERROR (seven lines per first start of the example's orchestrator, before ensure_topics waited)."""
+    caplog.set_level("ERROR", logger="aiokafka")
+    topics = [_topic(bus, f"fresh{i}") for i in range(16)]
+    await bus.ensure_topics(topics)
+    got = Collector()
+    sub = await bus.subscribe(topics, _uid("g"), got)
+    await bus.publish([OutboxMessage(t, "k", b"1|") for t in topics])
+    await got.wait_for(len(topics))
+    await sub.stop()
+    assert "NotLeaderForPartition" not in caplog.text

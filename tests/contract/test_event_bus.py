@@ -40,6 +40,14 @@ class Collector:
         return self.messages
 
 
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
 async def resumes_after_what_was_committed(bus: IEventBus, topic: str, group: str) -> None:
     """A new member of ``group`` gets only a message published now: everything before was committed."""
     await bus.publish([OutboxMessage(topic, "k", b"new")])
@@ -204,6 +212,71 @@ class EventBusContract:
         await asyncio.wait_for(all_in(), 60)
         values = sorted(int(m.value or b"") for m in a.messages + b.messages)
         assert values == list(range(40))  # each once, across the members
+
+    async def test_consume_runs_each_message_in_a_slot_and_commits_only_what_finished(
+        self, make_bus: BusFactory, topic: str
+    ) -> None:
+        """One key, so one partition: message 0 blocks, and the nine behind it are handled meanwhile.
+        Stopped, the group commits up to 0 with 1-9 marked done: a new member runs only 0 again."""
+        bus, group = make_bus(), unique("g")
+        await bus.start()
+        await bus.publish([OutboxMessage(topic, "k", str(i).encode()) for i in range(10)])
+        release = asyncio.Event()
+        handled: list[int] = []
+        cancelled: list[int] = []
+
+        async def handler(message: InboundMessage) -> None:
+            n = int(message.value or b"")
+            if n == 0:
+                try:
+                    await release.wait()
+                except asyncio.CancelledError:
+                    cancelled.append(n)
+                    raise
+            handled.append(n)
+
+        first = await bus.consume([topic], group, handler, concurrency=4, grace=0.2)
+        await until(lambda: sorted(handled) == list(range(1, 10)))  # all behind the blocked one
+        await first.stop()  # 0 outlives the grace: cancelled, left to be delivered again
+        assert cancelled == [0] and 0 not in handled
+        handled.clear()
+        release.set()
+        again = await bus.consume([topic], group, handler, concurrency=4)
+        await until(lambda: handled == [0])
+        await bus.publish([OutboxMessage(topic, "k", b"10")])
+        await until(lambda: handled == [0, 10])  # and nothing of 1-9 ran again
+        await again.stop()
+
+    async def test_consume_never_runs_more_than_its_slots_and_retries_a_handler_that_raised(
+        self, make_bus: BusFactory, topic: str
+    ) -> None:
+        bus, group = make_bus(), unique("g")
+        await bus.start()
+        await bus.publish([OutboxMessage(topic, f"k{i % 3}", str(i).encode()) for i in range(30)])
+        running = peak = 0
+        failed_once: set[int] = set()
+        handled: set[int] = set()
+
+        async def handler(message: InboundMessage) -> None:
+            nonlocal running, peak
+            n = int(message.value or b"")
+            running += 1
+            peak = max(peak, running)
+            try:
+                await asyncio.sleep(0.01)
+                if n % 7 == 0 and n not in failed_once:
+                    failed_once.add(n)
+                    raise RuntimeError("a blip")
+                handled.add(n)
+            finally:
+                running -= 1
+
+        sub = await bus.consume([topic], group, handler, concurrency=3)
+        await until(lambda: handled == set(range(30)))
+        assert peak == 3  # the slots were used, and never one more
+        assert failed_once == {0, 7, 14, 21, 28}
+        await sub.stop()
+        await resumes_after_what_was_committed(bus, topic, group)
 
     async def test_read_gives_every_message_without_a_group_and_follow_gives_new_ones(
         self, make_bus: BusFactory, topic: str

@@ -32,13 +32,14 @@ class Harness:
     workflows: Sequence[IWorkflowDefinition]
     handlers: Mapping[str, Handler]
     orchestrator_options: dict[str, Any] = field(default_factory=dict)
+    worker_options: dict[str, Any] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
 
     async def __aenter__(self) -> Harness:
         self.orchestrator = Orchestrator(
             list(self.workflows), self.backend.bus(), self.backend.store, **self.orchestrator_options
         )
-        self.worker = Worker(self.backend.bus())
+        self.worker = Worker(self.backend.bus(), **self.worker_options)
         for name, fn in self.handlers.items():
             self.worker.register(name, self._recording(name, fn))
         await self.orchestrator.start()

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from orchestrator_kafka import NonRetryableError, StepContext, WorkflowBuilder
+from orchestrator_kafka import NonRetryableError, Orchestrator, StepContext, WorkflowBuilder
 from orchestrator_kafka.codec import decode, encode
 from orchestrator_kafka.models import CancelSaga, StartBody, StartSaga, StepResult
 from orchestrator_kafka.ports import IEventBus, InboundMessage, OutboxMessage
@@ -218,3 +218,18 @@ async def test_the_worker_runs_a_redelivered_command_once_and_answers_again(back
     assert runs == [f"{tx}:a:execute:1"]
     results = [decode(m.value) for m in tap.messages if m.topic == topics.results]
     assert results[0] == results[1]  # the same answer, the same event id: the orchestrator dedupes it
+
+
+async def test_the_orchestrator_creates_both_topics_of_every_worker_name(backend: Backend) -> None:
+    """A worker (in any language) subscribes to both of its topics: they exist for a name used only for
+    compensations, and for one whose steps have no compensation, before anything is sent to them."""
+    workflow = WorkflowBuilder("both_topics").add_step("a", "both_a", compensation="both_undo").build()
+    orchestrator = Orchestrator([workflow], backend.bus(), backend.store)
+    await orchestrator.start()
+    try:
+        bus, topics = orchestrator.event_bus, orchestrator.topics
+        for name in ("both_a", "both_undo"):
+            for topic in topics.of_worker(name):
+                assert [m async for m in bus.read(topic)] == []  # a missing topic raises EventBusError
+    finally:
+        await orchestrator.stop()

@@ -18,6 +18,8 @@ What a saga does is chosen by its context's ``plan``:
 * ``slow``   ``charge``'s first attempt outlives its timeout: a timeout timer, a retry, ``completed``
 * ``hold``   ``reserve`` takes a while, so a cancel can land while it runs: ``cancelled`` (or, if the
   cancel comes too late, ``completed``)
+* ``stall``  ``reserve``'s first run never returns (a worker must be killed for it to run again);
+  ``completed``
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ def _prefix() -> str:
     return os.environ["REL_RECORD_PREFIX"]
 
 
-async def _record(ctx: StepContext) -> None:
-    await _redis().hincrby(f"{_prefix()}:runs", ctx.command_id, 1)
+async def _record(ctx: StepContext) -> int:
+    """Count the invocation; how many times this command has run, this one included."""
+    return int(await _redis().hincrby(f"{_prefix()}:runs", ctx.command_id, 1))
 
 
 async def _succeeded(ctx: StepContext, result: dict[str, Any]) -> dict[str, Any]:
@@ -74,9 +77,11 @@ async def _succeeded(ctx: StepContext, result: dict[str, Any]) -> dict[str, Any]
 
 
 async def reserve(ctx: StepContext) -> dict[str, Any]:
-    await _record(ctx)
+    runs = await _record(ctx)
     if ctx.get("plan") == "hold":
         await asyncio.sleep(1.0)
+    if ctx.get("plan") == "stall" and runs == 1:
+        await asyncio.Event().wait()
     return await _succeeded(ctx, {"reserved": True})
 
 

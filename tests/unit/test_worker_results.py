@@ -1,5 +1,6 @@
 """The Worker's replies, built as bytes on its hot path, are exactly the StepResult the model would build;
-and the hot path keeps the documented behaviour (failures, timeouts, dedupe, concurrency)."""
+and the hot path keeps the documented behaviour (failures, timeouts, dedupe, concurrency). The commands go
+through the in-memory bus, as in production they go through Kafka."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from orchestrator_kafka.backends.memory import InMemoryEventBus
 from orchestrator_kafka.constants import HEADER_DLQ_REASON
 from orchestrator_kafka.errors import NonRetryableError
 from orchestrator_kafka.models import CommandBody, ErrorInfo, ResultBody, StepCommand, StepResult
-from orchestrator_kafka.ports import InboundMessage, OutboxMessage
+from orchestrator_kafka.ports import OutboxMessage
 from orchestrator_kafka.worker import Handler, StepContext, Worker
 
 NAME = "inv"
@@ -61,21 +62,45 @@ def command(
     )
 
 
-def inbound(cmd: StepCommand, offset: int = 0) -> InboundMessage:
-    topic = f"saga.commands.{cmd.body.worker_name}"
-    return InboundMessage(topic, 0, offset, cmd.transaction_id.encode(), codec.encode(cmd))
+def wire(cmd: StepCommand) -> OutboxMessage:
+    """``cmd`` as the orchestrator publishes it, on its worker's topic."""
+    return OutboxMessage(f"saga.commands.{cmd.body.worker_name}", cmd.transaction_id, codec.encode(cmd))
+
+
+async def replies(bus: RecordingBus, count: int, timeout: float = 10) -> list[OutboxMessage]:
+    """The first ``count`` messages the worker published, once it has published that many."""
+
+    async def published() -> list[OutboxMessage]:
+        while True:
+            out = [m for m in bus.published if m.topic in ("saga.results", "saga.dlq")]
+            if len(out) >= count:
+                return out
+            await asyncio.sleep(0.005)
+
+    return await asyncio.wait_for(published(), timeout)
+
+
+def in_order_of(out: Sequence[OutboxMessage], commands: Sequence[StepCommand]) -> list[OutboxMessage]:
+    """The replies in the order of the commands they answer (they are published as they finish)."""
+    by_id = {codec.decode(m.value).body.command_id: m for m in out}  # type: ignore[union-attr]
+    return [by_id[c.body.command_id] for c in commands]
 
 
 async def run_batch(
     fn: Handler, commands: Sequence[StepCommand], *, concurrency: int = 64
 ) -> tuple[Worker, RecordingBus, list[OutboxMessage]]:
+    """Publish ``commands`` to a running worker; its replies, in the commands' order."""
     bus = RecordingBus()
     await bus.start()
     worker = Worker(bus, concurrency=concurrency)
     worker.register(NAME, fn)
-    batch = [inbound(c, n) for n, c in enumerate(commands)]
-    await worker._on_batch(NAME, asyncio.Semaphore(concurrency), batch)
-    return worker, bus, list(bus.published)
+    await worker.start()
+    try:
+        await bus.publish([wire(c) for c in commands])
+        out = await replies(bus, len(commands))
+    finally:
+        await worker.stop()
+    return worker, bus, in_order_of(out, commands)
 
 
 def expected_reply(
@@ -277,20 +302,26 @@ async def test_redelivered_command_is_answered_with_the_same_bytes() -> None:
     await bus.start()
     worker = Worker(bus)
     worker.register(NAME, fn)
-    limit = asyncio.Semaphore(64)
     cmds = [command(i) for i in range(3)]
-    # A duplicate inside one batch runs once and is answered once.
-    await worker._on_batch(NAME, limit, [inbound(c) for c in [*cmds, cmds[0]]])
-    first = list(bus.published)
-    assert len(first) == 3 and calls == ["cmd-0", "cmd-1", "cmd-2"]
+    await worker.start()
+    # A copy right behind the first runs nothing: answered from the window, or by the first if it is
+    # still running then.
+    await bus.publish([wire(c) for c in [*cmds, cmds[0]]])
+    first = in_order_of(await replies(bus, 3), cmds)
+    await worker.stop()  # lets the copy finish
+    assert sorted(calls) == ["cmd-0", "cmd-1", "cmd-2"]
     bus.published.clear()
-    await worker._on_batch(NAME, limit, [inbound(c) for c in reversed(cmds)])
-    assert calls == ["cmd-0", "cmd-1", "cmd-2"]
-    assert [m.value for m in bus.published] == [m.value for m in reversed(first)]
+    await worker.start()  # the same worker, its window kept, the group resuming after what it committed
+    await bus.publish([wire(c) for c in reversed(cmds)])
+    again = in_order_of(await replies(bus, 3), cmds)
+    await worker.stop()
+    assert sorted(calls) == ["cmd-0", "cmd-1", "cmd-2"]
+    assert [m.value for m in again] == [m.value for m in first]
+    assert len([m for m in bus.published if m.topic == "saga.results"]) == 3
 
 
 @pytest.mark.parametrize(("concurrency", "n"), [(1, 4), (3, 10), (64, 20)])
-async def test_handlers_of_a_batch_run_concurrently_up_to_the_limit(concurrency: int, n: int) -> None:
+async def test_handlers_run_concurrently_up_to_the_limit(concurrency: int, n: int) -> None:
     running = 0
     peak = 0
     all_in = asyncio.Event()
@@ -313,19 +344,25 @@ async def test_handlers_of_a_batch_run_concurrently_up_to_the_limit(concurrency:
         check_reply(message, cmd, {"i": cmd.body.data["i"]}, None)
 
 
-async def test_plain_handlers_of_a_batch_run_concurrently() -> None:
-    barrier = threading.Barrier(4, timeout=5)
+async def test_plain_handlers_run_concurrently_on_the_workers_own_threads() -> None:
+    """More plain handlers at once than the event loop's default pool has threads (min(32, cpus + 4)):
+    each has a thread of the worker's, sized to its slots."""
+    n = 40
+    barrier = threading.Barrier(n, timeout=20)
+    names: set[str] = set()
 
     def fn(ctx: StepContext) -> dict[str, Any]:
-        barrier.wait()
+        names.add(threading.current_thread().name)
+        barrier.wait()  # broken (a failed step) unless all n run at once
         return {}
 
-    cmds = [command(i) for i in range(4)]
-    _, _, out = await run_batch(fn, cmds, concurrency=4)
-    assert [codec.decode(m.value).body.status for m in out] == ["succeeded"] * 4  # type: ignore[union-attr]
+    cmds = [command(i) for i in range(n)]
+    _, _, out = await run_batch(fn, cmds, concurrency=n)
+    assert [codec.decode(m.value).body.status for m in out] == ["succeeded"] * n  # type: ignore[union-attr]
+    assert len(names) == n and all(name.startswith("saga-worker") for name in names)
 
 
-async def test_mixed_batch_keeps_order_and_dead_letters() -> None:
+async def test_bad_messages_are_dead_lettered_and_the_commands_beside_them_answered() -> None:
     async def fn(ctx: StepContext) -> dict[str, Any]:
         if ctx.data["i"] % 2:
             await asyncio.sleep(0)
@@ -335,27 +372,33 @@ async def test_mixed_batch_keeps_order_and_dead_letters() -> None:
     await bus.start()
     worker = Worker(bus, concurrency=2)
     worker.register(NAME, fn)
+    await worker.start()
     good = [command(i) for i in range(5)]
-    newer = command(9, schema_version="2.0")
     minor = command(10, schema_version="1.7")
-    batch = [
-        inbound(good[0]),
-        InboundMessage("saga.commands.inv", 0, 1, None, b"{not json"),
-        inbound(command(7, worker_name="other")),
-        inbound(newer),
-        InboundMessage("saga.commands.inv", 0, 4, None, None),
-        *[inbound(c) for c in good[1:]],
-        inbound(minor),
-    ]
-    await worker._on_batch(NAME, asyncio.Semaphore(2), batch)
-    out = bus.published
+    topic = "saga.commands.inv"
+    await bus.publish(
+        [
+            wire(good[0]),
+            OutboxMessage(topic, "k", b"{not json"),
+            OutboxMessage(topic, "k", codec.encode(command(7, worker_name="other"))),
+            wire(command(9, schema_version="2.0")),
+            OutboxMessage(topic, "k", None),  # type: ignore[arg-type]  # a tombstone, as Kafka may carry
+            *[wire(c) for c in good[1:]],
+            wire(minor),
+        ]
+    )
+    out = await replies(bus, 10)
+    await worker.stop()
     dead = [dict(m.headers)[HEADER_DLQ_REASON].decode() for m in out if m.topic == "saga.dlq"]
-    assert dead == [
-        codec.MALFORMED_JSON,
-        codec.UNEXPECTED_EVENT_TYPE,
-        codec.UNSUPPORTED_SCHEMA_VERSION,
-        codec.NULL_VALUE,
-    ]
-    replies = [m for m in out if m.topic == "saga.results"]
-    for message, cmd in zip(replies, [*good, minor], strict=True):
+    assert sorted(dead) == sorted(
+        [
+            codec.MALFORMED_JSON,
+            codec.UNEXPECTED_EVENT_TYPE,
+            codec.UNSUPPORTED_SCHEMA_VERSION,
+            codec.NULL_VALUE,
+        ]
+    )
+    answered = [*good, minor]
+    results = in_order_of([m for m in out if m.topic == "saga.results"], answered)
+    for message, cmd in zip(results, answered, strict=True):
         check_reply(message, cmd, {"i": cmd.body.data["i"]}, None)

@@ -1,5 +1,5 @@
 """Topic admin: creating the bus's topics (``partitions`` x ``replication_factor``) when first used, and
-waiting until their partitions have leaders, with aiokafka's admin client."""
+waiting until their partitions have leaders that serve them, with aiokafka's admin client."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from aiokafka.errors import (
 )
 
 from ...errors import EventBusError
+from .aiokafka_workarounds import partitions_served
 
 __all__ = ["TopicAdmin"]
 
@@ -84,16 +85,31 @@ class TopicAdmin:
 
     async def _wait_for_leaders(self, names: list[str]) -> None:
         # CreateTopics can return before every partition has a leader in the metadata; a consumer
-        # joining then would be assigned none of the topic's partitions, and a producer would wait.
+        # joining then would be assigned none of the topic's partitions, and a producer would wait. And
+        # a leader named in the metadata may not serve its partition yet: a new group's consumer resetting
+        # its offsets then logs NotLeaderForPartitionError at ERROR (see partitions_served).
         try:
             async with asyncio.timeout(self._timeout):
                 while True:
                     described = await self.client.describe_topics(names)
                     if _all_led(described, names):
-                        return
+                        try:
+                            if await partitions_served(self.client, _leaders(described)):
+                                return
+                        except KafkaError:
+                            pass  # asked too early (a leader still loading): ask again
                     await asyncio.sleep(_LEADER_POLL)
         except TimeoutError as exc:
             raise EventBusError(f"topics {names} got no partition leaders within {self._timeout:g}s") from exc
+
+
+def _leaders(described: Iterable[Any]) -> dict[int, list[tuple[str, int]]]:
+    """The described topics' partitions by leader node id."""
+    out: dict[int, list[tuple[str, int]]] = {}
+    for topic in described:
+        for p in topic["partitions"]:
+            out.setdefault(p["leader"], []).append((topic["topic"], p["partition"]))
+    return out
 
 
 def _all_led(described: Iterable[Any], names: Sequence[str]) -> bool:

@@ -14,9 +14,11 @@ import asyncio
 import logging
 from typing import Any
 
+from aiokafka.protocol.offset import OffsetRequest
+
 from .teardown import quietly
 
-__all__ = ["InTurn", "producer_is_dead", "stop_consumer", "why_producer_died"]
+__all__ = ["InTurn", "partitions_served", "producer_is_dead", "stop_consumer", "why_producer_died"]
 
 _log = logging.getLogger("orchestrator_kafka.kafka")
 
@@ -101,3 +103,27 @@ async def stop_consumer(consumer: Any, limit: float) -> None:
         client = getattr(consumer, "_client", None)
         if client is not None:
             await quietly("consumer client close", client.close(), limit)
+
+
+# ---------------------------------------------------------------- a new partition's leader, serving
+#
+# Not an aiokafka bug: after CreateTopics, the metadata names a partition's leader a moment before that
+# broker serves the partition (in KRaft it learns of its leadership from the metadata log). A consumer
+# of a new group resetting its offsets meanwhile gets NotLeaderForPartitionError, which aiokafka logs at
+# ERROR ("Failed fetch offsets from <node>") before retrying. aiokafka's admin client has no ListOffsets
+# call, so this sends one through its private client (checked against aiokafka 0.13.0).
+
+
+async def partitions_served(admin: Any, leaders: dict[int, list[tuple[str, int]]]) -> bool:
+    """True when every ``(topic, partition)`` of ``leaders`` (by leader node id) answers a ListOffsets
+    request at its leader without an error."""
+    client = admin._client
+    for node_id, partitions in leaders.items():
+        topics: dict[str, list[tuple[int, int]]] = {}
+        for topic, partition in partitions:
+            topics.setdefault(topic, []).append((partition, -2))  # -2: the earliest offset
+        response = await client.send(node_id, OffsetRequest(-1, 0, list(topics.items())))
+        for _, answers in response.topics:
+            if any(answer[1] != 0 for answer in answers):  # (partition, error_code, ...)
+                return False
+    return True

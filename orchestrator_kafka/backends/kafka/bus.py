@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -20,9 +21,10 @@ from aiokafka.errors import KafkaError
 
 from ...constants import DEFAULT_BOOTSTRAP_SERVERS, DEFAULT_TOPIC_PREFIX, ENV_BOOTSTRAP_SERVERS
 from ...errors import EventBusError, ValidationError
-from ...ports import BatchHandler, IEventBus, Subscription
+from ...ports import BatchHandler, IEventBus, MessageHandler, Subscription
 from ...values import InboundMessage, OutboxMessage
 from .admin import TopicAdmin
+from .message_subscription import KafkaMessageSubscription
 from .publisher import MAX_BATCH_BYTES, MAX_REQUEST_BYTES, Publisher
 from .reader import read_topic
 from .subscription import KafkaSubscription
@@ -122,7 +124,7 @@ class KafkaEventBus(IEventBus):
         self._topics = TopicAdmin(
             partitions=partitions, replication_factor=replication_factor, timeout=start_timeout
         )
-        self._subscriptions: set[KafkaSubscription] = set()
+        self._subscriptions: set[KafkaSubscription | KafkaMessageSubscription] = set()
 
     @property
     def _producer(self) -> Any:
@@ -285,18 +287,8 @@ class KafkaEventBus(IEventBus):
         if max_batch < 1:
             raise ValidationError("max_batch must be at least 1")
         await self.ensure_topics(topics)
-        consumer = self._consumer(
-            "consumer",
-            group_id=group,
-            max_poll_interval_ms=self._max_poll_interval_ms,
-            session_timeout_ms=self._session_timeout_ms,
-            # aiokafka defaults the rebalance timeout to the session timeout; the Java client (and
-            # the meaning of max_poll_interval) give a member in the middle of a batch that long.
-            rebalance_timeout_ms=self._max_poll_interval_ms,
-            heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
-        )
         sub = KafkaSubscription(
-            consumer,
+            self._member(group),
             topics,
             group,
             handler,
@@ -306,6 +298,76 @@ class KafkaEventBus(IEventBus):
             on_stopped=self._subscriptions.discard,
         )
         await sub._start(self._start_timeout)
+        return await self._started_member(sub)
+
+    async def consume(
+        self,
+        topics: Sequence[str],
+        group: str,
+        handler: MessageHandler,
+        *,
+        concurrency: int,
+        grace: float = 30.0,
+    ) -> Subscription:
+        """Consume ``topics`` as a member of consumer group ``group`` (created first if missing), each
+        message in a slot of its own; see :meth:`IEventBus.consume`. With every slot taken the member
+        pauses its partitions and keeps polling, so the group keeps it. A revocation waits for the
+        revoked partitions' handlers (up to ``grace``, itself bounded by ``max_poll_interval_ms``, which
+        is the group's rebalance timeout) and commits before the partitions move.
+
+        Raises:
+            ValidationError: no topics, ``concurrency`` < 1 or ``grace`` < 0.
+            EventBusError: not started, topics could not be created, or no assignment within
+                ``start_timeout``.
+        """
+        self._require_started()
+        if not topics:
+            raise ValidationError("consume needs at least one topic")
+        if concurrency < 1:
+            raise ValidationError("concurrency must be at least 1")
+        if grace < 0:
+            raise ValidationError("grace must not be negative")
+        await self.ensure_topics(topics)
+        sub = KafkaMessageSubscription(
+            self._member(group),
+            topics,
+            group,
+            handler,
+            concurrency=concurrency,
+            grace=grace,
+            stop_limit=self._start_timeout,
+            read_committed=functools.partial(self._read_committed, group),
+            on_stopped=self._subscriptions.discard,
+        )
+        await sub._start(self._start_timeout)
+        return await self._started_member(sub)
+
+    async def _read_committed(self, group: str, partitions: list[Any]) -> dict[Any, Any]:
+        """``group``'s committed offsets and metadata of ``partitions`` (aiokafka's consumer only tells the
+        offset)."""
+        admin = self._admin
+        if admin is None:
+            return {}
+        async with asyncio.timeout(self._start_timeout):
+            committed: dict[Any, Any] = await admin.list_consumer_group_offsets(group, partitions=partitions)
+        return committed
+
+    def _member(self, group: str) -> Any:
+        """A new consumer for a member of ``group``."""
+        return self._consumer(
+            "consumer",
+            group_id=group,
+            max_poll_interval_ms=self._max_poll_interval_ms,
+            session_timeout_ms=self._session_timeout_ms,
+            # aiokafka defaults the rebalance timeout to the session timeout; the Java client (and
+            # the meaning of max_poll_interval) give a member in the middle of a batch that long.
+            rebalance_timeout_ms=self._max_poll_interval_ms,
+            heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
+        )
+
+    async def _started_member(
+        self, sub: KafkaSubscription | KafkaMessageSubscription
+    ) -> KafkaSubscription | KafkaMessageSubscription:
         if self._producer is None:
             # stop() ran while this member was joining: it must not outlive the bus.
             await sub.stop()

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from ...constants import DEFAULT_TOPIC_PREFIX
-from ...errors import EventBusError
-from ...ports import BatchHandler, IEventBus, Subscription, finished
+from ...errors import EventBusError, ValidationError
+from ...ports import BatchHandler, IEventBus, MessageHandler, Subscription, finished
 from ...values import InboundMessage, OutboxMessage
+from ..slots import Partition, Position, Slots
 
 _log = logging.getLogger("orchestrator_kafka.memory")
 
@@ -82,6 +83,86 @@ class _Member(Subscription):
             self.broker.commit(self.group, batch)
 
 
+@dataclass(eq=False)
+class _Consumer(Subscription):
+    """A member of a per-message subscription (:meth:`InMemoryEventBus.consume`)."""
+
+    broker: _Broker
+    topics: tuple[str, ...]
+    group: str
+    handler: MessageHandler
+    concurrency: int
+    grace: float
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    assigned: list[tuple[str, int]] = field(default_factory=list)
+    # Partitions taken away by a rebalance while handlers of theirs ran: drained, then released.
+    revoked: set[Partition] = field(default_factory=set)
+    # The next offset to hand over, per partition owned (from the committed offset when first fetched).
+    positions: dict[Partition, int] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    stopping: bool = False
+    slots: Slots = field(init=False)
+    _turn: int = 0
+
+    def __post_init__(self) -> None:
+        self.slots = Slots(
+            self.handler,
+            concurrency=self.concurrency,
+            group=self.group,
+            commit=self._commit,
+            on_free=self.wake.set,
+        )
+
+    async def _commit(self, positions: dict[Partition, Position]) -> None:
+        self.broker.commit_positions(self.group, positions)
+
+    async def stop(self) -> None:
+        """Stop fetching, give the handlers running ``grace`` seconds, commit what finished and leave;
+        idempotent. Handlers still running then are cancelled and delivered again to the group."""
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        self.stopping = True
+        task.cancel()  # it only ever waits for a message or a slot
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            await self.slots.drain(None, self.grace)
+        finally:
+            self.broker.release(self.group, self.revoked)
+            self.revoked = set()
+            self.broker.leave(self)
+
+    async def run(self) -> None:
+        while not self.stopping:
+            if self.revoked:
+                revoked = set(self.revoked)
+                await self.slots.drain(revoked, self.grace)
+                self.revoked -= revoked
+                self.broker.release(self.group, revoked)
+                continue
+            free = self.slots.free
+            batch = self.broker.take(self, free) if free > 0 else []
+            if not batch:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            for message in batch:
+                self.slots.start(message)
+
+    def reassign(self, partitions: list[tuple[str, int]]) -> set[Partition]:
+        """Own ``partitions`` from now on. As aiokafka's (eager) rebalance does, every partition owned
+        before is revoked, even one assigned again: the partitions this member took messages of are
+        returned, held (fetchable by nobody) until it has drained them and committed."""
+        revoked = set(self.assigned)
+        self.assigned = partitions
+        self.positions.clear()  # owned again or not, read on from the committed offset
+        # Even when nothing of theirs runs any more, their last watermarks may not be committed yet.
+        held = {p for p in revoked if self.slots.tracks(p)}
+        self.revoked |= held
+        return held
+
+
 class _Broker:
     """The shared part: topic logs, committed offsets and group membership."""
 
@@ -89,8 +170,13 @@ class _Broker:
         self.partitions = partitions
         self.logs: dict[str, list[list[InboundMessage]]] = {}
         self.committed: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.members: dict[str, list[_Member]] = defaultdict(list)
+        # What a per-message member committed as done above each offset (Kafka: the commit's metadata).
+        self.done_above: dict[tuple[str, str, int], tuple[int, ...]] = {}
+        self.members: dict[str, list[_Member | _Consumer]] = defaultdict(list)
         self.readers: set[asyncio.Event] = set()
+        # Partitions revoked from a per-message member still draining them, per group: nobody fetches
+        # them until it has committed what finished (as Kafka waits for the revocation callback).
+        self.held: dict[str, set[Partition]] = defaultdict(set)
 
     def log(self, topic: str) -> list[list[InboundMessage]]:
         log = self.logs.get(topic)
@@ -113,13 +199,13 @@ class _Broker:
         for reader in self.readers:
             reader.set()
 
-    def join(self, member: _Member) -> None:
+    def join(self, member: _Member | _Consumer) -> None:
         for topic in member.topics:
             self.log(topic)
         self.members[member.group].append(member)
         self.rebalance(member.group)
 
-    def leave(self, member: _Member) -> None:
+    def leave(self, member: _Member | _Consumer) -> None:
         members = self.members[member.group]
         if member in members:
             members.remove(member)
@@ -127,18 +213,60 @@ class _Broker:
 
     def rebalance(self, group: str) -> None:
         members = self.members[group]
-        for member in members:
-            member.assigned = []
+        plan: dict[int, list[tuple[str, int]]] = {id(m): [] for m in members}
         for topic in sorted({t for m in members for t in m.topics}):
             takers = [m for m in members if topic in m.topics]
             for partition in range(self.partitions):
-                takers[partition % len(takers)].assigned.append((topic, partition))
+                plan[id(takers[partition % len(takers)])].append((topic, partition))
         for member in members:
+            if isinstance(member, _Consumer):
+                self.held[group] |= member.reassign(plan[id(member)])
+            else:
+                member.assigned = plan[id(member)]
             member.wake.set()
+
+    def release(self, group: str, partitions: set[Partition]) -> None:
+        """A member drained ``partitions``: their new owners may fetch them."""
+        self.held[group] -= partitions
+        for member in self.members[group]:
+            member.wake.set()
+
+    def take(self, member: _Consumer, limit: int) -> list[InboundMessage]:
+        """Up to ``limit`` messages for a per-message member, from its positions; the partitions taken in
+        turn, so a backlog on one does not starve the others."""
+        held = self.held[member.group]
+        owned = [p for p in member.assigned if p not in held]
+        out: list[InboundMessage] = []
+        if not owned:
+            return out
+        member._turn = (member._turn + 1) % len(owned)
+        for i in range(len(owned)):
+            where = owned[(member._turn + i) % len(owned)]
+            position = member.positions.get(where)
+            if position is None:
+                key = (member.group, where[0], where[1])
+                position = self.committed[key]
+                member.slots.skip(where, Position(position, self.done_above.get(key, ())))
+            got = self.logs[where[0]][where[1]][position : position + limit - len(out)]
+            member.positions[where] = position + len(got)
+            out.extend(got)
+            if len(out) >= limit:
+                break
+        return out
+
+    def commit_positions(self, group: str, positions: dict[Partition, Position]) -> None:
+        for (topic, partition), position in positions.items():
+            key = (group, topic, partition)
+            if position.offset >= self.committed[key]:
+                self.committed[key] = position.offset
+                self.done_above[key] = position.done
 
     def fetch(self, member: _Member) -> list[InboundMessage]:
         batch: list[InboundMessage] = []
+        held = self.held[member.group]
         for topic, partition in member.assigned:
+            if (topic, partition) in held:
+                continue
             start = self.committed[(member.group, topic, partition)]
             log = self.logs[topic][partition]
             batch.extend(log[start : start + member.max_batch - len(batch)])
@@ -150,6 +278,7 @@ class _Broker:
         for m in batch:
             key = (group, m.topic, m.partition)
             self.committed[key] = max(self.committed[key], m.offset + 1)
+            self.done_above.pop(key, None)
 
 
 class InMemoryEventBus(IEventBus):
@@ -157,7 +286,10 @@ class InMemoryEventBus(IEventBus):
 
     Delivery is at least once: a handler that raises gets the same messages again after
     ``redelivery_delay`` (doubling up to 2 s), and offsets are committed only after it returns (and
-    its completion, if it returned one, finished: the next batch is fetched only then).
+    its completion, if it returned one, finished: the next batch is fetched only then). :meth:`consume`
+    behaves as the Kafka bus's does: a slot per message, watermark commits (with the offsets done above
+    the watermark, so a new owner skips them), and a rebalance that holds a revoked partition from its
+    new owner until the old one has drained it.
     :meth:`sharing` makes another client of the same in-process broker, as two Kafka clients share one
     cluster: each has its own lifecycle and subscriptions.
     """
@@ -168,7 +300,7 @@ class InMemoryEventBus(IEventBus):
         self.topic_prefix = topic_prefix
         self.redelivery_delay = redelivery_delay
         self._broker = _Broker(partitions)
-        self._subscriptions: list[_Member] = []
+        self._subscriptions: list[_Member | _Consumer] = []
         self._started = False
 
     @classmethod
@@ -205,6 +337,36 @@ class InMemoryEventBus(IEventBus):
     ) -> Subscription:
         self._require_started()
         member = _Member(self._broker, tuple(topics), group, handler, max_batch, self.redelivery_delay)
+        self._broker.join(member)
+        member.task = asyncio.get_running_loop().create_task(member.run(), name=f"memory-bus:{group}")
+        self._subscriptions.append(member)
+        return member
+
+    async def consume(
+        self,
+        topics: Sequence[str],
+        group: str,
+        handler: MessageHandler,
+        *,
+        concurrency: int,
+        grace: float = 30.0,
+    ) -> Subscription:
+        """Consume ``topics`` in ``group`` one message at a time, as :meth:`KafkaEventBus.consume` does
+        (see :meth:`IEventBus.consume`): slots, watermark commits, and partitions taken away by a
+        rebalance held from their new owner until this member has drained them (up to ``grace``).
+
+        Raises:
+            ValidationError: no topics, ``concurrency`` < 1 or ``grace`` < 0.
+            EventBusError: not started.
+        """
+        self._require_started()
+        if not topics:
+            raise ValidationError("consume needs at least one topic")
+        if concurrency < 1:
+            raise ValidationError("concurrency must be at least 1")
+        if grace < 0:
+            raise ValidationError("grace must not be negative")
+        member = _Consumer(self._broker, tuple(topics), group, handler, concurrency, grace)
         self._broker.join(member)
         member.task = asyncio.get_running_loop().create_task(member.run(), name=f"memory-bus:{group}")
         self._subscriptions.append(member)
