@@ -337,6 +337,11 @@ class Pipeline:
         another instance took the partition, an operator saved the saga): the version check then
         refuses the next write, and the saga is forgotten and loaded afresh."""
         tx = saga.transaction_id
+        if saga.state.is_final and not saga.late_runs:
+            # An ended saga takes no more decisions but for a late duplicate, which reads it: the cache
+            # then holds about the sagas in flight, not the last cache_size to run.
+            self._cache.pop(tx, None)
+            return
         self._cache[tx] = saga
         self._cache.move_to_end(tx)
         if len(self._cache) > self._cache_size:

@@ -224,7 +224,10 @@ class Worker(Service):
         finally:
             self._running.discard(cid)
         # Remembered before it is published: if the publish fails, the bus hands the message over
-        # again and the answer is published without running the handler again.
+        # again and the answer is published without running the handler again. Kept as an exact-size
+        # copy: the bytes orjson returns hold its whole working buffer (4 KB for a result of 400 B),
+        # which a window of 10,000 results turns into 40 MB.
+        answer = dataclasses.replace(answer, value=bytes(memoryview(answer.value)))
         done[cid] = answer
         while len(done) > self._window:
             done.popitem(last=False)

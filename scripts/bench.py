@@ -65,7 +65,10 @@ async def role_orchestrator(prefix: str, partitions: int) -> None:
     from orchestrator_kafka import KafkaEventBus, Orchestrator, RedisStateStore
 
     bus = KafkaEventBus(BOOTSTRAP, topic_prefix=prefix, partitions=partitions)
-    store = RedisStateStore(REDIS_URL, key_prefix=prefix)
+    # The soak (scripts/soak.py) runs its own Redis and a short retention.
+    retention = os.environ.get("BENCH_RETENTION")
+    kept = {"retention": int(retention), "failed_retention": int(retention)} if retention else {}
+    store = RedisStateStore(os.environ.get("BENCH_REDIS_URL", REDIS_URL), key_prefix=prefix, **kept)
     async with Orchestrator(workflow(), bus, store):
         await ready_and_wait()
     await bus.stop()

@@ -312,3 +312,17 @@ async def test_a_start_of_a_saga_not_in_the_cache_is_taken_as_new_and_a_stored_o
     assert after is not None and after == stored
     new = await store.load_context("y")
     assert new is not None and new.version == 1
+
+
+async def test_the_cache_holds_the_sagas_in_flight_not_those_that_ended() -> None:
+    store = InMemoryStateStore()
+    async with _one_step(InMemoryEventBus(), store) as orchestrator:
+        pipeline, topics = orchestrator.pipeline, orchestrator.topics
+        starts = [_inbound(topics.start, _start(f"tx-{i}"), i) for i in range(3)]
+        await (await pipeline.handle_batch(starts))
+        assert pipeline.cached == {"tx-0", "tx-1", "tx-2"}
+        done = result("tx-1", "a")
+        await (await pipeline.handle_batch([InboundMessage(topics.results, 0, 0, b"tx-1", encode(done))]))
+        assert pipeline.cached == {"tx-0", "tx-2"}
+        status = await store.load_context("tx-1")
+        assert status is not None and status.state.value == "completed"
