@@ -190,7 +190,7 @@ async def _soak(args: argparse.Namespace, server: PrivateRedis) -> int:
             f"# {name}: mean {mean:,.1f}, every sample within {spread:.1%} of it: "
             + ("flat" if spread <= LIMIT else "NOT flat")
         )
-    if steady:
+    if steady and args.retention:
         retained = args.rate * args.retention
         held = sum(row[1] for row in steady) / len(steady) - empty
         print(
