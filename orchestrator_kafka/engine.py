@@ -30,6 +30,7 @@ from .models import (
     audit_action,
     command_id,
     command_payload,
+    run_id_of,
     transition_payload,
 )
 from .values import Timer
@@ -159,6 +160,7 @@ def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
         created_at=now,
         updated_at=now,
         version=0,
+        run_id=run_id_of(event.event_id, now),
     )
 
 
@@ -203,7 +205,14 @@ class _Run:
         saga.version = version = self.from_version + 1
         saga.updated_at = now = self.now
         audit = transition_payload(
-            saga.transaction_id, saga.workflow_id, now, self.from_state, saga.state, version, self.actions
+            saga.transaction_id,
+            saga.workflow_id,
+            now,
+            self.from_state,
+            saga.state,
+            version,
+            self.actions,
+            saga.run_id,
         )
         self.outgoing.append(Outgoing(self.topics.events, audit))
         return Transition(saga, True, tuple(self.outgoing), tuple(self.timers), tuple(self.cancel_timers))
@@ -279,7 +288,7 @@ class _Run:
 
     def dispatch(self, step: WorkflowStep, phase: Phase, attempt: int) -> None:
         rt = self.saga.step(step.name)
-        cid = command_id(self.saga.transaction_id, step.name, phase, attempt)
+        cid = command_id(self.saga.transaction_id, step.name, phase, attempt, self.saga.run_id)
         if phase == "execute":
             rt.status, rt.attempt = StepStatus.RUNNING, attempt
             worker = step.worker_name
@@ -338,7 +347,10 @@ class _Run:
         rt = self.saga.step(step.name)
         rt.status = StepStatus.RETRY_WAIT if phase == "execute" else StepStatus.COMPENSATION_RETRY_WAIT
         rt.timer_id = self.retry_timer(
-            command_id(self.saga.transaction_id, step.name, phase, attempt), step, phase, attempt
+            command_id(self.saga.transaction_id, step.name, phase, attempt, self.saga.run_id),
+            step,
+            phase,
+            attempt,
         )
         rt.command_id = None
         self.record(

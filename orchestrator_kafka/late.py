@@ -71,7 +71,8 @@ def unawaited_result(run: Decision[T], step: WorkflowStep, rt: StepRuntime, body
     if body.status != "succeeded":
         return run.unchanged("stale result")
     sent = rt.attempt if body.kind == "execute" else rt.compensation_attempt
-    if body.command_id != command_id(saga.transaction_id, step.name, body.kind, body.attempt) or not (
+    sent_id = command_id(saga.transaction_id, step.name, body.kind, body.attempt, saga.run_id)
+    if body.command_id != sent_id or not (
         1 <= body.attempt <= sent
     ):
         # Not a command this saga sent (or the answer to an extra compensation): nothing to take.
@@ -97,7 +98,7 @@ def unawaited_result(run: Decision[T], step: WorkflowStep, rt: StepRuntime, body
         return run.unchanged("compensation pending")
     # A success of an attempt the saga gave up on: undo it so no side effect is left behind.
     saga.late_compensations.append(body.command_id)
-    base = command_id(saga.transaction_id, step.name, "compensate", f"late-{body.attempt}")
+    base = command_id(saga.transaction_id, step.name, "compensate", f"late-{body.attempt}", saga.run_id)
     saga.late_runs[base] = LateCompensation(step.name)
     _dispatch(run, step, base, 1, AuditActionName.LATE_SUCCESS_COMPENSATED, body.attempt)
     return run.done()

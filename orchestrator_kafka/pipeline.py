@@ -22,7 +22,7 @@ from .context import SagaContext
 from .engine import Event, TimerFired, Transition, decide
 from .errors import OrchestratorError, StateStoreError
 from .intake import Intake
-from .models import StartSaga, StepResult
+from .models import StartSaga, StepResult, of_run
 from .ports import IEventBus, ILogger, IStateStore
 from .telemetry import Telemetry
 from .values import Headers, InboundMessage, OutboxMessage, TransitionWrite
@@ -364,12 +364,22 @@ class Pipeline:
         if definition is None:
             if saga is None and isinstance(event, TimerFired):
                 return TransitionWrite(event_id, tx, 0, cancel_timers=fired)
-            outcome.problem = "unknown_workflow"
+            outcome.problem = codec.UNKNOWN_WORKFLOW
             outcome.detail = f"this orchestrator does not run workflow {workflow_id!r}"
             return None
         if saga is None and not isinstance(event, StartSaga | TimerFired):
             outcome.problem = codec.UNKNOWN_TRANSACTION
             outcome.detail = f"no saga {tx!r}"
+            return None
+        if (
+            saga is not None
+            and isinstance(event, StepResult)
+            and not of_run(event.body.command_id, tx, saga.run_id)
+        ):
+            # A result of an earlier saga under this transaction id (deleted, then started again): it
+            # must never be applied to this one.
+            outcome.problem = codec.OTHER_RUN
+            outcome.detail = f"{event.body.command_id!r} is not a command of run {saga.run_id!r} of {tx!r}"
             return None
         transition = decide(definition, saga, event, now, self.topics)
         outcome.transition = transition
