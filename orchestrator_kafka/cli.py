@@ -325,6 +325,25 @@ def list_(workflow: str | None, state: str | None, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--workflow", help="Only this workflow's sagas.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one per workflow version.")
+def versions(workflow: str | None, as_json: bool) -> None:
+    """Count the sagas in flight by workflow and version: a version none runs on can be dropped."""
+
+    @_run
+    async def main() -> list[dict[str, Any]]:
+        async with _client(bus=False) as client:
+            return await client.versions_in_flight(workflow)
+
+    rows = main()
+    if as_json:
+        for row in rows:
+            click.echo(orjson.dumps(row).decode())
+    else:
+        Console(highlight=False).print(render.versions_table(rows))
+
+
+@cli.command()
 @click.argument("transaction_id")
 @click.option("--reason", help="Recorded with the request.")
 def cancel(transaction_id: str, reason: str | None) -> None:

@@ -10,11 +10,13 @@ from typing import Any
 from . import codec
 from .checks import check_context, check_id
 from .constants import DEFAULT_TOPIC_PREFIX, Topics
-from .context import SagaContext
+from .context import SagaContext, WorkflowState
 from .errors import EventBusError, StateStoreError, ValidationError, WorkflowExecutionError
 from .models import CancelBody, CancelSaga, StartBody, StartSaga, derived_event_id
 from .ports import IEventBus, IStateStore, OutboxMessage
 from .telemetry import context_headers
+
+_PAGE = 500  # sagas loaded per round trip when counting versions
 
 
 class SagaClient:
@@ -105,6 +107,32 @@ class SagaClient:
         ids = await store.list_contexts(workflow_id, state)
         found = await store.load_contexts(ids) if ids else {}
         return [found[tx].to_status() for tx in ids if tx in found]
+
+    async def versions_in_flight(self, workflow_id: str | None = None) -> list[dict[str, Any]]:
+        """The sagas not yet ended, counted by workflow and version: once a version has none, no
+        orchestrator needs to carry it any more. Each row has ``workflow_id``, ``workflow_version``
+        (empty for sagas stored before versions), ``in_flight`` and ``parked`` (how many of them wait
+        for an orchestrator that carries their version), sorted by workflow and version.
+
+        Raises:
+            StateStoreError: the store failed or none was given.
+        """
+        store = self._require_store()
+        counts: dict[tuple[str, str], list[int]] = {}
+        for state in WorkflowState:
+            if state.is_final:
+                continue
+            ids = await store.list_contexts(workflow_id, state.value)
+            # In pages, so that a million sagas in flight are not one reply.
+            for at in range(0, len(ids), _PAGE):
+                for saga in (await store.load_contexts(ids[at : at + _PAGE])).values():
+                    row = counts.setdefault((saga.workflow_id, saga.workflow_version), [0, 0])
+                    row[0] += 1
+                    row[1] += saga.parked is not None
+        return [
+            {"workflow_id": wf, "workflow_version": version, "in_flight": n, "parked": parked}
+            for (wf, version), (n, parked) in sorted(counts.items())
+        ]
 
     async def _publish(self, request: StartSaga | CancelSaga) -> None:
         if self._bus is None:

@@ -37,7 +37,7 @@ from .values import Timer
 from .workflow import WorkflowDefinition, WorkflowStep
 
 # command_id is the wire format's (models), re-exported: callers and tests know it as the engine's.
-__all__ = ["Event", "Outgoing", "Phase", "TimerFired", "Transition", "command_id", "decide"]
+__all__ = ["Event", "Outgoing", "Phase", "TimerFired", "Transition", "command_id", "decide", "park"]
 
 Phase = StepKind  # a command's kind: execute the step, or compensate it
 
@@ -140,7 +140,7 @@ def decide(
     if isinstance(event, StartSaga):
         if saga is not None:
             return Transition(saga, False, note="already started")
-        return _Run(definition, _new_saga(event, now), now, topics or _TOPICS).start()
+        return _Run(definition, _new_saga(definition, event, now), now, topics or _TOPICS).start()
     if saga is None:
         return Transition(None, False, note="unknown saga")
     run = _Run(definition, saga.copy(), now, topics or _TOPICS, original=saga)
@@ -151,7 +151,31 @@ def decide(
     return run.timer(event.timer)
 
 
-def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
+def park(saga: SagaContext, reason: str, now: datetime, topics: Topics | None = None) -> Transition:
+    """Mark ``saga`` parked for ``reason`` (its workflow version is not loaded where its event was
+    read), in its status and in the audit; unchanged when it is parked already. Its state, steps and
+    timers stay as they are: the orchestrator that carries its version takes it up again."""
+    if saga.parked is not None:
+        return Transition(saga, False, note="parked already")
+    parked = saga.copy()
+    parked.parked = reason
+    parked.version = version = saga.version + 1
+    parked.updated_at = now
+    action = audit_action(AuditActionName.SAGA_PARKED, parked.state, None, None, None, None, reason)
+    audit = transition_payload(
+        parked.transaction_id,
+        parked.workflow_id,
+        now,
+        saga.state,
+        parked.state,
+        version,
+        [action],
+        parked.run_id,
+    )
+    return Transition(parked, True, (Outgoing((topics or _TOPICS).events, audit),))
+
+
+def _new_saga(definition: WorkflowDefinition, event: StartSaga, now: datetime) -> SagaContext:
     return SagaContext(
         transaction_id=event.transaction_id,
         workflow_id=event.workflow_id,
@@ -161,6 +185,7 @@ def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
         updated_at=now,
         version=0,
         run_id=run_id_of(event.event_id, now),
+        workflow_version=definition.version,
     )
 
 
@@ -197,6 +222,10 @@ class _Run:
         self.actions: list[dict[str, Any]] = []
         self.from_version = saga.version
         self.from_state: WorkflowState | None = saga.state
+        if saga.parked is not None:
+            # An orchestrator that carries the saga's version has it: it runs on from here.
+            saga.parked = None
+            self.record(AuditActionName.SAGA_RESUMED)
 
     # ---------------------------------------------------------------- output
 
@@ -218,6 +247,10 @@ class _Run:
         return Transition(saga, True, tuple(self.outgoing), tuple(self.timers), tuple(self.cancel_timers))
 
     def unchanged(self, note: str, rejected: str | None = None) -> Transition:
+        if self.actions:  # the saga resumed: that much changed
+            resumed = self.done()
+            resumed.note, resumed.rejected = note, rejected
+            return resumed
         return Transition(self.original or self.saga, False, note=note, rejected=rejected)
 
     def record(

@@ -211,6 +211,10 @@ class AuditActionName(StrEnum):
     SAGA_COMPENSATED = "saga_compensated"
     SAGA_CANCELLED = "saga_cancelled"
     SAGA_FAILED = "saga_failed"
+    # The saga's workflow version is not loaded by the orchestrator that handled its event: its events
+    # are dead-lettered (unknown_version) until one that has the version takes the saga back.
+    SAGA_PARKED = "saga_parked"
+    SAGA_RESUMED = "saga_resumed"
 
 
 # The actions that schedule a retry, of a step or compensation or of a late success's compensation.

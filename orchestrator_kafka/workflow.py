@@ -4,6 +4,7 @@ immutable :class:`WorkflowDefinition` it builds. Pure: no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from abc import ABC, abstractmethod
@@ -105,13 +106,39 @@ class WorkflowStep:
     condition: Condition | None = field(default=None, compare=False)
 
 
-class WorkflowDefinition(IWorkflowDefinition):
-    """An immutable workflow: stages of steps, run in order; a parallel group is one stage."""
+def condition_name(condition: Condition | None) -> str:
+    """The name a condition is known by in a fingerprint and a graph: its function's qualified name
+    (a lambda's is ``<lambda>``); empty for none."""
+    if condition is None:
+        return ""
+    return str(getattr(condition, "__qualname__", None) or type(condition).__qualname__)
 
-    __slots__ = ("_by_name", "_id", "_retry", "_stage_of", "_stages", "_steps")
+
+def fingerprint(stages: Sequence[Sequence[WorkflowStep]]) -> str:
+    """The version of a definition that names none: a hash of its shape. Steps, their order and
+    grouping, workers, compensations and condition names count; timeouts and retry policies do not,
+    since a saga in flight can take a changed one without harm."""
+    shape = [
+        [[s.name, s.worker_name, s.compensation or "", condition_name(s.condition)] for s in stage]
+        for stage in stages
+    ]
+    return hashlib.sha256(repr(shape).encode()).hexdigest()[:12]
+
+
+class WorkflowDefinition(IWorkflowDefinition):
+    """An immutable workflow: stages of steps, run in order; a parallel group is one stage.
+
+    ``version`` names this shape of the workflow: given to the builder, or :func:`fingerprint`. A saga
+    records it at start and runs on it to its end."""
+
+    __slots__ = ("_by_name", "_id", "_retry", "_stage_of", "_stages", "_steps", "_version")
 
     def __init__(
-        self, workflow_id: str, stages: Sequence[Sequence[WorkflowStep]], retry: RetryPolicy
+        self,
+        workflow_id: str,
+        stages: Sequence[Sequence[WorkflowStep]],
+        retry: RetryPolicy,
+        version: str | None = None,
     ) -> None:
         self._id = workflow_id
         self._stages: tuple[tuple[WorkflowStep, ...], ...] = tuple(tuple(s) for s in stages)
@@ -119,12 +146,21 @@ class WorkflowDefinition(IWorkflowDefinition):
         self._steps = tuple(step for stage in self._stages for step in stage)
         self._by_name = {step.name: step for step in self._steps}
         self._stage_of = {step.name: i for i, stage in enumerate(self._stages) for step in stage}
+        self._version = version or fingerprint(self._stages)
 
     def __repr__(self) -> str:
-        return f"WorkflowDefinition({self._id!r}, steps={[s.name for s in self._steps]})"
+        return (
+            f"WorkflowDefinition({self._id!r}, version={self._version!r}, "
+            f"steps={[s.name for s in self._steps]})"
+        )
 
     def get_id(self) -> str:
         return self._id
+
+    @property
+    def version(self) -> str:
+        """The version of this definition: given to the builder, or the fingerprint of its shape."""
+        return self._version
 
     def get_steps(self) -> list[WorkflowStep]:
         return list(self._steps)
@@ -194,10 +230,14 @@ class WorkflowBuilder:
 
     Every mistake raises :class:`ValidationError` before the workflow runs: a bad name or argument
     when the step is added, duplicate step names and an empty workflow at ``build()``.
+
+    ``version`` names the definition (letters, digits, ``.``, ``_``, ``-``); without one, it is the
+    fingerprint of the definition's shape, so a changed shape is a new version by itself.
     """
 
-    def __init__(self, workflow_id: str) -> None:
+    def __init__(self, workflow_id: str, version: str | None = None) -> None:
         self._id = _check_name("workflow_id", workflow_id)
+        self._version = None if version is None else _check_name("version", version)
         self._stages: list[list[WorkflowStep]] = []
         self._retry = RetryPolicy()
 
@@ -305,4 +345,4 @@ class WorkflowBuilder:
                 if step.name in seen:
                     raise ValidationError(f"workflow {self._id!r} has two steps named {step.name!r}")
                 seen.add(step.name)
-        return WorkflowDefinition(self._id, self._stages, self._retry)
+        return WorkflowDefinition(self._id, self._stages, self._retry, self._version)
