@@ -115,5 +115,15 @@ def _drive(user: IWorkflowDefinition, kind: str, step: WorkflowStep, order: dict
             )
         return name == step.name
 
-    picked.__qualname__ = f"{kind}.picks.{step.name}"  # its name in the fingerprint and the graph
-    return WorkflowStep(step.name, step.worker_name, step.compensation, step.timeout, step.retry, picked)
+    # Its name in the fingerprint and the graph.
+    picked.__qualname__ = picked.__name__ = f"{kind}.picks.{step.name}"
+    return WorkflowStep(
+        step.name,
+        step.worker_name,
+        step.compensation,
+        step.timeout,
+        step.retry,
+        picked,
+        step.compensation_timeout,
+        step.compensation_retry,
+    )

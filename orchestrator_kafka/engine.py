@@ -352,15 +352,15 @@ class _Run:
             phase,
             attempt,
             dict(saga.data),  # a copy: the saga's data changes as later steps succeed
-            step.timeout,
+            timeout := step.timeout_of(phase),
         )
         self.outgoing.append(Outgoing(topic, payload))
-        if step.timeout is None:
+        if timeout is None:
             return None
         timer = Timer(
             f"{cid}:timeout",
             saga.transaction_id,
-            self.now.timestamp() + step.timeout,
+            self.now.timestamp() + timeout,
             "timeout",
             step.name,
             phase,
@@ -393,7 +393,7 @@ class _Run:
     def retry_timer(self, cid: str, step: WorkflowStep, phase: Phase, attempt: int) -> str:
         """Set the timer that dispatches ``attempt`` (command ``cid``) after the retry policy's delay;
         its id."""
-        delay = self.definition.retry_for(step).delay(attempt - 1)
+        delay = self.definition.retry_for(step, phase).delay(attempt - 1)
         timer = Timer(
             f"{cid}:retry",
             self.saga.transaction_id,
@@ -472,7 +472,7 @@ class _Run:
         rt.error = error
         attempt = rt.attempt if phase == "execute" else rt.compensation_attempt
         self.record(_FAILED_ATTEMPT[phase], step=step.name, kind=phase, attempt=attempt, error=error)
-        may_retry = retryable and attempt <= self.definition.retry_for(step).max_retries
+        may_retry = retryable and attempt <= self.definition.retry_for(step, phase).max_retries
         if phase == "compensate":
             if may_retry:
                 self.schedule_retry(step, phase, attempt + 1)
@@ -507,11 +507,12 @@ class _Run:
         if timer.kind == "retry":
             self.dispatch(step, timer.phase, timer.attempt)
         else:
-            assert step.timeout is not None
+            timeout = step.timeout_of(timer.phase)
+            assert timeout is not None
             self.record(
                 AuditActionName.STEP_TIMED_OUT, step=step.name, kind=timer.phase, attempt=timer.attempt
             )
-            self.attempt_failed(step, rt, timer.phase, f"timed out after {step.timeout:g}s", retryable=True)
+            self.attempt_failed(step, rt, timer.phase, f"timed out after {timeout:g}s", retryable=True)
         return self.done()
 
     # ---------------------------------------------------------------- rolling back

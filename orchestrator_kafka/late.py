@@ -171,7 +171,8 @@ def _timer_fired(run: Decision[T], base: str, compensation: LateCompensation, ti
     if timer.kind == "retry":
         _dispatch(run, step, base, timer.attempt, AuditActionName.LATE_COMPENSATION_DISPATCHED, timer.attempt)
     else:
-        assert step.timeout is not None
+        timeout = step.timeout_of("compensate")
+        assert timeout is not None
         # Actions of their own: the audit tells them from the step's own compensation's.
         run.record(
             AuditActionName.LATE_COMPENSATION_TIMED_OUT,
@@ -179,7 +180,7 @@ def _timer_fired(run: Decision[T], base: str, compensation: LateCompensation, ti
             kind="compensate",
             attempt=timer.attempt,
         )
-        _attempt_failed(run, step, base, compensation, f"timed out after {step.timeout:g}s", retryable=True)
+        _attempt_failed(run, step, base, compensation, f"timed out after {timeout:g}s", retryable=True)
     return run.done()
 
 
@@ -199,7 +200,7 @@ def _attempt_failed(
     attempt = compensation.attempt
     record = partial(run.record, step=step.name, kind="compensate", error=error)
     record(AuditActionName.LATE_COMPENSATION_FAILED_ATTEMPT, attempt=attempt)
-    if retryable and attempt <= run.definition.retry_for(step).max_retries:
+    if retryable and attempt <= run.definition.retry_for(step, "compensate").max_retries:
         compensation.timer_id = run.retry_timer(f"{base}.{attempt + 1}", step, "compensate", attempt + 1)
         record(AuditActionName.LATE_COMPENSATION_RETRY_SCHEDULED, attempt=attempt + 1)
         return

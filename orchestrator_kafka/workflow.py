@@ -96,7 +96,10 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class WorkflowStep:
-    """One step: the worker that does it, the worker that undoes it, and how long to wait for it."""
+    """One step: the worker that does it, the worker that undoes it, and how long to wait for each.
+
+    ``compensation_timeout`` and ``compensation_retry`` are the compensation's own; None means the
+    step's ``timeout`` and ``retry``."""
 
     name: str
     worker_name: str
@@ -104,6 +107,20 @@ class WorkflowStep:
     timeout: float | None = None
     retry: RetryPolicy | None = None
     condition: Condition | None = field(default=None, compare=False)
+    compensation_timeout: float | None = None
+    compensation_retry: RetryPolicy | None = None
+
+    def timeout_of(self, kind: str) -> float | None:
+        """The timeout of a command of ``kind`` (``execute`` or ``compensate``)."""
+        if kind == "compensate" and self.compensation_timeout is not None:
+            return self.compensation_timeout
+        return self.timeout
+
+    def retry_of(self, kind: str) -> RetryPolicy | None:
+        """The step's own retry policy for a command of ``kind``, or None for the workflow's."""
+        if kind == "compensate" and self.compensation_retry is not None:
+            return self.compensation_retry
+        return self.retry
 
 
 def condition_name(condition: Condition | None) -> str:
@@ -201,28 +218,31 @@ class WorkflowDefinition(IWorkflowDefinition):
         """The index of the stage that holds step ``name``."""
         return self._stage_of[name]
 
-    def retry_for(self, step: WorkflowStep) -> RetryPolicy:
-        """The step's own retry policy, else the workflow's."""
-        return step.retry or self._retry
+    def retry_for(self, step: WorkflowStep, kind: str = "execute") -> RetryPolicy:
+        """The retry policy of ``step``'s commands of ``kind``: the compensation's own (for
+        ``compensate``), else the step's own, else the workflow's."""
+        return step.retry_of(kind) or self._retry
 
 
-def _check_timeout(timeout: object) -> float | None:
+def _check_timeout(timeout: object, what: str = "timeout") -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout):
-        raise ValidationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        raise ValidationError(f"{what} must be a positive number of seconds or None, got {timeout!r}")
     if timeout <= 0:
-        raise ValidationError(f"timeout must be > 0 seconds, got {timeout}")
+        raise ValidationError(f"{what} must be > 0 seconds, got {timeout}")
     return float(timeout)
 
 
-def _check_retry(retry: object) -> RetryPolicy | None:
+def _check_retry(retry: object, what: str = "retry") -> RetryPolicy | None:
     if retry is not None and not isinstance(retry, RetryPolicy):
-        raise ValidationError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+        raise ValidationError(f"{what} must be a RetryPolicy or None, got {type(retry).__name__}")
     return retry
 
 
-_PARALLEL_KEYS = frozenset({"name", "worker_name", "compensation", "timeout", "retry"})
+_PARALLEL_KEYS = frozenset(
+    {"name", "worker_name", "compensation", "timeout", "retry", "compensation_timeout", "compensation_retry"}
+)
 
 
 class WorkflowBuilder:
@@ -249,7 +269,13 @@ class WorkflowBuilder:
         timeout: object,
         retry: object,
         condition: Condition | None = None,
+        compensation_timeout: object = None,
+        compensation_retry: object = None,
     ) -> WorkflowStep:
+        if compensation is None and (compensation_timeout is not None or compensation_retry is not None):
+            raise ValidationError(
+                f"step {name!r} has a compensation_timeout or compensation_retry but no compensation"
+            )
         return WorkflowStep(
             name=_check_name("step name", name),
             worker_name=_check_name(f"worker_name of step {name!r}", worker_name),
@@ -259,6 +285,8 @@ class WorkflowBuilder:
             timeout=_check_timeout(timeout),
             retry=_check_retry(retry),
             condition=condition,
+            compensation_timeout=_check_timeout(compensation_timeout, "compensation_timeout"),
+            compensation_retry=_check_retry(compensation_retry, "compensation_retry"),
         )
 
     def add_step(
@@ -269,9 +297,27 @@ class WorkflowBuilder:
         *,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        compensation_timeout: float | None = None,
+        compensation_retry: RetryPolicy | None = None,
     ) -> WorkflowBuilder:
-        """Add a sequential step; ``compensation`` names the worker that undoes it."""
-        self._stages.append([self._step(name, worker_name, compensation, timeout, retry)])
+        """Add a sequential step; ``compensation`` names the worker that undoes it.
+
+        ``timeout`` and ``retry`` apply to the step's attempts; ``compensation_timeout`` and
+        ``compensation_retry`` to its compensation's, and default to the step's."""
+        self._stages.append(
+            [
+                self._step(
+                    name,
+                    worker_name,
+                    compensation,
+                    timeout,
+                    retry,
+                    None,
+                    compensation_timeout,
+                    compensation_retry,
+                )
+            ]
+        )
         return self
 
     def add_conditional_step(
@@ -283,18 +329,34 @@ class WorkflowBuilder:
         *,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        compensation_timeout: float | None = None,
+        compensation_retry: RetryPolicy | None = None,
     ) -> WorkflowBuilder:
-        """Add a step that runs only when ``condition(ctx)`` is true when the step is reached."""
+        """Add a step that runs only when ``condition(ctx)`` is true when the step is reached; the
+        other arguments are :meth:`add_step`'s."""
         if not callable(condition):
             raise ValidationError(f"condition of step {name!r} must be callable, got {condition!r}")
-        self._stages.append([self._step(name, worker_name, compensation, timeout, retry, condition)])
+        self._stages.append(
+            [
+                self._step(
+                    name,
+                    worker_name,
+                    compensation,
+                    timeout,
+                    retry,
+                    condition,
+                    compensation_timeout,
+                    compensation_retry,
+                )
+            ]
+        )
         return self
 
     def add_parallel_steps(self, steps: Sequence[Mapping[str, Any]]) -> WorkflowBuilder:
         """Add a group of steps dispatched together and joined when all have succeeded.
 
         Each entry is a dict with ``name`` and ``worker_name``, and optionally ``compensation``,
-        ``timeout`` and ``retry``.
+        ``timeout``, ``retry``, ``compensation_timeout`` and ``compensation_retry``.
         """
         if isinstance(steps, str | bytes) or not isinstance(steps, Sequence) or not steps:
             raise ValidationError("add_parallel_steps takes a non-empty list of step dicts")
@@ -315,6 +377,9 @@ class WorkflowBuilder:
                     entry.get("compensation"),
                     entry.get("timeout"),
                     entry.get("retry"),
+                    None,
+                    entry.get("compensation_timeout"),
+                    entry.get("compensation_retry"),
                 )
             )
         self._stages.append(group)
