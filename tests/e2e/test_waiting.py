@@ -85,7 +85,7 @@ async def test_wait_for_times_out_and_names_unknown_sagas(backend: Backend) -> N
 
 async def test_a_client_waits_for_a_saga_it_asked_for(backend: Backend) -> None:
     handlers = {"w_a": ok({"x": 1}), "w_undo": ok({})}
-    async with Harness(backend, [one_step().build()], handlers) as h:
+    async with Harness(backend, [one_step().build()], handlers):
         bus = backend.bus()
         await bus.start()
         client = SagaClient(bus, backend.store)
