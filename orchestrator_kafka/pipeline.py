@@ -362,6 +362,10 @@ class Pipeline:
         if saga is not None:
             definition = self._workflows.get(saga.workflow_id, saga.workflow_version)
             if definition is None:
+                if isinstance(event, StartSaga):
+                    # A start of a saga that exists changes nothing, whatever its version.
+                    outcome.transition = Transition(saga, False, note="already started")
+                    return TransitionWrite(event_id, tx, saga.version)
                 return self._park(event, saga, sagas, now, outcome)
         else:
             workflow_id = getattr(event, "workflow_id", None)

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from orchestrator_kafka import Orchestrator, ValidationError, WorkflowBuilder
+from orchestrator_kafka import Orchestrator, ValidationError, WorkflowBuilder, WorkflowExecutionError
 from orchestrator_kafka.backends.memory import InMemoryEventBus, InMemoryStateStore
 from orchestrator_kafka.context import SagaContext
 from orchestrator_kafka.engine import decide, park
@@ -122,3 +122,22 @@ def test_a_parked_saga_resumes_even_on_an_event_that_changes_nothing_else() -> N
     t = decide(d.definition, parked, result_event(first, result={}), T0)
     assert t.changed and actions(t) == ["saga_resumed"] and t.note == "duplicate result"
     assert t.saga is not None and t.saga.parked is None
+
+
+async def test_a_repeated_start_of_a_saga_of_a_version_not_loaded_changes_nothing() -> None:
+    store = InMemoryStateStore()
+    one = WorkflowBuilder("wf", version="1").add_step("a", "wa").build()
+    two = WorkflowBuilder("wf", version="2").add_step("a2", "wa").build()
+    async with Orchestrator(one, InMemoryEventBus(), store) as first:
+        await first.execute_workflow("wf", {}, transaction_id="tx")
+    before = await store.load_context("tx")
+    async with Orchestrator(two, InMemoryEventBus(), store) as second:
+        assert await second.execute_workflow("wf", {}, transaction_id="tx") == "tx"
+        unchanged = await store.load_context("tx")
+        assert unchanged == before  # not parked: a start of a known saga is no event of it
+        with pytest.raises(WorkflowExecutionError, match="version '1' is not loaded here"):
+            await second.cancel_workflow("tx")
+    after = await store.load_context("tx")
+    assert before is not None and after is not None
+    assert after.workflow_version == "1" and after.version == before.version + 1  # parked by the cancel
+    assert after.parked is not None and "version '1'" in after.parked
