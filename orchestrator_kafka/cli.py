@@ -8,11 +8,8 @@ status 1, not a traceback.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -22,8 +19,13 @@ from rich.console import Console
 
 from . import codec, render
 from .checks import check_context
+from .cli_support import client as _client
+from .cli_support import fail as _fail
+from .cli_support import run as _run
+from .cli_support import settings as _settings
 from .constants import Topics
 from .context import WorkflowState
+from .dlq_cli import dlq
 from .errors import DecodeError, OrchestratorError
 from .graph import mermaid
 from .loading import load_handlers, load_workflows
@@ -31,60 +33,12 @@ from .models import SagaEvent
 from .settings import ENV_VARS, Settings
 
 if TYPE_CHECKING:
-    from .client import SagaClient
+    pass
 
 P = ParamSpec("P")
 T = TypeVar("T")
 _STATES = [s.value for s in WorkflowState]
 _NOT_TAKEN_AFTER = 10.0  # seconds start --wait waits for an orchestrator to record the saga
-
-
-def _fail(message: str) -> click.ClickException:
-    return click.ClickException(message)
-
-
-def _run(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
-    """Run an async command on a fresh loop; the project's errors become one clear line."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return asyncio.run(fn(*args, **kwargs))
-        except OrchestratorError as exc:
-            raise _fail(str(exc)) from None
-        except ValueError as exc:  # an unknown saga, from the API's ValueError contract
-            raise _fail(str(exc).splitlines()[0]) from None
-        except OSError as exc:  # e.g. the health port is taken
-            raise _fail(str(exc)) from None
-        except KeyboardInterrupt:
-            sys.exit(130)
-
-    return wrapper
-
-
-def _settings() -> Settings:
-    settings = click.get_current_context().find_object(Settings)
-    assert settings is not None
-    return settings
-
-
-@asynccontextmanager
-async def _client(*, bus: bool = True, store: bool = True) -> AsyncIterator[SagaClient]:
-    """A :class:`SagaClient` on the configured backends (the bus started), closed on the way out."""
-    from .client import SagaClient
-
-    settings = _settings()
-    the_bus = settings.event_bus(start_timeout=10.0) if bus else None
-    the_store = settings.state_store() if store else None
-    try:
-        if the_bus is not None:
-            await the_bus.start()
-        yield SagaClient(the_bus, the_store, topic_prefix=settings.topic_prefix)
-    finally:
-        if the_bus is not None:
-            await the_bus.stop()
-        if the_store is not None:
-            await the_store.close()
 
 
 def _context_arg(value: str) -> dict[str, Any]:
@@ -439,6 +393,9 @@ def topics_create(spec: str | None) -> None:
     main()
     for name in sorted(wanted):
         click.echo(name)
+
+
+cli.add_command(dlq)
 
 
 @cli.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ from .context import SagaContext, WorkflowState
 from .errors import EventBusError, StateStoreError, ValidationError, WorkflowExecutionError
 from .models import CancelBody, CancelSaga, StartBody, StartSaga, derived_event_id
 from .ports import IEventBus, IStateStore, OutboxMessage
+from .redrive import DeadLetter, Redrive, letters_of, plan, select
 from .telemetry import context_headers
 from .waiting import Waiters
 
@@ -170,6 +171,61 @@ class SagaClient:
             {"workflow_id": wf, "workflow_version": version, "in_flight": n, "parked": parked}
             for (wf, version), (n, parked) in sorted(counts.items())
         ]
+
+    async def dead_letters(
+        self, *, reason: str | None = None, transaction_id: str | None = None
+    ) -> list[DeadLetter]:
+        """The dead letters on the dead-letter topic (with ``reason``, and the key ``transaction_id``, when
+        given), in the topic's order within each partition; each says whether a redrive sent it back.
+
+        Raises:
+            EventBusError: the topic cannot be read, or no bus was given.
+        """
+        letters = letters_of([m async for m in self._require_bus().read(self.topics.dlq)])
+        return [
+            letter
+            for letter in letters
+            if (reason is None or letter.reason == reason)
+            and (transaction_id is None or letter.key == transaction_id)
+        ]
+
+    async def redrive(
+        self,
+        *,
+        positions: Sequence[str] = (),
+        reason: str | None = None,
+        transaction_id: str | None = None,
+        request_id: str | None = None,
+        dry_run: bool = False,
+    ) -> Redrive:
+        """Send the dead letters that match every criterion given (``positions`` as ``<partition>:<offset>``
+        on the dead-letter topic, ``reason``, ``transaction_id``) back to the topics they came from, each
+        once, and mark them on the dead-letter topic as sent back; with ``dry_run``, only say what would
+        be. A letter sent back before, or whose value was cut to fit the dead-letter topic, is refused
+        (the report says why). See :mod:`orchestrator_kafka.redrive`.
+
+        Raises:
+            ValidationError: no criterion, or a malformed position.
+            EventBusError: the dead-letter topic cannot be read or a publish failed (what was published
+                before the failure may be sent again by the next redrive: harmless, see the module).
+        """
+        chosen = select(
+            letters_of([m async for m in self._require_bus().read(self.topics.dlq)]),
+            positions=positions,
+            reason=reason,
+            transaction_id=transaction_id,
+        )
+        copies, markers, report = plan(chosen, self.topics.dlq, request_id or str(uuid.uuid4()))
+        if not dry_run and copies:
+            # The copies first: a letter is marked sent back only once it is.
+            await self._require_bus().publish(copies)
+            await self._require_bus().publish(markers)
+        return report
+
+    def _require_bus(self) -> IEventBus:
+        if self._bus is None:
+            raise EventBusError("this SagaClient was made without an event bus")
+        return self._bus
 
     async def _publish(self, request: StartSaga | CancelSaga) -> None:
         if self._bus is None:

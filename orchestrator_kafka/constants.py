@@ -24,6 +24,12 @@ HEADER_DLQ_PARTITION = "dlq.source.partition"
 HEADER_DLQ_OFFSET = "dlq.source.offset"
 # On a dead letter whose value had to be cut to fit: the original value's length in bytes.
 HEADER_DLQ_TRUNCATED = "dlq.truncated"
+# Redrive (orchestrator_kafka.redrive): on the copy sent back to the source topic, the dead letter it is a
+# copy of ("<partition>:<offset>" of the dead-letter topic); on the marker left on the dead-letter topic,
+# the letter it marks as sent back; on both, the id of the redrive request.
+HEADER_DLQ_REDRIVE_FROM = "dlq.redrive.from"
+HEADER_DLQ_REDRIVEN = "dlq.redriven"
+HEADER_DLQ_REDRIVE_ID = "dlq.redrive.id"
 
 # Consumer groups (prefixed by the topic prefix).
 ORCHESTRATOR_GROUP = "orchestrator"

@@ -167,7 +167,7 @@ class Pipeline:
         before = self._in_flight()
         written: asyncio.Future[frozenset[str] | None] = asyncio.get_running_loop().create_future()
         try:
-            first = await self._decide_round(work, list(range(len(events))), Basis.DECIDED)
+            first = await self._decide_round(work, list(range(len(events))), Basis.DECIDED, first=True)
         except BaseException:
             self._cache.clear()  # it may hold states decided for this batch
             raise
@@ -237,11 +237,21 @@ class Pipeline:
 
     # ---------------------------------------------------------------- deciding and applying
 
-    async def _decide_round(self, work: _Work, pending: list[int], basis: Basis) -> _Round:
-        """Decide the events ``pending`` (indexes into ``work.events``) on the sagas as ``basis`` says."""
+    async def _decide_round(
+        self, work: _Work, pending: list[int], basis: Basis, *, first: bool = False
+    ) -> _Round:
+        """Decide the events ``pending`` (indexes into ``work.events``) on the sagas as ``basis`` says;
+        ``first``: the batch's first round."""
         ids = {_tx_of(work.events[i]) for i in pending}
-        if basis is Basis.DECIDED:
-            sagas = await self._sagas_of(ids)
+        if basis is Basis.DECIDED and not first:
+            sagas = await self._sagas_of(ids, set())
+        elif basis is Basis.DECIDED:
+            # A saga only start requests name is taken to be new, unread: the write expects version 0,
+            # which the store refuses (a conflict, decided again on the stored saga) if it exists. A
+            # new saga's first hop then makes no read, and a redelivered start costs one more round.
+            unread = {_tx_of(work.events[i]) for i in pending if isinstance(work.events[i], StartSaga)}
+            unread -= {_tx_of(work.events[i]) for i in pending if not isinstance(work.events[i], StartSaga)}
+            sagas = await self._sagas_of(ids, unread)
         else:
             sagas = await self._store.load_contexts(list(ids))
         decided = _Round(self._clock(), basis)
@@ -311,11 +321,12 @@ class Pipeline:
             decided = await self._decide_round(work, sorted(retry), decided.basis)
         raise StateStoreError(f"{len(decided.owners)} events still conflicted after {_MAX_ROUNDS} rounds")
 
-    async def _sagas_of(self, transaction_ids: set[str]) -> dict[str, SagaContext]:
-        """The sagas, from the cache where it has them, else from the store in one round trip."""
+    async def _sagas_of(self, transaction_ids: set[str], unread: set[str]) -> dict[str, SagaContext]:
+        """The sagas, from the cache where it has them, else from the store in one round trip; those of
+        ``unread`` the cache does not hold are taken to be new (absent)."""
         cache = self._cache
         found = {tx: cache[tx] for tx in transaction_ids if tx in cache}
-        missing = [tx for tx in transaction_ids if tx not in found]
+        missing = [tx for tx in transaction_ids if tx not in found and tx not in unread]
         if missing:
             found.update(await self._store.load_contexts(missing))
         return found

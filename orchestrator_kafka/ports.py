@@ -12,7 +12,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, runtime_checkable
 
 from .errors import EventBusError
 from .lifecycle import Service
@@ -36,6 +36,7 @@ __all__ = [
     "ApplyResult",
     "ApplyStatus",
     "BatchHandler",
+    "Handled",
     "Headers",
     "IEventBus",
     "ILogger",
@@ -155,13 +156,25 @@ as the handler raising. Meanwhile the bus may hand over the next batches, so a h
 N+1 while batch N is still being written; completions are awaited, and offsets committed, in order."""
 
 
-MessageHandler = Callable[[InboundMessage], Awaitable[Awaitable[None] | None]]
-"""Handles one message of a :meth:`IEventBus.consume` subscription, in a slot of its own. Once it returns,
-the message is *done*: its offset may be committed (when every message before it on its partition is done
-too). It may return an awaitable that keeps the message's slot taken until it finishes without holding
-the offset back (a handler's thread that cannot be stopped). One that raises is called again with the same
-message after a backoff, keeping its slot; one cancelled (its partition revoked or the subscription
-stopped, past the grace period) is left to be delivered again."""
+class Handled(NamedTuple):
+    """What a :data:`MessageHandler` returns when its message is not simply done the moment it returns."""
+
+    done: asyncio.Future[None] | None = None
+    """Resolves once the message is done (its result published): only then may its offset be committed.
+    One that fails or is cancelled gets the message handled again after a backoff. None: done now."""
+    hold: Awaitable[None] | None = None
+    """Keeps the message's slot taken until it finishes, without holding the offset back (a handler's
+    thread that cannot be stopped)."""
+
+
+MessageHandler = Callable[[InboundMessage], Awaitable[Handled | None]]
+"""Handles one message of a :meth:`IEventBus.consume` subscription, in a slot of its own. Once it returns
+None, the message is *done*: its offset may be committed (when every message before it on its partition is
+done too); or it returns a :class:`Handled` saying when the message will be done, and what keeps its slot
+taken meanwhile. A handler that returns frees its slot (unless ``hold`` keeps it) even before ``done``
+resolves: a slot bounds the handlers running, not the results being published. One that raises is called
+again with the same message after a backoff, keeping its slot; one cancelled (its partition revoked or the
+subscription stopped, past the grace period) is left to be delivered again."""
 
 
 async def finished(completion: Awaitable[None]) -> None:

@@ -146,3 +146,25 @@ def sagas_table(statuses: Sequence[Mapping[str, Any]]) -> Table:
             f"[red]{escape(s['error'])}[/red]" if s.get("error") else "",
         )
     return table
+
+
+def dead_letters_table(letters: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per dead letter (as ``DeadLetter.to_dict`` gives it): where it is, its key, why, where it
+    came from, whether a redrive sent it back."""
+    table = Table(title=f"{len(letters)} dead letters", title_justify="left")
+    for column in ("position", "key", "reason", "source"):
+        table.add_column(column, no_wrap=True)
+    for column in ("redriven", "detail"):
+        table.add_column(column, overflow="fold")
+    for letter in letters:
+        source = f"{letter['source_topic']}[{letter['source_partition']}]@{letter['source_offset']}"
+        redriven = letter["redriven_by"]
+        table.add_row(
+            letter["position"],
+            escape(letter["key"]),
+            f"[red]{escape(letter['reason'])}[/red]",
+            escape(source),
+            f"[green]by {escape(redriven)}[/green]" if redriven else "",
+            escape(letter["detail"]),
+        )
+    return table

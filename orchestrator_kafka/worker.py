@@ -34,7 +34,7 @@ from .dead_letters import dead_letter
 from .errors import DecodeError, NonRetryableError, ValidationError
 from .lifecycle import Service
 from .models import ERROR_TYPE_MAX, StepCommand, step_result_bytes
-from .ports import Headers, IEventBus, ILogger, InboundMessage, OutboxMessage, Subscription
+from .ports import Handled, Headers, IEventBus, ILogger, InboundMessage, OutboxMessage, Subscription
 from .telemetry import Telemetry
 from .workflow import _check_name
 
@@ -184,28 +184,28 @@ class Worker(Service):
             threads.shutdown(wait=False, cancel_futures=True)
         self._started = False
 
-    async def _on_message(self, name: str, message: InboundMessage) -> Awaitable[None] | None:
-        """Handle one consumed message: run its command (or answer it from the window) and publish the
-        result; a slot of the bus's. Returns what keeps the slot taken after the result is out: a
-        plain handler's thread still running past its timeout."""
+    async def _on_message(self, name: str, message: InboundMessage) -> Handled | None:
+        """Handle one consumed message: run its command (or answer it from the window) and hand the
+        result to the publisher; a slot of the bus's. The message is done once the result is published;
+        the slot is free once the handler returned, unless a plain handler's thread is still running
+        past its timeout."""
         try:
             command = codec.decode_command_first(message.value)
         except DecodeError as exc:
-            await self._publisher.publish(self._dead(message, exc.reason, exc.detail))
-            return None
+            return Handled(self._publisher.submit(self._dead(message, exc.reason, exc.detail)))
         if not isinstance(command, StepCommand) or command.body.worker_name != name:
             what = command.event_type if not isinstance(command, StepCommand) else command.body.worker_name
-            await self._publisher.publish(
-                self._dead(message, codec.UNEXPECTED_EVENT_TYPE, f"{what} on {message.topic}")
+            return Handled(
+                self._publisher.submit(
+                    self._dead(message, codec.UNEXPECTED_EVENT_TYPE, f"{what} on {message.topic}")
+                )
             )
-            return None
         cid = command.body.command_id
         done = self._done
         answer = done.get(cid)
         if answer is not None:
             # Already handled: answer again (the first answer may be what was lost), run nothing.
-            await self._publisher.publish(answer)
-            return None
+            return Handled(self._publisher.submit(answer))
         if cid in self._running:
             # A copy is running now: it answers, and it holds its partition's watermark back till then.
             return None
@@ -228,8 +228,7 @@ class Worker(Service):
         done[cid] = answer
         while len(done) > self._window:
             done.popitem(last=False)
-        await self._publisher.publish(answer)
-        return hold
+        return Handled(self._publisher.submit(answer), hold)
 
     def _dead(self, message: InboundMessage, reason: str, detail: str) -> OutboxMessage:
         self._telemetry.dead_letter(reason, message.topic)
@@ -253,9 +252,7 @@ class Worker(Service):
             reply, hold = await self._execute(name, command)
         return dataclasses.replace(reply, headers=reply_headers), hold
 
-    async def _execute(
-        self, name: str, command: StepCommand
-    ) -> tuple[OutboxMessage, Awaitable[None] | None]:
+    async def _execute(self, name: str, command: StepCommand) -> tuple[OutboxMessage, Awaitable[None] | None]:
         """The command's result, and what keeps its slot taken after (a thread past its timeout)."""
         body = command.body
         ctx = StepContext(
@@ -393,6 +390,3 @@ class _PastTimeout(Exception):
 
 def _error_type(exc: BaseException) -> str:
     return type(exc).__name__[:ERROR_TYPE_MAX]
-
-
-

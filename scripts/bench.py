@@ -43,6 +43,8 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 PAYLOAD = b"x" * 200
 STEPS = 3
 STALL_SECONDS = 30.0
+# Sagas per unit of in-flight level below 50 in flight (see main).
+LOW_LEVEL_SAGAS = 300
 # Each run's topics and keys are deleted at the end: deleting them between runs loads the broker.
 USED_PREFIXES: list[str] = []
 
@@ -74,9 +76,13 @@ async def role_worker(prefix: str, partitions: int) -> None:
     from orchestrator_kafka import KafkaEventBus, StepContext, Worker
 
     bus = KafkaEventBus(BOOTSTRAP, topic_prefix=prefix, partitions=partitions)
-    worker = Worker(bus, concurrency=1000)
+    # The worker case (--slow-step-ms) sets both: each handler awaits a slow call, as a real one does.
+    step_seconds = float(os.environ.get("BENCH_STEP_MS", "0")) / 1e3
+    worker = Worker(bus, concurrency=int(os.environ.get("BENCH_CONCURRENCY", "1000")))
 
     async def handle(ctx: StepContext) -> dict[str, Any]:
+        if step_seconds:
+            await asyncio.sleep(step_seconds)
         return {ctx.step: ctx.attempt}
 
     for i in range(1, STEPS + 1):
@@ -171,7 +177,12 @@ async def role_floor(prefix: str, partitions: int) -> None:
 
 async def role_echo(prefix: str, partitions: int) -> None:
     await create_topics([f"{prefix}.ping", f"{prefix}.pong"], partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=2)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=BOOTSTRAP,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=int(os.environ.get("BENCH_LINGER_MS", "2")),
+    )
     consumer = AIOKafkaConsumer(
         f"{prefix}.ping",
         bootstrap_servers=BOOTSTRAP,
@@ -262,11 +273,12 @@ atexit.register(kill_children)
 class Child:
     """A role in a child process; ready once it prints 'ready'. Killed when the driver exits."""
 
-    def __init__(self, role: str, prefix: str, partitions: int) -> None:
+    def __init__(self, role: str, prefix: str, partitions: int, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--role", role, "--prefix", prefix, "--partitions", str(partitions)],
             stdout=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         CHILDREN.append(self.proc)
         assert self.proc.stdout is not None
@@ -335,6 +347,9 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu: dict[str, float]
+    saga_p50_ms: float = float("nan")
+    saga_p99_ms: float = float("nan")
+    hops: dict[str, float] | None = None
 
     @property
     def rate(self) -> float:
@@ -346,8 +361,13 @@ class Result:
 
 async def run_echo(total: int, inflight: int, partitions: int) -> Result:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    echo = Child("echo", prefix, partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=2)
+    # As the bus does: linger only under load (a plain aiokafka producer cannot adapt, so it is chosen
+    # by the level).
+    linger_ms = 0 if inflight < 50 else 2
+    echo = Child("echo", prefix, partitions, {"BENCH_LINGER_MS": str(linger_ms)})
+    producer = AIOKafkaProducer(
+        bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=linger_ms
+    )
     consumer = AIOKafkaConsumer(
         f"{prefix}.pong",
         bootstrap_servers=BOOTSTRAP,
@@ -400,18 +420,29 @@ async def run_echo(total: int, inflight: int, partitions: int) -> Result:
     )
 
 
-async def run_sagas(total: int, inflight: int, partitions: int, role: str = "orchestrator") -> Result:
-    """(b), or (c) with ``role="floor"``."""
+async def run_sagas(
+    total: int,
+    inflight: int,
+    partitions: int,
+    role: str = "orchestrator",
+    *,
+    hops: bool = False,
+    worker_env: dict[str, str] | None = None,
+    name: str | None = None,
+) -> Result:
+    """(b), or (c) with ``role="floor"``. ``hops``: also tail the results topic and split a saga's time
+    into its hops (see :class:`Hops`)."""
     from orchestrator_kafka.codec import encode
     from orchestrator_kafka.models import StartBody, StartSaga
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     await create_topics([f"{prefix}.{t}" for t in ("start", "results", "events", "dlq")], partitions)
     orchestrator = Child(role, prefix, partitions)
-    worker = Child("worker", prefix, partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=2)
+    worker = Child("worker", prefix, partitions, worker_env)
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=0)
+    tailed = [f"{prefix}.events", f"{prefix}.results"] if hops else [f"{prefix}.events"]
     consumer = AIOKafkaConsumer(
-        f"{prefix}.events",
+        *tailed,
         bootstrap_servers=BOOTSTRAP,
         group_id=f"{prefix}.driver",
         auto_offset_reset="earliest",
@@ -420,7 +451,10 @@ async def run_sagas(total: int, inflight: int, partitions: int, role: str = "orc
     await consumer.start()
     await wait_assigned(consumer)
     dispatched: dict[tuple[str, str], datetime] = {}
+    begun_at: dict[str, datetime] = {}
     latencies: list[float] = []
+    saga_latencies: list[float] = []
+    hop = Hops()
     sent = completed = 0
     services = ServiceCpu()
     driver_cpu = time.process_time()
@@ -431,11 +465,13 @@ async def run_sagas(total: int, inflight: int, partitions: int, role: str = "orc
         futures = []
         for _ in range(n):
             tx = f"{prefix}-{sent}"
+            now = datetime.now(UTC)
+            begun_at[tx] = now
             message = StartSaga(
                 event_id=str(uuid.uuid4()),
                 transaction_id=tx,
                 workflow_id="bench",
-                occurred_at=datetime.now(UTC),
+                occurred_at=now,
                 body=StartBody(context={"n": sent}),
             )
             futures.append(await producer.send(f"{prefix}.start", encode(message), key=tx.encode()))
@@ -450,21 +486,33 @@ async def run_sagas(total: int, inflight: int, partitions: int, role: str = "orc
                 f"no saga completed for {STALL_SECONDS}s: {completed} of {sent} started are done"
             )
         batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+        seen = datetime.now(UTC)
         done = 0
         for records in batches.values():
             for r in records:
                 event = orjson.loads(r.value)
                 tx, at = event["transaction_id"], datetime.fromisoformat(event["occurred_at"])
+                if event["event_type"] == "step.result":
+                    hop.result_made(tx, event["body"]["step"], at)
+                    continue
                 for action in event["body"]["actions"]:
                     what = action["action"]
                     if what == "step_dispatched":
                         dispatched[(tx, action["step"])] = at
+                        hop.dispatched(tx, action["step"], at)
                     elif what == "step_succeeded":
                         begun = dispatched.pop((tx, action["step"]), None)
                         if begun is not None:
                             latencies.append((at - begun).total_seconds())
+                        hop.result_applied(tx, action["step"], at)
+                    elif what == "saga_started":
+                        hop.started(begun_at.get(tx), at)
                     elif what == "saga_completed":
                         done += 1
+                        first = begun_at.pop(tx, None)
+                        if first is not None:
+                            saga_latencies.append((seen - first).total_seconds())
+                        hop.completed(at, seen)
                     elif what in ("saga_compensated", "saga_failed"):
                         raise RuntimeError(f"a bench saga did not complete: {event}")
         completed += done
@@ -485,43 +533,117 @@ async def run_sagas(total: int, inflight: int, partitions: int, role: str = "orc
     worker.stop()
     USED_PREFIXES.append(prefix)
     return Result(
-        "sagas" if role == "orchestrator" else role,
+        name or ("sagas" if role == "orchestrator" else role),
         inflight,
         total * STEPS,
         seconds,
         pct(latencies, 0.5) * 1e3,
         pct(latencies, 0.99) * 1e3,
         cpu,
+        pct(saga_latencies, 0.5) * 1e3,
+        pct(saga_latencies, 0.99) * 1e3,
+        hop.medians() if hops else None,
     )
+
+
+class Hops:
+    """Where a saga's time goes, from the timestamps its messages carry (one clock: every process runs
+    here). ``occurred_at`` of an audit record is when the orchestrator began the batch that made it, of
+    a result when the worker made it, so each hop below also holds the work done at its start:
+
+    - ``start``: the driver's start request sent -> the orchestrator's batch holding it began;
+    - ``command``: the orchestrator's batch that dispatched a step began -> the worker made its result
+      (the orchestrator's Redis write and publish, the broker, the worker's fetch and handler);
+    - ``result``: the worker made the result -> the orchestrator's batch applying it began (the
+      worker's publish, the broker, the orchestrator's fetch);
+    - ``audit``: the orchestrator's batch that completed the saga began -> the driver read the record
+      (the Redis write, the publish, the driver's fetch).
+    """
+
+    def __init__(self) -> None:
+        self._samples: dict[str, list[float]] = {"start": [], "command": [], "result": [], "audit": []}
+        self._dispatched: dict[tuple[str, str], datetime] = {}
+        self._made: dict[tuple[str, str], datetime] = {}
+
+    def started(self, sent: datetime | None, at: datetime) -> None:
+        if sent is not None:
+            self._samples["start"].append((at - sent).total_seconds())
+
+    def dispatched(self, tx: str, step: str, at: datetime) -> None:
+        self._dispatched[(tx, step)] = at
+
+    def result_made(self, tx: str, step: str, at: datetime) -> None:
+        self._made[(tx, step)] = at
+
+    def result_applied(self, tx: str, step: str, at: datetime) -> None:
+        out, made = self._dispatched.pop((tx, step), None), self._made.pop((tx, step), None)
+        if out is not None and made is not None:
+            self._samples["command"].append((made - out).total_seconds())
+            self._samples["result"].append((at - made).total_seconds())
+
+    def completed(self, at: datetime, seen: datetime) -> None:
+        self._samples["audit"].append((seen - at).total_seconds())
+
+    def medians(self) -> dict[str, float]:
+        """Each hop's median, ms."""
+        return {hop: pct(values, 0.5) * 1e3 for hop, values in self._samples.items()}
+
+
+def report(r: Result, echo: Result | None) -> None:
+    ratio = f"{r.rate / echo.rate:6.2f}" if echo is not None else "      "
+    per_sagas = f"{r.rate / STEPS:9.0f}" if echo is not None else f"{'':>9}"
+    cpu = ", ".join(f"{k} {v / r.units * 1e3:.3f}" for k, v in r.cpu.items())
+    print(
+        f"{r.name:<10} {r.inflight:>9} {r.rate:>10.0f} {per_sagas} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f} "
+        f"{r.saga_p50_ms:>8.1f} {r.saga_p99_ms:>8.1f} {ratio}  {cpu}",
+        flush=True,
+    )
+    if r.hops is not None:
+        print(f"{'':<10} {'':>9} hops, median ms: " + ", ".join(f"{k} {v:.2f}" for k, v in r.hops.items()))
 
 
 async def main(args: argparse.Namespace) -> None:
     levels = [int(x) for x in args.inflight.split(",")]
     print(f"# orchestrator-kafka bench: Kafka {BOOTSTRAP}, Redis {REDIS_URL}, {os.cpu_count()} cores")
-    print(f"# {args.sagas} sagas of {STEPS} steps per level; raw echo of {args.sagas * STEPS} round trips")
+    print(
+        f"# {args.sagas} sagas of {STEPS} steps per level (at most {LOW_LEVEL_SAGAS} a saga in flight "
+        "below 50), and the raw echo of as many round trips as steps"
+    )
     print(
         f"{'what':<10} {'in flight':>9} {'units/s':>10} {'sagas/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'ratio':>6}  cpu ms per unit"
+        f"{'saga p50':>8} {'saga p99':>8} {'ratio':>6}  cpu ms per unit"
     )
     await run_echo(2000, 200, args.partitions)  # warm-up: the broker's JIT and page cache, not reported
     best_echo = 0.0
     for level in levels:
-        echo = await run_echo(args.sagas * STEPS, level, args.partitions)
-        sagas = await run_sagas(args.sagas, level, args.partitions)
-        floor = await run_sagas(args.sagas, level, args.partitions, "floor")
+        # Low levels are about latency: a few hundred sagas give steady medians without minutes of run.
+        sagas = args.sagas if level >= 50 else min(args.sagas, LOW_LEVEL_SAGAS * level)
+        echo = await run_echo(sagas * STEPS, level, args.partitions)
+        orchestrated = await run_sagas(sagas, level, args.partitions, hops=level < 50)
+        floor = await run_sagas(sagas, level, args.partitions, "floor", hops=level < 50)
         best_echo = max(best_echo, echo.rate)
-        for r in (echo, sagas, floor):
-            ratio = f"{r.rate / echo.rate:6.2f}" if r is not echo else "      "
-            per_sagas = f"{r.rate / STEPS:9.0f}" if r is not echo else f"{'':>9}"
-            cpu = ", ".join(f"{k} {v / r.units * 1e3:.3f}" for k, v in r.cpu.items())
-            print(
-                f"{r.name:<10} {r.inflight:>9} {r.rate:>10.0f} {per_sagas} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f} "
-                f"{ratio}  {cpu}",
-                flush=True,
-            )
+        report(echo, None)
+        report(orchestrated, echo)
+        report(floor, echo)
+    if args.slow_step_ms:
+        # The worker case: every handler awaits a slow call; the bound is concurrency / step time.
+        env = {"BENCH_STEP_MS": str(args.slow_step_ms), "BENCH_CONCURRENCY": str(args.slow_concurrency)}
+        bound = args.slow_concurrency / (args.slow_step_ms / 1e3)
+        slow = await run_sagas(
+            args.sagas, 2 * args.slow_concurrency, args.partitions, worker_env=env, name="slow steps"
+        )
+        report(slow, None)
+        print(
+            f"# slow steps: each handler awaits {args.slow_step_ms:g} ms, worker concurrency "
+            f"{args.slow_concurrency}, {2 * args.slow_concurrency} sagas in flight: {slow.rate:.0f} steps/s "
+            f"of the {bound:.0f} bound ({slow.rate / bound:.0%}); step p50 {slow.p50_ms:.1f} ms, "
+            f"p99 {slow.p99_ms:.1f} ms"
+        )
     print(
         "# units: round trips/s for raw echo, saga steps/s for sagas and floor; ratio = steps/s / echo, "
-        "same level; floor: the same messages with no orchestrator logic and no Redis (see --help)"
+        "same level; p50/p99: one round trip, one step (dispatched -> succeeded); saga p50/p99: start "
+        "request sent -> completion read; floor: the same messages with no orchestrator logic and no "
+        "Redis (see --help)"
     )
     print(f"# best raw echo: {best_echo:.0f} round trips/s")
     for prefix in USED_PREFIXES:
@@ -535,7 +657,14 @@ if __name__ == "__main__":
     parser.add_argument("--role", choices=["orchestrator", "worker", "echo", "floor"])
     parser.add_argument("--prefix", default="")
     parser.add_argument("--sagas", type=int, default=3000)
-    parser.add_argument("--inflight", default="50,200,1000", help="comma-separated concurrency levels")
+    parser.add_argument("--inflight", default="1,10,50,200,1000", help="comma-separated concurrency levels")
+    parser.add_argument(
+        "--slow-step-ms",
+        type=float,
+        default=100.0,
+        help="the worker case: each handler awaits this long (0: skip the case)",
+    )
+    parser.add_argument("--slow-concurrency", type=int, default=200, help="the worker case's concurrency")
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args()
     if args.role:

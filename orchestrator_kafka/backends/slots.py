@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
 
@@ -101,14 +102,19 @@ class Slots:
         self._tasks.add(task)
         self._unfinished.setdefault(where, {})[message.offset] = task
 
-    async def _run(self, message: InboundMessage, where: Partition) -> None:
+    async def _run(self, message: InboundMessage, where: Partition, backoff: float = 0.0) -> None:
+        """The handler on ``message`` in a slot; ``backoff``: a retry after the message was not done
+        (see :meth:`_settled`), which waits that long first."""
+        task = asyncio.current_task()
         try:
-            backoff = _BACKOFF_START
+            if backoff:
+                await asyncio.sleep(backoff)
             while True:
                 try:
-                    hold = await self._handler(message)
+                    handled = await self._handler(message)
                     break
                 except Exception:  # noqa: BLE001 - the message is handled again, as on a redelivery
+                    backoff = min(max(backoff * 2, _BACKOFF_START), _BACKOFF_MAX)
                     _log.exception(
                         "group %s: handler failed on %s[%d]@%d; again in %.1fs",
                         self._group,
@@ -118,16 +124,52 @@ class Slots:
                         backoff,
                     )
                     await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _BACKOFF_MAX)
-            self._finished(where, message.offset)
-            if hold is not None:
+            if handled is None or handled.done is None:
+                self._finished(where, message.offset)
+            else:
+                # Done once its result is out; the slot is free as soon as the handler returned.
+                handled.done.add_done_callback(
+                    functools.partial(self._settled, message, where, task, backoff)
+                )
+            if handled is not None and handled.hold is not None:
                 # Keeps the slot (not the offset) until the handler's thread returns.
                 with contextlib.suppress(Exception):
-                    await hold
+                    await handled.hold
         finally:
-            task = asyncio.current_task()
             self._tasks.discard(task)
             self._on_free()
+
+    def _settled(
+        self,
+        message: InboundMessage,
+        where: Partition,
+        task: asyncio.Task[None] | None,
+        backoff: float,
+        done: asyncio.Future[None],
+    ) -> None:
+        """``message``'s handler said it is done once ``done`` resolves, and it has: mark it done, or, if
+        ``done`` failed, hand it to the handler again after a backoff (in a slot of its own, even when all
+        are taken: the handler only answers again, see :class:`~orchestrator_kafka.ports.Handled`)."""
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        running = self._unfinished.get(where)
+        if running is None or running.get(message.offset) is not task:
+            return  # released meanwhile (revoked or stopped): it is delivered again
+        if error is None:
+            self._finished(where, message.offset)
+            return
+        backoff = min(max(backoff * 2, _BACKOFF_START), _BACKOFF_MAX)
+        _log.warning(
+            "group %s: %s[%d]@%d was handled but not done (%r); handled again in %.1fs",
+            self._group,
+            message.topic,
+            message.partition,
+            message.offset,
+            error,
+            backoff,
+        )
+        retry = asyncio.get_running_loop().create_task(self._run(message, where, backoff))
+        self._tasks.add(retry)
+        running[message.offset] = retry
 
     def _finished(self, where: Partition, offset: int) -> None:
         running = self._unfinished.get(where)

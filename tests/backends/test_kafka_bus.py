@@ -771,3 +771,14 @@ async def test_new_topics_are_served_before_ensure_topics_returns(
     await got.wait_for(len(topics))
     await sub.stop()
     assert "NotLeaderForPartition" not in caplog.text
+
+
+async def test_an_idle_producer_does_not_linger(bus: KafkaEventBus) -> None:
+    """The bus's producer is made with linger_ms=2 and told to send at once while idle: this breaks if
+    aiokafka moves the private attribute the linger lives in (see aiokafka_workarounds.set_linger)."""
+    topic = _topic(bus, "linger")
+    await bus.ensure_topics([topic])
+    sender = bus._producer._sender
+    assert sender._linger_time == 0.002
+    await bus.publish([OutboxMessage(topic, "k", b"v")])
+    assert sender._linger_time == 0.0

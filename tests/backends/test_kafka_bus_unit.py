@@ -131,3 +131,37 @@ def test_partition_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(25):
         plan.choose(f"k{i}")
         assert 1 <= len(cache) <= 10
+
+
+def test_the_producer_lingers_only_while_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer made with linger_ms=2 sends at once while fewer than BUSY_MESSAGES a window are published,
+    lingers again once a window is busy, and stops lingering after an idle gap."""
+
+    class Sender:
+        _linger_time = 0.002
+
+    class Producer:
+        _sender = Sender()
+
+    now = [100.0]
+    monkeypatch.setattr(publisher.time, "monotonic", lambda: now[0])
+    p = publisher.Publisher(lambda: None, timeout=1.0, lifecycle=asyncio.Lock(), linger=0.002)
+    producer = Producer()
+    window = publisher.LOAD_WINDOW * 1.01  # a window and a bit: float sums must not fall short
+
+    p._adapt_linger(producer, 1)  # the first window ended long ago, with nothing in it: idle
+    assert producer._sender._linger_time == 0.0
+    now[0] += window
+    p._adapt_linger(producer, publisher.BUSY_MESSAGES)  # the window of 1 message ends: still idle
+    assert producer._sender._linger_time == 0.0
+    now[0] += window
+    p._adapt_linger(producer, 1)  # the window that just ended was busy
+    assert producer._sender._linger_time == 0.002
+    now[0] += 10 * window
+    p._adapt_linger(producer, 1)  # a busy count, but in a window that ended long ago: idle
+    assert producer._sender._linger_time == 0.0
+    fresh = Producer()
+    fresh._sender = Sender()
+    now[0] += window
+    p._adapt_linger(fresh, 1)  # a new producer (made with the bus's linger) is told too
+    assert fresh._sender._linger_time == 0.0

@@ -217,3 +217,48 @@ def test_errors_are_one_line_without_a_traceback(cli: Cli) -> None:
     assert "address already in use" in taken.stderr
     for result in (unknown, no_kafka, no_redis, bad_json, bad_module, nobody, taken):
         assert "Traceback" not in result.stderr
+
+
+def test_dlq_list_and_redrive(cli: Cli) -> None:
+    """A start request for a workflow nobody runs is dead-lettered; the operator lists it, redrives it
+    (dry run first), which sends it back once (refused again, it is a new letter saying where it came
+    from), and a second redrive of the first letter is refused."""
+    assert cli("topics", "create", "--workflows", "tests.cli.app").returncode == 0
+    port = free_port()
+    orchestrator = cli.spawn(
+        "run", "--workflows", "tests.cli.app", "--health-host", "127.0.0.1", "--health-port", str(port)
+    )
+    try:
+        wait_ready(port, orchestrator)
+        started = cli("start", "nowhere", "--id", "lost-1")
+        assert started.returncode == 0, started.stderr
+        deadline = time.monotonic() + 30
+        while not (listed := cli("dlq", "list", "--json").stdout.splitlines()):
+            assert time.monotonic() < deadline, "the start request was never dead-lettered"
+            time.sleep(0.2)
+        (letter,) = map(json.loads, listed)
+        assert letter["key"] == "lost-1" and letter["reason"] == "unknown_workflow"
+        assert letter["redriven_by"] is None and letter["source_topic"].endswith(".start")
+        table = cli("dlq", "list")
+        assert "1 dead letters" in table.stdout and "unknown_workflow" in table.stdout
+
+        dry = cli("dlq", "redrive", "--reason", "unknown_workflow", "--dry-run")
+        assert dry.returncode == 0 and f"would send back {letter['position']}" in dry.stdout
+        sent = cli("dlq", "redrive", "--position", letter["position"], "--request-id", "fix-1")
+        assert sent.returncode == 0 and "redrive fix-1: 1 sent back, 0 refused" in sent.stdout, sent.stderr
+        while len(listed := cli("dlq", "list", "--json").stdout.splitlines()) < 2:
+            assert time.monotonic() < deadline, "the redriven request was not dead-lettered again"
+            time.sleep(0.2)
+        old, new = sorted(map(json.loads, listed), key=lambda x: x["redriven_by"] is None)
+        assert old["redriven_by"] == "fix-1" and new["came_from"] == old["position"]
+        pending = cli("dlq", "list", "--pending", "--json").stdout.splitlines()
+        assert [json.loads(x)["position"] for x in pending] == [new["position"]]
+        refused = cli("dlq", "redrive", "--position", old["position"])
+        assert refused.returncode == 0 and "sent back already, by redrive fix-1" in refused.stderr
+        bad = cli("dlq", "redrive")
+        assert (
+            bad.returncode == 1 and "choose the dead letters" in bad.stderr and "Traceback" not in bad.stderr
+        )
+    finally:
+        code, log = stop(orchestrator)
+    assert code == 0, log

@@ -7,7 +7,6 @@ import orjson
 
 from orchestrator_kafka import SagaClient, WorkflowBuilder
 from orchestrator_kafka.models import command_id
-from orchestrator_kafka.ports import OutboxMessage
 from orchestrator_kafka.workflow import WorkflowDefinition
 
 from ..conftest import Backend
@@ -69,12 +68,12 @@ async def test_a_saga_of_a_version_not_loaded_is_parked_then_resumes_where_it_is
     rows = {r["workflow_version"]: r for r in await client.versions_in_flight("rollout")}
     assert rows[old.version]["in_flight"] >= 1 and rows[old.version]["parked"] >= 1
 
-    # Both versions carried: the dead letter sent back (as a redrive would) is applied, and the saga
-    # ends on version 1.
+    # Both versions carried: the dead letter, redriven, is applied, and the saga ends on version 1.
     async with Harness(backend, [old, new], handlers) as h:
         bus, topics = h.orchestrator.event_bus, h.orchestrator.topics
         audit = await Tap().attach(bus, [topics.events])
-        await bus.publish([OutboxMessage(topics.results, tx, late)])
+        redrive = await SagaClient(bus).redrive(reason="unknown_version", transaction_id=tx)
+        assert len(redrive.redriven) == 1 and not redrive.refused
         done = await h.wait_final(tx)
         newest = await h.orchestrator.execute_workflow("rollout", {})
         assert (await h.wait_final(newest))["workflow_version"] == new.version

@@ -18,7 +18,14 @@ from aiokafka.protocol.offset import OffsetRequest
 
 from .teardown import quietly
 
-__all__ = ["InTurn", "partitions_served", "producer_is_dead", "stop_consumer", "why_producer_died"]
+__all__ = [
+    "InTurn",
+    "partitions_served",
+    "producer_is_dead",
+    "set_linger",
+    "stop_consumer",
+    "why_producer_died",
+]
 
 _log = logging.getLogger("orchestrator_kafka.kafka")
 
@@ -42,6 +49,25 @@ def why_producer_died(producer: Any) -> BaseException | None:
     task = producer._sender.sender_task
     reason: BaseException | None = task.exception() if task.done() and not task.cancelled() else None
     return reason
+
+
+# ---------------------------------------------------------------- a linger that adapts to load
+#
+# Not an aiokafka bug: aiokafka's linger_ms is not the Java client's. Its sender sends whatever is queued
+# as soon as the broker has no request of this producer in flight, and after each produce response
+# sleeps what is left of linger_ms since that request began (Sender._send_produce_req, aiokafka 0.13.0).
+# So linger_ms is a floor on the time between two requests: under load it makes fewer, larger requests,
+# but when idle it delays every message that follows another within linger_ms, which is each hop of a
+# saga run alone (a few ms each). Only the sender's private _linger_time can change it on a running
+# producer.
+
+
+def set_linger(producer: Any, seconds: float) -> None:
+    """Make a running aiokafka producer linger ``seconds`` between requests from now on (a no-op if the
+    private attribute is gone: the producer then keeps the linger it was made with)."""
+    sender = getattr(producer, "_sender", None)
+    if sender is not None and hasattr(sender, "_linger_time"):
+        sender._linger_time = seconds
 
 
 # ---------------------------------------------------------------- batches queued in turn

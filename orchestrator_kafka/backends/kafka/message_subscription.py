@@ -24,11 +24,11 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, IllegalStateError, KafkaError
 
-from ...errors import EventBusError
-from ...ports import MessageHandler, Subscription
+from ...ports import MessageHandler
 from ...values import InboundMessage
 from ..slots import Partition, Position, Slots
 from .aiokafka_workarounds import stop_consumer
+from .member import GroupMember
 
 __all__ = ["KafkaMessageSubscription"]
 
@@ -43,9 +43,11 @@ _BACKOFF_START = 0.1
 _BACKOFF_MAX = 5.0
 
 
-class KafkaMessageSubscription(Subscription):
+class KafkaMessageSubscription(GroupMember):
     """One consumer-group member running a :data:`MessageHandler` per message; made by
     :meth:`KafkaEventBus.consume`."""
+
+    _task_name = "kafka-consume"
 
     def __init__(
         self,
@@ -60,9 +62,7 @@ class KafkaMessageSubscription(Subscription):
         read_committed: Callable[[list[Any]], Awaitable[dict[Any, Any]]],
         on_stopped: Callable[[KafkaMessageSubscription], None],
     ) -> None:
-        self._consumer = consumer
-        self.topics: tuple[str, ...] = tuple(topics)
-        self.group = group
+        super().__init__(consumer, topics, group)
         self._grace = grace
         self._stop_limit = stop_limit
         self._on_stopped = on_stopped
@@ -77,48 +77,16 @@ class KafkaMessageSubscription(Subscription):
         # revocations, so records fetched before one (whose partitions' positions it reset) are dropped.
         self._revoking: set[Partition] = set()
         self._revocations = 0
-        self._task: asyncio.Task[None] | None = None
-        self._stop_task: asyncio.Future[None] | None = None
         self._stopping = False
-        self._assigned = asyncio.Event()
         self._backoff = _BACKOFF_START
 
-    @property
-    def assignment(self) -> frozenset[tuple[str, int]]:
-        """The ``(topic, partition)`` pairs this member owns right now."""
-        return frozenset((tp.topic, tp.partition) for tp in self._consumer.assignment())
+    def _listener(self) -> ConsumerRebalanceListener:
+        return _Listener(self)
 
-    async def _start(self, wait: float) -> None:
-        # Starts the consumer, joins the group and waits for the first assignment; on any failure the
-        # consumer is stopped again so nothing is left running.
-        ok = False
-        try:
-            async with asyncio.timeout(wait):
-                await self._consumer.start()
-                self._consumer.subscribe(topics=list(self.topics), listener=_Listener(self))
-                await self._assigned.wait()
-            self._task = asyncio.create_task(self._run(), name=f"kafka-consume[{self.group}]")
-            ok = True
-        except TimeoutError as exc:
-            raise EventBusError(
-                f"consumer group {self.group!r} got no partition assignment for {list(self.topics)} "
-                f"within {wait:g}s"
-            ) from exc
-        except (KafkaError, OSError) as exc:
-            raise EventBusError(f"consumer group {self.group!r} could not start: {exc!r}") from exc
-        finally:
-            if not ok:
-                await stop_consumer(self._consumer, wait)
-
-    async def stop(self) -> None:
+    async def _shutdown(self) -> None:
         """Stop fetching, give the handlers running the grace period, commit what finished and leave the
         group; idempotent and safe to call concurrently. Handlers still running after the grace are
         cancelled (and logged): their messages are delivered again to the group."""
-        if self._stop_task is None:
-            self._stop_task = asyncio.ensure_future(self._shutdown())
-        await asyncio.shield(self._stop_task)
-
-    async def _shutdown(self) -> None:
         self._stopping = True
         task = self._task
         if task is not None and not task.done():

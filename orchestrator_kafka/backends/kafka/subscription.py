@@ -32,10 +32,10 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, IllegalStateError, KafkaError
 
-from ...errors import EventBusError
-from ...ports import BatchHandler, Subscription, finished
+from ...ports import BatchHandler, finished
 from ...values import InboundMessage
 from .aiokafka_workarounds import stop_consumer
+from .member import GroupMember
 
 __all__ = ["KafkaSubscription"]
 
@@ -49,8 +49,10 @@ _BACKOFF_MAX = 5.0
 _POLL_TIMEOUT_MS = 1000
 
 
-class KafkaSubscription(Subscription):
+class KafkaSubscription(GroupMember):
     """One consumer-group member running a batch handler; made by :meth:`KafkaEventBus.subscribe`."""
+
+    _task_name = "kafka-subscription"
 
     def __init__(
         self,
@@ -64,16 +66,12 @@ class KafkaSubscription(Subscription):
         revoke_wait: float,
         on_stopped: Callable[[KafkaSubscription], None],
     ) -> None:
-        self._consumer = consumer
-        self.topics: tuple[str, ...] = tuple(topics)
-        self.group = group
+        super().__init__(consumer, topics, group)
         self._handler = handler
         self._max_batch = max_batch
         self._stop_grace = stop_grace
         self._revoke_wait = revoke_wait
         self._on_stopped = on_stopped
-        self._task: asyncio.Task[None] | None = None
-        self._stop_task: asyncio.Future[None] | None = None
         self._stopping = False
         # True while the loop waits (poll or backoff): only then may stop() cancel it without
         # cutting a batch in half.
@@ -99,45 +97,14 @@ class KafkaSubscription(Subscription):
         self._rewind_to: dict[Any, int] = {}
         self._broken = False  # a completion failed: the batches behind it are not committed either
         self._backoff = _BACKOFF_START  # before redelivering after a failure; doubles up to _BACKOFF_MAX
-        self._assigned = asyncio.Event()
 
-    @property
-    def assignment(self) -> frozenset[tuple[str, int]]:
-        """The ``(topic, partition)`` pairs this member owns right now."""
-        return frozenset((tp.topic, tp.partition) for tp in self._consumer.assignment())
+    def _listener(self) -> ConsumerRebalanceListener:
+        return _Listener(self)
 
-    async def _start(self, wait: float) -> None:
-        # Starts the consumer, joins the group and waits for the first assignment; on any failure
-        # the consumer is stopped again so nothing is left running.
-        ok = False
-        try:
-            async with asyncio.timeout(wait):
-                await self._consumer.start()
-                self._consumer.subscribe(topics=list(self.topics), listener=_Listener(self))
-                await self._assigned.wait()
-            self._task = asyncio.create_task(self._run(), name=f"kafka-subscription[{self.group}]")
-            ok = True
-        except TimeoutError as exc:
-            raise EventBusError(
-                f"consumer group {self.group!r} got no partition assignment for {list(self.topics)} "
-                f"within {wait:g}s"
-            ) from exc
-        except (KafkaError, OSError) as exc:
-            raise EventBusError(f"consumer group {self.group!r} could not start: {exc!r}") from exc
-        finally:
-            if not ok:
-                await stop_consumer(self._consumer, wait)
-
-    async def stop(self) -> None:
+    async def _shutdown(self) -> None:
         """Stop consuming after the batch in hand, then leave the group; idempotent and safe to call
         concurrently. A batch still running after the grace period (the bus's ``start_timeout``) is
         cancelled uncommitted, so it is redelivered to the group."""
-        if self._stop_task is None:
-            self._stop_task = asyncio.ensure_future(self._shutdown())
-        # Shielded so a cancelled caller does not leave the consumer half-closed.
-        await asyncio.shield(self._stop_task)
-
-    async def _shutdown(self) -> None:
         self._stopping = True
         task = self._task
         if task is not None and not task.done():
