@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 T = TypeVar("T")
-_FINAL = {s.value for s in WorkflowState if s.is_final}
 _STATES = [s.value for s in WorkflowState]
 _NOT_TAKEN_AFTER = 10.0  # seconds start --wait waits for an orchestrator to record the saga
 
@@ -212,23 +211,23 @@ def start(workflow: str, context: str, transaction_id: str | None, wait: bool, t
             click.echo(tx)
             if not wait:
                 return None
-            loop = asyncio.get_running_loop()
-            give_up = loop.time() + min(timeout, _NOT_TAKEN_AFTER)
-            async with asyncio.timeout(timeout):
-                while True:
+            # Served by one watch of the audit topic, not by polling the saga.
+            waiting = asyncio.ensure_future(client.wait_for(tx, timeout))
+            try:
+                done, _ = await asyncio.wait({waiting}, timeout=min(timeout, _NOT_TAKEN_AFTER))
+                if not done:
                     try:
-                        status = await client.get_status(tx)
+                        await client.get_status(tx)
                     except ValueError:  # not taken by an orchestrator yet
-                        status = None
-                        if loop.time() > give_up:
-                            raise _fail(
-                                f"no orchestrator took {tx} within {_NOT_TAKEN_AFTER:g}s: is one running for"
-                                f" {workflow!r}? (a start for an unknown workflow goes to the dead-letter"
-                                " topic)"
-                            ) from None
-                    if status is not None and status["state"] in _FINAL:
-                        return status
-                    await asyncio.sleep(0.1)
+                        raise _fail(
+                            f"no orchestrator took {tx} within {_NOT_TAKEN_AFTER:g}s: is one running for"
+                            f" {workflow!r}? (a start for an unknown workflow goes to the dead-letter"
+                            " topic)"
+                        ) from None
+                return await waiting
+            finally:
+                waiting.cancel()
+                await client.close()
 
     try:
         status = main()
@@ -276,6 +275,25 @@ def list_(workflow: str | None, state: str | None, as_json: bool) -> None:
             click.echo(orjson.dumps(s).decode())
     else:
         Console(highlight=False).print(render.sagas_table(found))
+
+
+@cli.command()
+@click.option("--workflow", help="Only this workflow's sagas.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one per workflow version.")
+def versions(workflow: str | None, as_json: bool) -> None:
+    """Count the sagas in flight by workflow and version: a version none runs on can be dropped."""
+
+    @_run
+    async def main() -> list[dict[str, Any]]:
+        async with _client(bus=False) as client:
+            return await client.versions_in_flight(workflow)
+
+    rows = main()
+    if as_json:
+        for row in rows:
+            click.echo(orjson.dumps(row).decode())
+    else:
+        Console(highlight=False).print(render.versions_table(rows))
 
 
 @cli.command()

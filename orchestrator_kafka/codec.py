@@ -25,6 +25,10 @@ UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
 INVALID_MESSAGE = "invalid_message"
 UNKNOWN_TRANSACTION = "unknown_transaction"
 UNEXPECTED_EVENT_TYPE = "unexpected_event_type"
+# Why the orchestrator dead-letters an event it decoded but cannot apply.
+UNKNOWN_WORKFLOW = "unknown_workflow"
+OTHER_RUN = "other_run"
+UNKNOWN_VERSION = "unknown_version"
 
 
 def encode(message: Message) -> bytes:

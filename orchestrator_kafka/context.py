@@ -135,6 +135,15 @@ class SagaContext:
     # The compensations of late successes still to settle, or failed for good, by their first command id.
     late_runs: dict[str, LateCompensation] = field(default_factory=dict)
     traceparent: str | None = None  # the W3C trace context of the saga's start
+    # Unique per start (models.run_id_of), part of every command id: a saga started again under a
+    # reused transaction id never takes an earlier one's results. Empty for a saga stored before runs.
+    run_id: str = ""
+    # The version of its workflow the saga started on, and runs on to its end. Empty for a saga stored
+    # before versions: it runs on the workflow's default version.
+    workflow_version: str = ""
+    # Why the saga is parked (its version is not loaded by the orchestrator that handled its last
+    # event), or None. Cleared when an orchestrator that has the version handles it.
+    parked: str | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` in the saga's data, or ``default``."""
@@ -198,6 +207,9 @@ class SagaContext:
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
             "version": self.version,
+            "run_id": self.run_id,
+            "workflow_version": self.workflow_version,
+            "parked": self.parked,
             "steps": {name: rt.status.value for name, rt in self.steps.items()},
             # Compensations of late successes not yet settled (they can outlive the saga's end), or
             # failed for good.

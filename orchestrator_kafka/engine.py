@@ -30,13 +30,14 @@ from .models import (
     audit_action,
     command_id,
     command_payload,
+    run_id_of,
     transition_payload,
 )
 from .values import Timer
 from .workflow import WorkflowDefinition, WorkflowStep
 
 # command_id is the wire format's (models), re-exported: callers and tests know it as the engine's.
-__all__ = ["Event", "Outgoing", "Phase", "TimerFired", "Transition", "command_id", "decide"]
+__all__ = ["Event", "Outgoing", "Phase", "TimerFired", "Transition", "command_id", "decide", "park"]
 
 Phase = StepKind  # a command's kind: execute the step, or compensate it
 
@@ -139,7 +140,7 @@ def decide(
     if isinstance(event, StartSaga):
         if saga is not None:
             return Transition(saga, False, note="already started")
-        return _Run(definition, _new_saga(event, now), now, topics or _TOPICS).start()
+        return _Run(definition, _new_saga(definition, event, now), now, topics or _TOPICS).start()
     if saga is None:
         return Transition(None, False, note="unknown saga")
     run = _Run(definition, saga.copy(), now, topics or _TOPICS, original=saga)
@@ -150,7 +151,31 @@ def decide(
     return run.timer(event.timer)
 
 
-def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
+def park(saga: SagaContext, reason: str, now: datetime, topics: Topics | None = None) -> Transition:
+    """Mark ``saga`` parked for ``reason`` (its workflow version is not loaded where its event was
+    read), in its status and in the audit; unchanged when it is parked already. Its state, steps and
+    timers stay as they are: the orchestrator that carries its version takes it up again."""
+    if saga.parked is not None:
+        return Transition(saga, False, note="parked already")
+    parked = saga.copy()
+    parked.parked = reason
+    parked.version = version = saga.version + 1
+    parked.updated_at = now
+    action = audit_action(AuditActionName.SAGA_PARKED, parked.state, None, None, None, None, reason)
+    audit = transition_payload(
+        parked.transaction_id,
+        parked.workflow_id,
+        now,
+        saga.state,
+        parked.state,
+        version,
+        [action],
+        parked.run_id,
+    )
+    return Transition(parked, True, (Outgoing((topics or _TOPICS).events, audit),))
+
+
+def _new_saga(definition: WorkflowDefinition, event: StartSaga, now: datetime) -> SagaContext:
     return SagaContext(
         transaction_id=event.transaction_id,
         workflow_id=event.workflow_id,
@@ -159,6 +184,8 @@ def _new_saga(event: StartSaga, now: datetime) -> SagaContext:
         created_at=now,
         updated_at=now,
         version=0,
+        run_id=run_id_of(event.event_id, now),
+        workflow_version=definition.version,
     )
 
 
@@ -195,6 +222,10 @@ class _Run:
         self.actions: list[dict[str, Any]] = []
         self.from_version = saga.version
         self.from_state: WorkflowState | None = saga.state
+        if saga.parked is not None:
+            # An orchestrator that carries the saga's version has it: it runs on from here.
+            saga.parked = None
+            self.record(AuditActionName.SAGA_RESUMED)
 
     # ---------------------------------------------------------------- output
 
@@ -203,12 +234,23 @@ class _Run:
         saga.version = version = self.from_version + 1
         saga.updated_at = now = self.now
         audit = transition_payload(
-            saga.transaction_id, saga.workflow_id, now, self.from_state, saga.state, version, self.actions
+            saga.transaction_id,
+            saga.workflow_id,
+            now,
+            self.from_state,
+            saga.state,
+            version,
+            self.actions,
+            saga.run_id,
         )
         self.outgoing.append(Outgoing(self.topics.events, audit))
         return Transition(saga, True, tuple(self.outgoing), tuple(self.timers), tuple(self.cancel_timers))
 
     def unchanged(self, note: str, rejected: str | None = None) -> Transition:
+        if self.actions:  # the saga resumed: that much changed
+            resumed = self.done()
+            resumed.note, resumed.rejected = note, rejected
+            return resumed
         return Transition(self.original or self.saga, False, note=note, rejected=rejected)
 
     def record(
@@ -279,7 +321,7 @@ class _Run:
 
     def dispatch(self, step: WorkflowStep, phase: Phase, attempt: int) -> None:
         rt = self.saga.step(step.name)
-        cid = command_id(self.saga.transaction_id, step.name, phase, attempt)
+        cid = command_id(self.saga.transaction_id, step.name, phase, attempt, self.saga.run_id)
         if phase == "execute":
             rt.status, rt.attempt = StepStatus.RUNNING, attempt
             worker = step.worker_name
@@ -310,15 +352,15 @@ class _Run:
             phase,
             attempt,
             dict(saga.data),  # a copy: the saga's data changes as later steps succeed
-            step.timeout,
+            timeout := step.timeout_of(phase),
         )
         self.outgoing.append(Outgoing(topic, payload))
-        if step.timeout is None:
+        if timeout is None:
             return None
         timer = Timer(
             f"{cid}:timeout",
             saga.transaction_id,
-            self.now.timestamp() + step.timeout,
+            self.now.timestamp() + timeout,
             "timeout",
             step.name,
             phase,
@@ -338,7 +380,10 @@ class _Run:
         rt = self.saga.step(step.name)
         rt.status = StepStatus.RETRY_WAIT if phase == "execute" else StepStatus.COMPENSATION_RETRY_WAIT
         rt.timer_id = self.retry_timer(
-            command_id(self.saga.transaction_id, step.name, phase, attempt), step, phase, attempt
+            command_id(self.saga.transaction_id, step.name, phase, attempt, self.saga.run_id),
+            step,
+            phase,
+            attempt,
         )
         rt.command_id = None
         self.record(
@@ -348,7 +393,7 @@ class _Run:
     def retry_timer(self, cid: str, step: WorkflowStep, phase: Phase, attempt: int) -> str:
         """Set the timer that dispatches ``attempt`` (command ``cid``) after the retry policy's delay;
         its id."""
-        delay = self.definition.retry_for(step).delay(attempt - 1)
+        delay = self.definition.retry_for(step, phase).delay(attempt - 1)
         timer = Timer(
             f"{cid}:retry",
             self.saga.transaction_id,
@@ -427,7 +472,7 @@ class _Run:
         rt.error = error
         attempt = rt.attempt if phase == "execute" else rt.compensation_attempt
         self.record(_FAILED_ATTEMPT[phase], step=step.name, kind=phase, attempt=attempt, error=error)
-        may_retry = retryable and attempt <= self.definition.retry_for(step).max_retries
+        may_retry = retryable and attempt <= self.definition.retry_for(step, phase).max_retries
         if phase == "compensate":
             if may_retry:
                 self.schedule_retry(step, phase, attempt + 1)
@@ -462,11 +507,12 @@ class _Run:
         if timer.kind == "retry":
             self.dispatch(step, timer.phase, timer.attempt)
         else:
-            assert step.timeout is not None
+            timeout = step.timeout_of(timer.phase)
+            assert timeout is not None
             self.record(
                 AuditActionName.STEP_TIMED_OUT, step=step.name, kind=timer.phase, attempt=timer.attempt
             )
-            self.attempt_failed(step, rt, timer.phase, f"timed out after {step.timeout:g}s", retryable=True)
+            self.attempt_failed(step, rt, timer.phase, f"timed out after {timeout:g}s", retryable=True)
         return self.done()
 
     # ---------------------------------------------------------------- rolling back

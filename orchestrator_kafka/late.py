@@ -71,7 +71,8 @@ def unawaited_result(run: Decision[T], step: WorkflowStep, rt: StepRuntime, body
     if body.status != "succeeded":
         return run.unchanged("stale result")
     sent = rt.attempt if body.kind == "execute" else rt.compensation_attempt
-    if body.command_id != command_id(saga.transaction_id, step.name, body.kind, body.attempt) or not (
+    sent_id = command_id(saga.transaction_id, step.name, body.kind, body.attempt, saga.run_id)
+    if body.command_id != sent_id or not (
         1 <= body.attempt <= sent
     ):
         # Not a command this saga sent (or the answer to an extra compensation): nothing to take.
@@ -97,7 +98,7 @@ def unawaited_result(run: Decision[T], step: WorkflowStep, rt: StepRuntime, body
         return run.unchanged("compensation pending")
     # A success of an attempt the saga gave up on: undo it so no side effect is left behind.
     saga.late_compensations.append(body.command_id)
-    base = command_id(saga.transaction_id, step.name, "compensate", f"late-{body.attempt}")
+    base = command_id(saga.transaction_id, step.name, "compensate", f"late-{body.attempt}", saga.run_id)
     saga.late_runs[base] = LateCompensation(step.name)
     _dispatch(run, step, base, 1, AuditActionName.LATE_SUCCESS_COMPENSATED, body.attempt)
     return run.done()
@@ -170,7 +171,8 @@ def _timer_fired(run: Decision[T], base: str, compensation: LateCompensation, ti
     if timer.kind == "retry":
         _dispatch(run, step, base, timer.attempt, AuditActionName.LATE_COMPENSATION_DISPATCHED, timer.attempt)
     else:
-        assert step.timeout is not None
+        timeout = step.timeout_of("compensate")
+        assert timeout is not None
         # Actions of their own: the audit tells them from the step's own compensation's.
         run.record(
             AuditActionName.LATE_COMPENSATION_TIMED_OUT,
@@ -178,7 +180,7 @@ def _timer_fired(run: Decision[T], base: str, compensation: LateCompensation, ti
             kind="compensate",
             attempt=timer.attempt,
         )
-        _attempt_failed(run, step, base, compensation, f"timed out after {step.timeout:g}s", retryable=True)
+        _attempt_failed(run, step, base, compensation, f"timed out after {timeout:g}s", retryable=True)
     return run.done()
 
 
@@ -198,7 +200,7 @@ def _attempt_failed(
     attempt = compensation.attempt
     record = partial(run.record, step=step.name, kind="compensate", error=error)
     record(AuditActionName.LATE_COMPENSATION_FAILED_ATTEMPT, attempt=attempt)
-    if retryable and attempt <= run.definition.retry_for(step).max_retries:
+    if retryable and attempt <= run.definition.retry_for(step, "compensate").max_retries:
         compensation.timer_id = run.retry_timer(f"{base}.{attempt + 1}", step, "compensate", attempt + 1)
         record(AuditActionName.LATE_COMPENSATION_RETRY_SCHEDULED, attempt=attempt + 1)
         return

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .constants import SCHEMA_VERSION
 
 Identifier = Annotated[str, Field(min_length=1, max_length=200)]
-# "<transaction id>:<step>:<execute|compensate>:<attempt or late-n.k>": two 200-character ids and
-# the rest.
+# "<transaction id>:<run id>:<step>:<execute|compensate>:<attempt or late-n.k>": two 200-character ids
+# and the rest.
 CommandId = Annotated[str, Field(min_length=1, max_length=512)]
 StepKind = Literal["execute", "compensate"]
 _NAMESPACE_BYTES = uuid.UUID("6f1c2b1e-0a53-4d8e-9a0e-5b7f4c1d2e3f").bytes
@@ -37,10 +37,33 @@ ERROR_TYPE_MAX = 500
 ERROR_MESSAGE_MAX = 10_000
 
 
-def command_id(transaction_id: str, step: str, kind: StepKind, attempt: int | str) -> str:
-    """The id of a command: unique per saga, step, kind and attempt (``attempt`` is a number, or
-    ``late-<n>.<k>`` for attempt k of the compensation of a late success of attempt n)."""
+def command_id(
+    transaction_id: str, step: str, kind: StepKind, attempt: int | str, run_id: str = ""
+) -> str:
+    """The id of a command: unique per saga run, step, kind and attempt (``attempt`` is a number, or
+    ``late-<n>.<k>`` for attempt k of the compensation of a late success of attempt n).
+
+    ``run_id`` is the saga's run (:func:`run_id_of`): with it, a new saga under a reused transaction id
+    never sends a command id an earlier saga sent, so no worker answers it from its dedupe window. A saga
+    stored before runs existed has none, and keeps the ids its commands in flight were sent with.
+    """
+    if run_id:
+        return f"{transaction_id}:{run_id}:{step}:{kind}:{attempt}"
     return f"{transaction_id}:{step}:{kind}:{attempt}"
+
+
+def run_id_of(start_event_id: str, started_at: datetime) -> str:
+    """The run id of a saga started by the event ``start_event_id`` at ``started_at``: unique per start,
+    even when a client repeats a start's event id after the saga was deleted. Sixteen hex digits keep
+    command ids short."""
+    return hashlib.sha1(f"{start_event_id}@{started_at.isoformat()}".encode()).hexdigest()[:16]
+
+
+def of_run(cid: str, transaction_id: str, run_id: str) -> bool:
+    """Whether command ``cid`` was sent by run ``run_id`` of saga ``transaction_id``; any command is, for
+    a saga without a run id (stored before runs existed). Matched as a prefix, never parsed: ids may
+    hold colons."""
+    return not run_id or cid.startswith(f"{transaction_id}:{run_id}:")
 
 
 def derived_event_id(name: str) -> str:
@@ -188,6 +211,10 @@ class AuditActionName(StrEnum):
     SAGA_COMPENSATED = "saga_compensated"
     SAGA_CANCELLED = "saga_cancelled"
     SAGA_FAILED = "saga_failed"
+    # The saga's workflow version is not loaded by the orchestrator that handled its event: its events
+    # are dead-lettered (unknown_version) until one that has the version takes the saga back.
+    SAGA_PARKED = "saga_parked"
+    SAGA_RESUMED = "saga_resumed"
 
 
 # The actions that schedule a retry, of a step or compensation or of a late success's compensation.
@@ -301,13 +328,15 @@ def transition_payload(
     to_state: str,
     version: int,
     actions: list[dict[str, Any]],
+    run_id: str = "",
 ) -> dict[str, Any]:
     """The fields of the :class:`SagaEvent` of a saga's transition to ``version``, holding ``actions``
-    (of :func:`audit_action`) as given. Its event id is derived from the saga and version, so a record
-    re-sent from an outbox keeps it."""
+    (of :func:`audit_action`) as given. Its event id is derived from the saga's run and version, so a
+    record re-sent from an outbox keeps it, and a later saga under the same transaction id gets others."""
+    name = f"{transaction_id}:{run_id}:{version}:audit" if run_id else f"{transaction_id}:{version}:audit"
     return {
         "schema_version": SCHEMA_VERSION,
-        "event_id": derived_event_id(f"{transaction_id}:{version}:audit"),
+        "event_id": derived_event_id(name),
         "transaction_id": transaction_id,
         "workflow_id": workflow_id,
         "occurred_at": occurred_at,

@@ -12,21 +12,21 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import codec
 from .constants import Topics
 from .context import SagaContext
-from .engine import Event, TimerFired, Transition, decide
+from .engine import Event, TimerFired, Transition, decide, park
 from .errors import OrchestratorError, StateStoreError
 from .intake import Intake
-from .models import StartSaga, StepResult
+from .models import StartSaga, StepResult, of_run
 from .ports import IEventBus, ILogger, IStateStore
 from .telemetry import Telemetry
 from .values import Headers, InboundMessage, OutboxMessage, TransitionWrite
-from .workflow import WorkflowDefinition
+from .versions import Versions
 
 Clock = Callable[[], datetime]
 _MAX_ROUNDS = 8
@@ -110,7 +110,7 @@ class Pipeline:
 
     def __init__(
         self,
-        workflows: Mapping[str, WorkflowDefinition],
+        workflows: Versions,
         bus: IEventBus,
         store: IStateStore,
         log: ILogger,
@@ -375,17 +375,36 @@ class Pipeline:
         # A fired timer is deleted by the write that handles it, so it fires once.
         fired: tuple[str, ...] = (event.timer.timer_id,) if isinstance(event, TimerFired) else ()
         saga = sagas.get(tx)
-        workflow_id = saga.workflow_id if saga is not None else getattr(event, "workflow_id", None)
-        definition = self._workflows.get(workflow_id or "")
-        if definition is None:
-            if saga is None and isinstance(event, TimerFired):
-                return TransitionWrite(event_id, tx, 0, cancel_timers=fired)
-            outcome.problem = "unknown_workflow"
-            outcome.detail = f"this orchestrator does not run workflow {workflow_id!r}"
-            return None
+        if saga is not None:
+            definition = self._workflows.get(saga.workflow_id, saga.workflow_version)
+            if definition is None:
+                if isinstance(event, StartSaga):
+                    # A start of a saga that exists changes nothing, whatever its version.
+                    outcome.transition = Transition(saga, False, note="already started")
+                    return TransitionWrite(event_id, tx, saga.version)
+                return self._park(event, saga, sagas, now, outcome)
+        else:
+            workflow_id = getattr(event, "workflow_id", None)
+            definition = self._workflows.default(workflow_id or "")
+            if definition is None:
+                if isinstance(event, TimerFired):
+                    return TransitionWrite(event_id, tx, 0, cancel_timers=fired)
+                outcome.problem = codec.UNKNOWN_WORKFLOW
+                outcome.detail = f"this orchestrator does not run workflow {workflow_id!r}"
+                return None
         if saga is None and not isinstance(event, StartSaga | TimerFired):
             outcome.problem = codec.UNKNOWN_TRANSACTION
             outcome.detail = f"no saga {tx!r}"
+            return None
+        if (
+            saga is not None
+            and isinstance(event, StepResult)
+            and not of_run(event.body.command_id, tx, saga.run_id)
+        ):
+            # A result of an earlier saga under this transaction id (deleted, then started again): it
+            # must never be applied to this one.
+            outcome.problem = codec.OTHER_RUN
+            outcome.detail = f"{event.body.command_id!r} is not a command of run {saga.run_id!r} of {tx!r}"
             return None
         transition = decide(definition, saga, event, now, self.topics)
         outcome.transition = transition
@@ -410,6 +429,42 @@ class Pipeline:
             self._outbox(transition),
             transition.timers,
             transition.cancel_timers + fired,
+        )
+
+    def _park(
+        self,
+        event: Event,
+        saga: SagaContext,
+        sagas: dict[str, SagaContext],
+        now: datetime,
+        outcome: Outcome,
+    ) -> TransitionWrite | None:
+        """An event of a saga whose workflow version this orchestrator does not carry: the event is not
+        applied, and the saga is parked (once) with the reason in its status and its audit.
+
+        A result or cancel is dead-lettered (``unknown_version``) for redrive once an orchestrator with
+        the version runs; a timer is held: left unhandled, it is claimed again when its lease ends. The
+        park is written under an id of its own, so the event's own id stays unprocessed for that redrive.
+        """
+        carried = self._workflows.versions(saga.workflow_id)
+        reason = (
+            f"workflow {saga.workflow_id!r} version {saga.workflow_version!r} is not loaded here"
+            f" (this orchestrator carries {carried or 'no version of it'})"
+        )
+        # Only a consumed message becomes a dead letter; a timer's outcome is read by no one.
+        outcome.problem, outcome.detail = codec.UNKNOWN_VERSION, reason
+        transition = park(saga, reason, now, self.topics)
+        if not transition.changed:
+            return None
+        assert transition.saga is not None
+        self._log.warning("saga %r parked: %s", saga.transaction_id, reason)
+        sagas[saga.transaction_id] = transition.saga
+        return TransitionWrite(
+            f"park:{saga.transaction_id}:{saga.run_id}:{saga.version}",
+            saga.transaction_id,
+            saga.version,
+            transition.saga,
+            self._outbox(transition),
         )
 
     def _outbox(self, transition: Transition) -> tuple[OutboxMessage, ...]:

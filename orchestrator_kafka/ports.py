@@ -50,6 +50,8 @@ __all__ = [
     "Subscription",
     "Timer",
     "TransitionWrite",
+    "Watch",
+    "WatchHandler",
     "finished",
     "header",
 ]
@@ -199,6 +201,24 @@ class Subscription(ABC):
         """Stop consuming; idempotent."""
 
 
+WatchHandler = Callable[[Sequence[InboundMessage]], None]
+"""Handles the messages of a :meth:`IEventBus.watch`, a batch at a time, synchronously: it must be quick
+(hand slow work to a task of its own)."""
+
+
+class Watch(Subscription):
+    """A running :meth:`IEventBus.watch`. :meth:`ended` returns when it ends: stopped, its bus stopped,
+    or failed."""
+
+    @abstractmethod
+    async def ended(self) -> None:
+        """Return when the watch has ended.
+
+        Raises:
+            EventBusError: it failed (the broker went away).
+        """
+
+
 class IEventBus(Service):
     """Topics with keys and consumer groups, at-least-once; ``async with`` starts and stops it.
 
@@ -260,6 +280,17 @@ class IEventBus(Service):
                 buses written before this method keep working).
         """
         raise EventBusError(f"{type(self).__name__} cannot consume one message at a time")
+
+    async def watch(self, topic: str, handler: WatchHandler) -> Watch:
+        """Hand ``handler`` every message published to ``topic`` from now on, in no consumer group and
+        committing nothing (each process that watches sees every message). Returns once the watch is in
+        place: a message published after it returns is seen. It ends when stopped or when the bus stops.
+
+        Raises:
+            EventBusError: not started, no such topic, or this bus cannot watch topics (the default, so
+                that buses written before this method keep working).
+        """
+        raise EventBusError(f"{type(self).__name__} cannot watch topics")
 
     @abstractmethod
     async def ensure_topics(self, topics: Sequence[str]) -> None:

@@ -90,13 +90,19 @@ def status_table(status: Mapping[str, Any]) -> Table:
         "state",
         "current_step",
         "version",
+        "workflow_version",
+        "run_id",
         "created_at",
         "updated_at",
     ):
         value = status.get(key)
+        if key in ("workflow_version", "run_id") and not value:
+            continue  # a saga stored before versions and runs has neither
         table.add_row(key, state(value) if key == "state" else escape(str(value)))
     if status.get("error"):
         table.add_row("error", f"[red]{escape(str(status['error']))}[/red]")
+    if status.get("parked"):
+        table.add_row("parked", f"[yellow]{escape(str(status['parked']))}[/yellow]")
     results = status.get("step_results", {})
     for name, step_state in status.get("steps", {}).items():
         result = f"  {escape(str(results[name]))}" if name in results else ""
@@ -105,6 +111,21 @@ def status_table(status: Mapping[str, Any]) -> Table:
         settled = "[red]failed[/red]" if late["failed"] else "pending"
         error = f"  [red]{escape(str(late['error']))}[/red]" if late["error"] else ""
         table.add_row(f"  {escape(late['step'])} (late)", f"{settled}, attempt {late['attempt']}{error}")
+    return table
+
+
+def versions_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """The sagas in flight by workflow and version (of ``SagaClient.versions_in_flight``)."""
+    table = Table(title="sagas in flight, by workflow version", title_justify="left")
+    for column in ("workflow", "version", "in flight", "parked"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(
+            escape(row["workflow_id"]),
+            escape(row["workflow_version"] or "(none recorded)"),
+            str(row["in_flight"]),
+            f"[yellow]{row['parked']}[/yellow]" if row["parked"] else "0",
+        )
     return table
 
 

@@ -4,6 +4,7 @@ immutable :class:`WorkflowDefinition` it builds. Pure: no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from abc import ABC, abstractmethod
@@ -95,7 +96,10 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class WorkflowStep:
-    """One step: the worker that does it, the worker that undoes it, and how long to wait for it."""
+    """One step: the worker that does it, the worker that undoes it, and how long to wait for each.
+
+    ``compensation_timeout`` and ``compensation_retry`` are the compensation's own; None means the
+    step's ``timeout`` and ``retry``."""
 
     name: str
     worker_name: str
@@ -103,15 +107,55 @@ class WorkflowStep:
     timeout: float | None = None
     retry: RetryPolicy | None = None
     condition: Condition | None = field(default=None, compare=False)
+    compensation_timeout: float | None = None
+    compensation_retry: RetryPolicy | None = None
+
+    def timeout_of(self, kind: str) -> float | None:
+        """The timeout of a command of ``kind`` (``execute`` or ``compensate``)."""
+        if kind == "compensate" and self.compensation_timeout is not None:
+            return self.compensation_timeout
+        return self.timeout
+
+    def retry_of(self, kind: str) -> RetryPolicy | None:
+        """The step's own retry policy for a command of ``kind``, or None for the workflow's."""
+        if kind == "compensate" and self.compensation_retry is not None:
+            return self.compensation_retry
+        return self.retry
+
+
+def condition_name(condition: Condition | None) -> str:
+    """The name a condition is known by in a fingerprint and a graph: its function's qualified name
+    (a lambda's is ``<lambda>``); empty for none."""
+    if condition is None:
+        return ""
+    return str(getattr(condition, "__qualname__", None) or type(condition).__qualname__)
+
+
+def fingerprint(stages: Sequence[Sequence[WorkflowStep]]) -> str:
+    """The version of a definition that names none: a hash of its shape. Steps, their order and
+    grouping, workers, compensations and condition names count; timeouts and retry policies do not,
+    since a saga in flight can take a changed one without harm."""
+    shape = [
+        [[s.name, s.worker_name, s.compensation or "", condition_name(s.condition)] for s in stage]
+        for stage in stages
+    ]
+    return hashlib.sha256(repr(shape).encode()).hexdigest()[:12]
 
 
 class WorkflowDefinition(IWorkflowDefinition):
-    """An immutable workflow: stages of steps, run in order; a parallel group is one stage."""
+    """An immutable workflow: stages of steps, run in order; a parallel group is one stage.
 
-    __slots__ = ("_by_name", "_id", "_retry", "_stage_of", "_stages", "_steps")
+    ``version`` names this shape of the workflow: given to the builder, or :func:`fingerprint`. A saga
+    records it at start and runs on it to its end."""
+
+    __slots__ = ("_by_name", "_id", "_retry", "_stage_of", "_stages", "_steps", "_version")
 
     def __init__(
-        self, workflow_id: str, stages: Sequence[Sequence[WorkflowStep]], retry: RetryPolicy
+        self,
+        workflow_id: str,
+        stages: Sequence[Sequence[WorkflowStep]],
+        retry: RetryPolicy,
+        version: str | None = None,
     ) -> None:
         self._id = workflow_id
         self._stages: tuple[tuple[WorkflowStep, ...], ...] = tuple(tuple(s) for s in stages)
@@ -119,12 +163,21 @@ class WorkflowDefinition(IWorkflowDefinition):
         self._steps = tuple(step for stage in self._stages for step in stage)
         self._by_name = {step.name: step for step in self._steps}
         self._stage_of = {step.name: i for i, stage in enumerate(self._stages) for step in stage}
+        self._version = version or fingerprint(self._stages)
 
     def __repr__(self) -> str:
-        return f"WorkflowDefinition({self._id!r}, steps={[s.name for s in self._steps]})"
+        return (
+            f"WorkflowDefinition({self._id!r}, version={self._version!r}, "
+            f"steps={[s.name for s in self._steps]})"
+        )
 
     def get_id(self) -> str:
         return self._id
+
+    @property
+    def version(self) -> str:
+        """The version of this definition: given to the builder, or the fingerprint of its shape."""
+        return self._version
 
     def get_steps(self) -> list[WorkflowStep]:
         return list(self._steps)
@@ -165,28 +218,31 @@ class WorkflowDefinition(IWorkflowDefinition):
         """The index of the stage that holds step ``name``."""
         return self._stage_of[name]
 
-    def retry_for(self, step: WorkflowStep) -> RetryPolicy:
-        """The step's own retry policy, else the workflow's."""
-        return step.retry or self._retry
+    def retry_for(self, step: WorkflowStep, kind: str = "execute") -> RetryPolicy:
+        """The retry policy of ``step``'s commands of ``kind``: the compensation's own (for
+        ``compensate``), else the step's own, else the workflow's."""
+        return step.retry_of(kind) or self._retry
 
 
-def _check_timeout(timeout: object) -> float | None:
+def _check_timeout(timeout: object, what: str = "timeout") -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout):
-        raise ValidationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        raise ValidationError(f"{what} must be a positive number of seconds or None, got {timeout!r}")
     if timeout <= 0:
-        raise ValidationError(f"timeout must be > 0 seconds, got {timeout}")
+        raise ValidationError(f"{what} must be > 0 seconds, got {timeout}")
     return float(timeout)
 
 
-def _check_retry(retry: object) -> RetryPolicy | None:
+def _check_retry(retry: object, what: str = "retry") -> RetryPolicy | None:
     if retry is not None and not isinstance(retry, RetryPolicy):
-        raise ValidationError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+        raise ValidationError(f"{what} must be a RetryPolicy or None, got {type(retry).__name__}")
     return retry
 
 
-_PARALLEL_KEYS = frozenset({"name", "worker_name", "compensation", "timeout", "retry"})
+_PARALLEL_KEYS = frozenset(
+    {"name", "worker_name", "compensation", "timeout", "retry", "compensation_timeout", "compensation_retry"}
+)
 
 
 class WorkflowBuilder:
@@ -194,10 +250,14 @@ class WorkflowBuilder:
 
     Every mistake raises :class:`ValidationError` before the workflow runs: a bad name or argument
     when the step is added, duplicate step names and an empty workflow at ``build()``.
+
+    ``version`` names the definition (letters, digits, ``.``, ``_``, ``-``); without one, it is the
+    fingerprint of the definition's shape, so a changed shape is a new version by itself.
     """
 
-    def __init__(self, workflow_id: str) -> None:
+    def __init__(self, workflow_id: str, version: str | None = None) -> None:
         self._id = _check_name("workflow_id", workflow_id)
+        self._version = None if version is None else _check_name("version", version)
         self._stages: list[list[WorkflowStep]] = []
         self._retry = RetryPolicy()
 
@@ -209,7 +269,13 @@ class WorkflowBuilder:
         timeout: object,
         retry: object,
         condition: Condition | None = None,
+        compensation_timeout: object = None,
+        compensation_retry: object = None,
     ) -> WorkflowStep:
+        if compensation is None and (compensation_timeout is not None or compensation_retry is not None):
+            raise ValidationError(
+                f"step {name!r} has a compensation_timeout or compensation_retry but no compensation"
+            )
         return WorkflowStep(
             name=_check_name("step name", name),
             worker_name=_check_name(f"worker_name of step {name!r}", worker_name),
@@ -219,6 +285,8 @@ class WorkflowBuilder:
             timeout=_check_timeout(timeout),
             retry=_check_retry(retry),
             condition=condition,
+            compensation_timeout=_check_timeout(compensation_timeout, "compensation_timeout"),
+            compensation_retry=_check_retry(compensation_retry, "compensation_retry"),
         )
 
     def add_step(
@@ -229,9 +297,27 @@ class WorkflowBuilder:
         *,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        compensation_timeout: float | None = None,
+        compensation_retry: RetryPolicy | None = None,
     ) -> WorkflowBuilder:
-        """Add a sequential step; ``compensation`` names the worker that undoes it."""
-        self._stages.append([self._step(name, worker_name, compensation, timeout, retry)])
+        """Add a sequential step; ``compensation`` names the worker that undoes it.
+
+        ``timeout`` and ``retry`` apply to the step's attempts; ``compensation_timeout`` and
+        ``compensation_retry`` to its compensation's, and default to the step's."""
+        self._stages.append(
+            [
+                self._step(
+                    name,
+                    worker_name,
+                    compensation,
+                    timeout,
+                    retry,
+                    None,
+                    compensation_timeout,
+                    compensation_retry,
+                )
+            ]
+        )
         return self
 
     def add_conditional_step(
@@ -243,18 +329,34 @@ class WorkflowBuilder:
         *,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        compensation_timeout: float | None = None,
+        compensation_retry: RetryPolicy | None = None,
     ) -> WorkflowBuilder:
-        """Add a step that runs only when ``condition(ctx)`` is true when the step is reached."""
+        """Add a step that runs only when ``condition(ctx)`` is true when the step is reached; the
+        other arguments are :meth:`add_step`'s."""
         if not callable(condition):
             raise ValidationError(f"condition of step {name!r} must be callable, got {condition!r}")
-        self._stages.append([self._step(name, worker_name, compensation, timeout, retry, condition)])
+        self._stages.append(
+            [
+                self._step(
+                    name,
+                    worker_name,
+                    compensation,
+                    timeout,
+                    retry,
+                    condition,
+                    compensation_timeout,
+                    compensation_retry,
+                )
+            ]
+        )
         return self
 
     def add_parallel_steps(self, steps: Sequence[Mapping[str, Any]]) -> WorkflowBuilder:
         """Add a group of steps dispatched together and joined when all have succeeded.
 
         Each entry is a dict with ``name`` and ``worker_name``, and optionally ``compensation``,
-        ``timeout`` and ``retry``.
+        ``timeout``, ``retry``, ``compensation_timeout`` and ``compensation_retry``.
         """
         if isinstance(steps, str | bytes) or not isinstance(steps, Sequence) or not steps:
             raise ValidationError("add_parallel_steps takes a non-empty list of step dicts")
@@ -275,6 +377,9 @@ class WorkflowBuilder:
                     entry.get("compensation"),
                     entry.get("timeout"),
                     entry.get("retry"),
+                    None,
+                    entry.get("compensation_timeout"),
+                    entry.get("compensation_retry"),
                 )
             )
         self._stages.append(group)
@@ -305,4 +410,4 @@ class WorkflowBuilder:
                 if step.name in seen:
                     raise ValidationError(f"workflow {self._id!r} has two steps named {step.name!r}")
                 seen.add(step.name)
-        return WorkflowDefinition(self._id, self._stages, self._retry)
+        return WorkflowDefinition(self._id, self._stages, self._retry, self._version)

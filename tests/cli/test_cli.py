@@ -140,6 +140,11 @@ def test_run_worker_start_status_list_tail_cancel_and_graceful_stop(cli: Cli) ->
             if status.returncode == 0 and json.loads(status.stdout)["state"] == "running":
                 break
             time.sleep(0.1)
+        in_flight = cli("versions", "--json")
+        assert in_flight.returncode == 0, in_flight.stderr
+        [row] = map(json.loads, in_flight.stdout.splitlines())
+        assert (row["workflow_id"], row["in_flight"], row["parked"]) == ("payment", 1, 0)
+        assert row["workflow_version"] and row["workflow_version"] in cli("versions").stdout
         cancelled = cli("cancel", "pay-slow")
         assert cancelled.returncode == 0, cancelled.stderr
         for _ in range(100):
@@ -155,6 +160,7 @@ def test_run_worker_start_status_list_tail_cancel_and_graceful_stop(cli: Cli) ->
         assert states == {"pay-ok": "completed", "pay-bad": "compensated", "pay-slow": "cancelled"}
         only = cli("list", "--state", "compensated", "--json")
         assert [json.loads(line)["transaction_id"] for line in only.stdout.splitlines()] == ["pay-bad"]
+        assert cli("versions", "--json").stdout == ""  # none in flight any more
         table = cli("list")
         assert "3 sagas" in table.stdout and "pay-bad" in table.stdout
         human = cli("status", "pay-bad")

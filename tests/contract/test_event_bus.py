@@ -99,6 +99,28 @@ class EventBusContract:
             assert in_order == sorted(in_order)
             assert len({m.partition for m in received if m.key == key.encode()}) == 1
 
+    async def test_a_watch_sees_what_is_published_after_it_starts_and_ends_with_its_bus(
+        self, make_bus: BusFactory, topic: str
+    ) -> None:
+        watcher, producer = make_bus(), make_bus()
+        await watcher.start()
+        await producer.start()
+        await producer.ensure_topics([topic])
+        await producer.publish([OutboxMessage(topic, f"k{i}", b"before") for i in range(8)])
+        seen: list[InboundMessage] = []
+        first = await watcher.watch(topic, seen.extend)
+        second: list[InboundMessage] = []
+        await watcher.watch(topic, second.extend)  # each watch sees every message: no group
+        await producer.publish([OutboxMessage(topic, f"k{i}", f"after-{i}".encode()) for i in range(8)])
+        await until(lambda: len(seen) >= 8 and len(second) >= 8)
+        await asyncio.sleep(0.3)
+        assert sorted(m.value or b"" for m in seen) == sorted(f"after-{i}".encode() for i in range(8))
+        assert sorted(m.value or b"" for m in second) == sorted(m.value or b"" for m in seen)
+        await watcher.stop()
+        await asyncio.wait_for(first.ended(), 10)  # ended with its bus
+        with pytest.raises(EventBusError):
+            await make_bus().watch(topic, seen.extend)  # not started
+
     async def test_subscribe_returns_ready_so_nothing_published_after_is_missed(
         self, make_bus: BusFactory, topic: str
     ) -> None:

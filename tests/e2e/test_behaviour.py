@@ -19,7 +19,7 @@ from orchestrator_kafka import (
     WorkflowExecutionError,
 )
 from orchestrator_kafka.codec import encode
-from orchestrator_kafka.models import ResultBody, StepResult
+from orchestrator_kafka.models import ResultBody, StepResult, command_id
 from orchestrator_kafka.ports import OutboxMessage
 from orchestrator_kafka.workflow import WorkflowDefinition
 
@@ -331,13 +331,14 @@ async def compensated_then_late(h: Harness) -> str:
 
 async def report_a_late_success(h: Harness, tx: str) -> None:
     """Publish what a worker (in any language) answers after the step's attempt 1 timed out, twice."""
+    run = (await h.orchestrator.get_status(tx))["run_id"]
     late = StepResult(
         event_id=str(uuid.uuid4()),
         transaction_id=tx,
         workflow_id="late",
         occurred_at=datetime.now(UTC),
         body=ResultBody(
-            command_id=f"{tx}:charge:execute:1",
+            command_id=command_id(tx, "charge", "execute", 1, run),
             step="charge",
             kind="execute",
             attempt=1,
@@ -547,5 +548,5 @@ async def test_public_methods_need_a_started_orchestrator(backend: Backend) -> N
         await orchestrator.execute_workflow("transaction", {})
     with pytest.raises(ValidationError, match="no steps"):
         WorkflowBuilder("empty").build()
-    with pytest.raises(ValidationError, match="two workflows"):
+    with pytest.raises(ValidationError, match="two definitions of workflow 'transaction' have version"):
         Orchestrator([transaction_workflow(), transaction_workflow()], backend.bus(), backend.store)

@@ -14,7 +14,7 @@ import pytest
 from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrator, WorkflowBuilder
 from orchestrator_kafka.codec import decode, encode
 from orchestrator_kafka.errors import EventBusError, OrchestratorError, StateStoreError
-from orchestrator_kafka.models import CancelSaga, ResultBody, StartBody, StartSaga, StepResult
+from orchestrator_kafka.models import CancelSaga, ResultBody, StartBody, StartSaga, StepResult, command_id
 from orchestrator_kafka.ports import (
     ApplyResult,
     IEventBus,
@@ -25,14 +25,18 @@ from orchestrator_kafka.ports import (
 )
 
 
-def result(tx: str, step: str) -> StepResult:
+def result(tx: str, step: str, run: str) -> StepResult:
     return StepResult(
         event_id=str(uuid.uuid4()),
         transaction_id=tx,
         workflow_id="wf",
         occurred_at=datetime.now(UTC),
         body=ResultBody(
-            command_id=f"{tx}:{step}:execute:1", step=step, kind="execute", attempt=1, status="succeeded"
+            command_id=command_id(tx, step, "execute", 1, run),
+            step=step,
+            kind="execute",
+            attempt=1,
+            status="succeeded",
         ),
     )
 
@@ -48,13 +52,16 @@ async def test_two_instances_with_stale_caches_apply_each_transition_once() -> N
         event_id="s", transaction_id="tx", workflow_id="wf", occurred_at=datetime.now(UTC), body=StartBody()
     )
     await first.process([start])  # first caches version 1
-    [outcome] = await second.process([result("tx", "a")])  # second loads version 1, writes version 2
+    stored = await store.load_context("tx")
+    assert stored is not None
+    run = stored.run_id
+    [outcome] = await second.process([result("tx", "a", run)])  # second loads version 1, writes version 2
     assert outcome.transition is not None and outcome.transition.changed
     # first's cached version 1 is stale: its write conflicts, it reloads version 2 and decides again.
-    [outcome] = await first.process([result("tx", "b")])
+    [outcome] = await first.process([result("tx", "b", run)])
     assert outcome.transition is not None and outcome.transition.changed
     # second's cache (version 2) is stale too; a duplicate of b's result changes nothing.
-    [outcome] = await second.process([result("tx", "b")])
+    [outcome] = await second.process([result("tx", "b", run)])
     assert outcome.transition is not None and not outcome.transition.changed
     saga = await store.load_context("tx")
     assert saga is not None and saga.version == 3
@@ -187,14 +194,14 @@ async def test_a_batch_is_written_while_the_one_before_publishes_but_never_publi
         assert {"one", "two"} <= set(bus.published)
 
 
-def _result_inbound(topic: str, event_id: str, value: str, offset: int) -> InboundMessage:
+def _result_inbound(topic: str, event_id: str, value: str, offset: int, run: str) -> InboundMessage:
     message = StepResult(
         event_id=event_id,
         transaction_id="tx",
         workflow_id="wf",
         occurred_at=datetime.now(UTC),
         body=ResultBody(
-            command_id="tx:a:execute:1",
+            command_id=command_id("tx", "a", "execute", 1, run),
             step="a",
             kind="execute",
             attempt=1,
@@ -221,10 +228,13 @@ async def test_a_batch_decided_on_a_write_that_conflicted_is_decided_again_not_a
         now = datetime.now(UTC)
         start = _start("tx", "s")
         await mine.process([start])  # mine caches version 1
+        stored = await store.load_context("tx")
+        assert stored is not None
+        run = stored.run_id
         results = mine.topics.results
-        await other.process([decode(_result_inbound(results, "r-other", "from other", 0).value)])  # type: ignore[list-item]
+        await other.process([decode(_result_inbound(results, "r-other", "from other", 0, run).value)])  # type: ignore[list-item]
         # Decided on version 1, then on batch 1's version 2.
-        first = await mine.pipeline.handle_batch([_result_inbound(results, "r-mine", "from mine", 1)])
+        first = await mine.pipeline.handle_batch([_result_inbound(results, "r-mine", "from mine", 1, run)])
         cancel = CancelSaga(event_id="c", transaction_id="tx", workflow_id="wf", occurred_at=now)
         second = await mine.pipeline.handle_batch([_inbound(mine.topics.start, cancel, 2)])
         await first

@@ -12,7 +12,7 @@ import orjson
 
 from orchestrator_kafka import NonRetryableError, Orchestrator, StepContext, WorkflowBuilder
 from orchestrator_kafka.codec import decode, encode
-from orchestrator_kafka.models import CancelSaga, StartBody, StartSaga, StepResult
+from orchestrator_kafka.models import CancelSaga, StartBody, StartSaga, StepResult, command_id
 from orchestrator_kafka.ports import IEventBus, InboundMessage, OutboxMessage
 
 from ..conftest import Backend, unique
@@ -205,7 +205,7 @@ async def test_the_worker_runs_a_redelivered_command_once_and_answers_again(back
         bus, topics = h.orchestrator.event_bus, h.orchestrator.topics
         tap = await Tap().attach(bus, [topics.commands("worker_a"), topics.results])
         tx = await h.orchestrator.execute_workflow("dedupe", {})
-        await h.wait_final(tx)
+        run = (await h.wait_final(tx))["run_id"]
         await tap.wait_for(2)
         command = next(m for m in tap.messages if m.topic == topics.commands("worker_a"))
         await bus.publish([OutboxMessage(command.topic, tx, command.value or b"")])  # redelivered
@@ -215,7 +215,7 @@ async def test_the_worker_runs_a_redelivered_command_once_and_answers_again(back
                 await asyncio.sleep(0.02)
 
         await asyncio.wait_for(two_results(), 20)
-    assert runs == [f"{tx}:a:execute:1"]
+    assert runs == [command_id(tx, "a", "execute", 1, run)]
     results = [decode(m.value) for m in tap.messages if m.topic == topics.results]
     assert results[0] == results[1]  # the same answer, the same event id: the orchestrator dedupes it
 

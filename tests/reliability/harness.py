@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 
 from orchestrator_kafka import KafkaEventBus, RedisStateStore, SagaClient
 from orchestrator_kafka.context import SagaContext
+from orchestrator_kafka.models import command_id
 
 from ..conftest import unique
 
@@ -256,6 +257,14 @@ class World:
             found.update(await self.store.load_contexts(list(ids[i : i + 500])))
         return found
 
+    async def command_ids(
+        self, ids: Sequence[str], step: str, kind: str = "execute", attempt: int = 1
+    ) -> set[str]:
+        """The command ids of ``step``'s ``attempt`` in the sagas ``ids`` (each saga's run id in it)."""
+        return {
+            command_id(tx, step, kind, attempt, saga.run_id) for tx, saga in (await self.sagas(ids)).items()
+        }  # type: ignore[arg-type]
+
     async def progress(self, ids: Sequence[str]) -> collections.Counter[str]:
         sagas = await self.sagas(ids)
         return collections.Counter(sagas[tx].state.value if tx in sagas else "missing" for tx in ids)
@@ -322,24 +331,25 @@ class World:
                 assert not twice, f"commands run more than once: {sorted(twice.items())[:20]}"
             by_step: dict[tuple[str, str, str], set[str]] = collections.defaultdict(set)
             for cid in runs:
-                tx, step, kind, attempt = cid.rsplit(":", 3)
-                by_step[tx, step, kind].add(attempt)
+                run, step, kind, attempt = cid.rsplit(":", 3)  # run: "<tx>:<run id>"
+                by_step[run, step, kind].add(attempt)
             for tx, saga in sagas.items():
                 state = saga.state.value
                 if saga.workflow_id != "rel":
                     continue
+                run = f"{tx}:{saga.run_id}"
                 if state == "completed":
                     for step in ("reserve", "charge", "ship"):
-                        assert any(f"{tx}:{step}:execute:{a}" in ok for a in by_step[tx, step, "execute"]), (
-                            f"{tx} completed without a successful {step}"
-                        )
+                        assert any(
+                            f"{run}:{step}:execute:{a}" in ok for a in by_step[run, step, "execute"]
+                        ), f"{tx} completed without a successful {step}"
                 if state in ("compensated", "cancelled"):
                     for step in COMPENSATED_STEPS:
                         succeeded = any(
-                            f"{tx}:{step}:execute:{a}" in ok for a in by_step[tx, step, "execute"]
+                            f"{run}:{step}:execute:{a}" in ok for a in by_step[run, step, "execute"]
                         )
                         if succeeded:
-                            assert by_step[tx, step, "compensate"], f"{tx} {state}: {step} not compensated"
+                            assert by_step[run, step, "compensate"], f"{tx} {state}: {step} not compensated"
 
         audit: dict[str, dict[int, set[bytes]]] = collections.defaultdict(
             lambda: collections.defaultdict(set)

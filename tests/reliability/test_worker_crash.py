@@ -22,7 +22,7 @@ async def test_a_worker_killed_with_commands_in_flight_reruns_only_those(world: 
     stalls = await world.submit(["stall"] * 4)
     oks = await world.submit(["ok"] * 40)
     await world.wait_final(oks)
-    stalled = {f"{tx}:reserve:execute:1" for tx in stalls}
+    stalled = await world.command_ids(stalls, "reserve")
 
     async def runs() -> dict[str, int]:
         raw = await world.record.hgetall(f"{world.prefix}:runs")

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from orchestrator_kafka.models import command_id
 from orchestrator_kafka.ports import InboundMessage, OutboxMessage
 
 from .harness import World
@@ -103,9 +104,10 @@ async def test_timeout_storm_late_and_duplicate_results_and_results_for_ended_sa
     out += [OutboxMessage(results, c["transaction_id"], answer(c, "failed")) for c in commands[100:200]]
     # Results for ended sagas: a completed saga's steps and a cancelled saga's reserve answered again.
     runs = {k.decode() for k in await world.record.hkeys(f"{world.prefix}:runs")}
+    run_ids = {tx: saga.run_id for tx, saga in (await world.sagas(regular)).items()}
     for tx in regular:
         for step in ("reserve", "charge", "ship"):
-            cid = f"{tx}:{step}:execute:1"
+            cid = command_id(tx, step, "execute", 1, run_ids[tx])
             if cid in runs:
                 again = {
                     "transaction_id": tx,
@@ -117,7 +119,7 @@ async def test_timeout_storm_late_and_duplicate_results_and_results_for_ended_sa
     # A cancelled saga can end before its in-flight reserve answers; that genuine late answer moves it
     # once more (its compensation). Let every real answer be handled before taking the versions.
     deadline = time.monotonic() + 60
-    holds = {f"{tx}:reserve:execute:1" for tx in regular if tx.endswith("-hold")}
+    holds = await world.command_ids([tx for tx in regular if tx.endswith("-hold")], "reserve")
     while not holds <= {k.decode() for k in await world.record.hkeys(f"{world.prefix}:ok")}:
         assert time.monotonic() < deadline, "the hold sagas' reserve steps never answered"
         await asyncio.sleep(0.5)
@@ -131,7 +133,11 @@ async def test_timeout_storm_late_and_duplicate_results_and_results_for_ended_sa
 
     # Each late success got exactly one compensation, run once by the worker (verify checks "once").
     deadline = time.monotonic() + 60
-    wanted = {f"{c['transaction_id']}:wait:compensate:late-{c['body']['attempt']}.1" for c in late}
+    # A late compensation's id: its step's run prefix, then "wait:compensate:late-<n>.1".
+    wanted = {
+        f"{c['body']['command_id'].rsplit(':', 3)[0]}:wait:compensate:late-{c['body']['attempt']}.1"
+        for c in late
+    }
     while not wanted <= {k.decode() for k in await world.record.hkeys(f"{world.prefix}:runs")}:
         assert time.monotonic() < deadline, "late successes were not all compensated"
         await asyncio.sleep(0.5)

@@ -31,12 +31,22 @@ from orchestrator_kafka.models import (
     StartSaga,
     StepCommand,
     StepResult,
+    run_id_of,
 )
 from orchestrator_kafka.ports import Timer
 from orchestrator_kafka.workflow import RetryPolicy, WorkflowBuilder, WorkflowDefinition
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 TX = "tx-1"
+
+
+def start_id(tx: str = TX) -> str:
+    """The event id of the start of saga ``tx`` here: fixed, so its run id is known."""
+    return f"start:{tx}"
+
+
+# The run id of saga TX started at T0, in every command id it sends.
+RUN = run_id_of(start_id(), T0)
 _event_ids = itertools.count(1)
 
 
@@ -48,7 +58,7 @@ def start_event(
     definition: WorkflowDefinition, data: dict[str, Any] | None = None, tx: str = TX
 ) -> StartSaga:
     return StartSaga(
-        event_id=_event_id(),
+        event_id=start_id(tx),
         transaction_id=tx,
         workflow_id=definition.get_id(),
         occurred_at=T0,

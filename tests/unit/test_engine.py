@@ -15,7 +15,18 @@ from orchestrator_kafka.models import derived_event_id
 from orchestrator_kafka.ports import Timer
 from orchestrator_kafka.workflow import RetryPolicy, WorkflowBuilder, WorkflowDefinition
 
-from .engine_sim import T0, TX, Driver, actions, audit_actions, cancel_event, result_event, sent, start_event
+from .engine_sim import (
+    RUN,
+    T0,
+    TX,
+    Driver,
+    actions,
+    audit_actions,
+    cancel_event,
+    result_event,
+    sent,
+    start_event,
+)
 
 
 def spec_workflow(**retry: Any) -> WorkflowDefinition:
@@ -31,7 +42,7 @@ def spec_workflow(**retry: Any) -> WorkflowDefinition:
 
 
 def cmd(step: str, kind: str = "execute", attempt: int | str = 1) -> str:
-    return f"{TX}:{step}:{kind}:{attempt}"
+    return f"{TX}:{RUN}:{step}:{kind}:{attempt}"
 
 
 def ex(worker: str) -> str:
@@ -1181,3 +1192,29 @@ def test_a_success_for_a_command_never_sent_changes_nothing() -> None:
         t = d.feed(result_event(forged, workflow_id="transaction"))
         assert t.changed is False and t.note == "unknown command"
     assert d.saga is not None and d.saga.step("reserve").status.value == "running"
+
+
+def test_each_start_gets_its_own_run_id_in_every_command_id() -> None:
+    first = Driver(spec_workflow())
+    first.start()
+    again = Driver(spec_workflow())
+    again.advance(60)  # the same transaction id and start event id, started again later
+    again.start()
+    assert first.saga is not None and again.saga is not None
+    assert first.saga.run_id == RUN and again.saga.run_id not in ("", RUN)
+    assert first.command("reserve").body.command_id == f"{TX}:{RUN}:reserve:execute:1"
+    assert again.command("reserve").body.command_id == f"{TX}:{again.saga.run_id}:reserve:execute:1"
+
+
+def test_a_saga_stored_before_run_ids_keeps_its_command_ids() -> None:
+    d = Driver(spec_workflow())
+    d.start()
+    assert d.saga is not None
+    legacy = f"{TX}:reserve:execute:1"
+    d.saga.run_id = ""  # as an orchestrator before run ids stored it
+    d.saga.step("reserve").command_id = legacy
+    sent_before = d.command("reserve")
+    body = sent_before.body.model_copy(update={"command_id": legacy})
+    t = d.feed(result_event(sent_before.model_copy(update={"body": body})))
+    assert actions(t) == ["step_succeeded", "step_dispatched"]
+    assert d.command("charge").body.command_id == f"{TX}:charge:execute:1"

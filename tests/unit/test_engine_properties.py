@@ -331,7 +331,7 @@ def check_command_ids_topics_timers_and_versions(run: Run) -> None:
             label == str(body.attempt)
             or (late_label.startswith("late-") and late_attempt == str(body.attempt))
         )
-        assert body.command_id == f"{TX}:{body.step}:{body.kind}:{label}"
+        assert body.command_id == f"{TX}:{run.saga.run_id}:{body.step}:{body.kind}:{label}"
         if body.kind == "execute":
             assert (topic, body.worker_name) == (f"saga.commands.{step.worker_name}", step.worker_name)
         else:

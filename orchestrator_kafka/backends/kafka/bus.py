@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 
 from ...constants import DEFAULT_BOOTSTRAP_SERVERS, DEFAULT_TOPIC_PREFIX, ENV_BOOTSTRAP_SERVERS
 from ...errors import EventBusError, ValidationError
-from ...ports import BatchHandler, IEventBus, MessageHandler, Subscription
+from ...ports import BatchHandler, IEventBus, MessageHandler, Subscription, Watch, WatchHandler
 from ...values import InboundMessage, OutboxMessage
 from .admin import TopicAdmin
 from .message_subscription import KafkaMessageSubscription
@@ -29,6 +29,7 @@ from .publisher import MAX_BATCH_BYTES, MAX_REQUEST_BYTES, Publisher
 from .reader import read_topic
 from .subscription import KafkaSubscription
 from .teardown import quietly
+from .watch import KafkaWatch
 
 __all__ = ["KafkaEventBus"]
 
@@ -130,6 +131,7 @@ class KafkaEventBus(IEventBus):
             partitions=partitions, replication_factor=replication_factor, timeout=start_timeout
         )
         self._subscriptions: set[KafkaSubscription | KafkaMessageSubscription] = set()
+        self._watches: set[KafkaWatch] = set()
 
     @property
     def _producer(self) -> Any:
@@ -205,7 +207,7 @@ class KafkaEventBus(IEventBus):
         """Stop every subscription, flush and stop the producer, close the admin client; idempotent.
         The bus may be started again afterwards."""
         async with self._lifecycle:
-            subscriptions = list(self._subscriptions)
+            subscriptions: list[Subscription] = [*self._subscriptions, *self._watches]
             if subscriptions:
                 await asyncio.gather(*(sub.stop() for sub in subscriptions), return_exceptions=True)
             self._subscriptions.clear()
@@ -390,6 +392,30 @@ class KafkaEventBus(IEventBus):
             **settings,
             **self._common,
         )
+
+    async def watch(self, topic: str, handler: WatchHandler) -> Watch:
+        """Hand ``handler`` each message published to ``topic`` from now on, read by a consumer of its
+        own outside any group (nothing is committed). Returns once the consumer sits at the end of every
+        partition; ends when stopped or when the bus stops.
+
+        Raises:
+            EventBusError: not started, the broker unreachable, or no such topic.
+        """
+        self._require_started()
+        watch = KafkaWatch(
+            self._consumer("watch", group_id=None),
+            topic,
+            handler,
+            limit=self._start_timeout,
+            servers=self.bootstrap_servers,
+            on_stopped=self._watches.discard,
+        )
+        await watch._start(self._admin)
+        self._watches.add(watch)
+        if self._producer is None:  # stop() ran while the watch started: it must not outlive the bus
+            await watch.stop()
+            raise EventBusError("the Kafka event bus was stopped while watching")
+        return watch
 
     async def read(self, topic: str, *, follow: bool = False) -> AsyncIterator[InboundMessage]:
         """Every message kept on ``topic``, from the earliest offset of each partition, by a consumer of

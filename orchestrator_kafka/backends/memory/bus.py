@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ...constants import DEFAULT_TOPIC_PREFIX
 from ...errors import EventBusError, ValidationError
-from ...ports import BatchHandler, IEventBus, MessageHandler, Subscription, finished
+from ...ports import BatchHandler, IEventBus, MessageHandler, Subscription, Watch, WatchHandler, finished
 from ...values import InboundMessage, OutboxMessage
 from ..slots import Partition, Position, Slots
 
@@ -300,7 +300,7 @@ class InMemoryEventBus(IEventBus):
         self.topic_prefix = topic_prefix
         self.redelivery_delay = redelivery_delay
         self._broker = _Broker(partitions)
-        self._subscriptions: list[_Member | _Consumer] = []
+        self._subscriptions: list[_Member | _Consumer | _Watch] = []
         self._started = False
 
     @classmethod
@@ -400,6 +400,56 @@ class InMemoryEventBus(IEventBus):
         finally:
             self._broker.readers.discard(wake)
 
+    async def watch(self, topic: str, handler: WatchHandler) -> Watch:
+        """Hand ``handler`` each message published to ``topic`` from now on; no group, no commits. Ends
+        when stopped or when this bus stops.
+
+        Raises:
+            EventBusError: not started, or no such topic.
+        """
+        self._require_started()
+        if topic not in self._broker.logs:
+            raise EventBusError(f"no topic {topic!r}")
+        watch = _Watch(self._broker, topic, handler)
+        self._subscriptions.append(watch)
+        return watch
+
     def messages(self, topic: str) -> list[InboundMessage]:
         """Every message published to ``topic`` so far, partition by partition (for audits and tests)."""
         return [m for log in self._broker.logs.get(topic, []) for m in log]
+
+
+class _Watch(Watch):
+    """A watch of one topic of an in-memory broker: from the end each partition had when it began."""
+
+    def __init__(self, broker: _Broker, topic: str, handler: WatchHandler) -> None:
+        self._log = broker.logs[topic]
+        self._positions = [len(entries) for entries in self._log]
+        self._handler = handler
+        self._broker = broker
+        self._wake = asyncio.Event()
+        self._stopping = False
+        broker.readers.add(self._wake)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"memory-bus:watch:{topic}")
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                batch: list[InboundMessage] = []
+                for partition, entries in enumerate(self._log):
+                    batch.extend(entries[self._positions[partition] :])
+                    self._positions[partition] = len(entries)
+                if batch:
+                    self._handler(batch)
+                await self._wake.wait()
+        finally:
+            self._broker.readers.discard(self._wake)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await asyncio.wait({self._task})
+
+    async def ended(self) -> None:
+        await asyncio.shield(self._task)
