@@ -331,7 +331,9 @@ async def test_the_cache_holds_the_sagas_in_flight_not_those_that_ended() -> Non
         starts = [_inbound(topics.start, _start(f"tx-{i}"), i) for i in range(3)]
         await (await pipeline.handle_batch(starts))
         assert pipeline.cached == {"tx-0", "tx-1", "tx-2"}
-        done = result("tx-1", "a")
+        stored = await store.load_context("tx-1")
+        assert stored is not None
+        done = result("tx-1", "a", stored.run_id)
         await (await pipeline.handle_batch([InboundMessage(topics.results, 0, 0, b"tx-1", encode(done))]))
         assert pipeline.cached == {"tx-0", "tx-2"}
         status = await store.load_context("tx-1")
