@@ -32,7 +32,7 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, IllegalStateError, KafkaError
 
-from ...errors import EventBusError
+from ...errors import EventBusError, StoreFullError
 from ...ports import BatchHandler, Subscription, finished
 from ...values import InboundMessage
 from .aiokafka_workarounds import stop_consumer
@@ -257,6 +257,11 @@ class KafkaSubscription(Subscription):
                 if completion is not None:
                     try:
                         await finished(completion)
+                    except StoreFullError:
+                        # Redelivered like any failure; the orchestrator says so, once per interval,
+                        # instead of a traceback per retry.
+                        _log.debug("group %s: the state store is full; redelivering", self.group)
+                        ok = False
                     except Exception:  # noqa: BLE001 - a failed completion gets its batch again
                         if not self._broken:
                             _log.exception(
