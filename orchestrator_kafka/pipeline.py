@@ -171,8 +171,10 @@ class Pipeline:
         written: asyncio.Future[frozenset[str] | None] = asyncio.get_running_loop().create_future()
         try:
             first = await self._decide_round(work, list(range(len(events))), Basis.DECIDED)
-        except BaseException:
+        except BaseException as exc:
             self._cache.clear()  # it may hold states decided for this batch
+            if isinstance(exc, StoreFullError):  # a store that refuses even reads when full
+                self.refusals.refused(exc)
             raise
 
         async def complete() -> None:

@@ -224,10 +224,15 @@ class KafkaSubscription(Subscription):
             return
         try:
             completion = await self._handler(batch)
-        except Exception:  # noqa: BLE001 - a failing handler gets its batch again
-            _log.exception(
-                "group %s: handler failed on a batch of %d messages; redelivering it", self.group, len(batch)
-            )
+        except Exception as exc:  # noqa: BLE001 - a failing handler gets its batch again
+            if isinstance(exc, StoreFullError):  # the orchestrator says so, once per interval
+                _log.debug("group %s: the state store is full; redelivering", self.group)
+            else:
+                _log.exception(
+                    "group %s: handler failed on a batch of %d messages; redelivering it",
+                    self.group,
+                    len(batch),
+                )
             self._failed(offsets)
             return
         if completion is None and not self._inflight and not self._rewind_to:
