@@ -8,10 +8,14 @@ import asyncio
 import functools
 import gc
 import logging
+import os
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +46,7 @@ from ..conftest import require_kafka, unique
 from ..private_redis import cmd, fill, free, private_redis
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
+ROOT = Path(__file__).resolve().parents[2]
 
 WORKFLOW = WorkflowBuilder("wf").add_step("a", "wa").add_step("b", "wb").build()
 
@@ -234,3 +239,25 @@ async def test_the_orchestrator_refuses_to_start_on_an_evicting_redis(url: str) 
             await orchestrator.execute_workflow("wf", {})
     finally:
         await store.close()
+
+
+async def test_the_run_command_exits_with_one_line_naming_an_evicting_policy(url: str) -> None:
+    raw = aioredis.Redis.from_url(url)
+    try:
+        await cmd(raw, "CONFIG", "SET", "maxmemory-policy", "volatile-lru")
+    finally:
+        await raw.aclose()
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=require_kafka(), ORCHESTRATOR_TOPIC_PREFIX=unique("t"))
+    command = ["-m", "orchestrator_kafka", "--redis-url", url, "run", "--workflows", "tests.cli.app"]
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, *command],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "maxmemory-policy 'volatile-lru'" in run.stderr and "noeviction" in run.stderr
