@@ -11,10 +11,12 @@ from .backends.memory import InMemoryEventBus, InMemoryStateStore
 from .client import SagaClient
 from .context import SagaContext, WorkflowState
 from .errors import (
+    ConfigurationError,
     EventBusError,
     NonRetryableError,
     OrchestratorError,
     StateStoreError,
+    StoreFullError,
     ValidationError,
     WorkflowExecutionError,
 )
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigurationError",
     "EventBusError",
     "IEventBus",
     "ILogger",
@@ -48,6 +51,7 @@ __all__ = [
     "SagaContext",
     "StateStoreError",
     "StepContext",
+    "StoreFullError",
     "ValidationError",
     "Worker",
     "WorkflowBuilder",

@@ -6,6 +6,8 @@ Every error the library raises on purpose derives from :class:`OrchestratorError
      ├── ValidationError          bad input: a definition, an argument, a message body
      ├── WorkflowExecutionError   a saga cannot do what was asked (start, cancel) in its state
      ├── StateStoreError          the state store failed or is unreachable
+     │    └── StoreFullError      the state store refuses writes: it is out of memory
+     ├── ConfigurationError       a backend is set up in a way that would break a promise
      ├── EventBusError            the event bus failed or is unreachable
      └── DecodeError              a message on the wire cannot be understood (goes to the DLQ)
 
@@ -31,6 +33,19 @@ class WorkflowExecutionError(OrchestratorError):
 
 class StateStoreError(OrchestratorError):
     """The state store failed or could not be reached; nothing was partially written."""
+
+
+class StoreFullError(StateStoreError):
+    """The state store refused a write because it is full (Redis ``maxmemory`` with ``noeviction``).
+
+    Nothing of the refused call was written. It passes once memory frees: the orchestrator commits
+    nothing for what was refused, retries with backoff and resumes by itself.
+    """
+
+
+class ConfigurationError(OrchestratorError):
+    """A backend is configured in a way that would break a promise, e.g. a Redis that evicts keys
+    (and so would lose sagas) when it is full; the message names the setting and why."""
 
 
 class EventBusError(OrchestratorError):

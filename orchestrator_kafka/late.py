@@ -72,9 +72,7 @@ def unawaited_result(run: Decision[T], step: WorkflowStep, rt: StepRuntime, body
         return run.unchanged("stale result")
     sent = rt.attempt if body.kind == "execute" else rt.compensation_attempt
     sent_id = command_id(saga.transaction_id, step.name, body.kind, body.attempt, saga.run_id)
-    if body.command_id != sent_id or not (
-        1 <= body.attempt <= sent
-    ):
+    if body.command_id != sent_id or not (1 <= body.attempt <= sent):
         # Not a command this saga sent (or the answer to an extra compensation): nothing to take.
         return run.unchanged("unknown command")
     if body.kind == "compensate":

@@ -18,6 +18,11 @@ class Service(ABC):
     async def stop(self) -> None:
         """Stop; idempotent."""
 
+    def unready_reason(self) -> str | None:
+        """Why the started service cannot do its work right now (a backend refusing it), for the
+        readiness probe; None when it can."""
+        return None
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self

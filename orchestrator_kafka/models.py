@@ -37,9 +37,7 @@ ERROR_TYPE_MAX = 500
 ERROR_MESSAGE_MAX = 10_000
 
 
-def command_id(
-    transaction_id: str, step: str, kind: StepKind, attempt: int | str, run_id: str = ""
-) -> str:
+def command_id(transaction_id: str, step: str, kind: StepKind, attempt: int | str, run_id: str = "") -> str:
     """The id of a command: unique per saga run, step, kind and attempt (``attempt`` is a number, or
     ``late-<n>.<k>`` for attempt k of the compensation of a late success of attempt n).
 

@@ -142,6 +142,7 @@ class Orchestrator(IOrchestrator, Service):
 
         Raises:
             EventBusError, StateStoreError: a backend could not be reached.
+            ConfigurationError: the state store is set up to lose sagas (a Redis that evicts keys).
         """
         if self._started:
             return
@@ -149,6 +150,8 @@ class Orchestrator(IOrchestrator, Service):
             raise WorkflowExecutionError(
                 "this orchestrator closed the state store it made when it stopped: make a new Orchestrator"
             )
+        # Before anything runs: a store that would drop sagas must not take a single one.
+        await self._store.check()
         await self._bus.start()
         # Built at start: by now the application has installed its OpenTelemetry providers, if any.
         self._pipeline.telemetry = Telemetry("orchestrator")
@@ -190,6 +193,11 @@ class Orchestrator(IOrchestrator, Service):
             self._store_closed = True
             await self._store.close()
         self._log.info("orchestrator stopped")
+
+    def unready_reason(self) -> str | None:
+        """Why the orchestrator cannot make progress right now (the state store refuses writes), for
+        the readiness probe; None when it can."""
+        return self._pipeline.refusals.reason()
 
     def _require_started(self) -> None:
         if not self._started:

@@ -20,12 +20,13 @@ from . import codec
 from .constants import Topics
 from .context import SagaContext
 from .engine import Event, TimerFired, Transition, decide, park
-from .errors import OrchestratorError, StateStoreError
+from .errors import OrchestratorError, StateStoreError, StoreFullError
 from .intake import Intake
 from .models import StartSaga, StepResult, of_run
 from .ports import IEventBus, ILogger, IStateStore
+from .refusals import WriteRefusals
 from .telemetry import Telemetry
-from .values import Headers, InboundMessage, OutboxMessage, TransitionWrite
+from .values import ApplyResult, Headers, InboundMessage, OutboxMessage, TransitionWrite
 from .versions import Versions
 
 Clock = Callable[[], datetime]
@@ -130,6 +131,8 @@ class Pipeline:
         self._cache_size = cache_size
         self._last: _InFlight | None = None
         self._acks: set[asyncio.Task[None]] = set()
+        #: The writes a full store refused: logged once per interval, counted, and the readiness reason.
+        self.refusals = WriteRefusals(log, counted=lambda: self.telemetry.refused_write())
 
     @property
     def telemetry(self) -> Telemetry:
@@ -168,8 +171,10 @@ class Pipeline:
         written: asyncio.Future[frozenset[str] | None] = asyncio.get_running_loop().create_future()
         try:
             first = await self._decide_round(work, list(range(len(events))), Basis.DECIDED, first=True)
-        except BaseException:
+        except BaseException as exc:
             self._cache.clear()  # it may hold states decided for this batch
+            if isinstance(exc, StoreFullError):  # a store that refuses even reads when full
+                self.refusals.refused(exc)
             raise
 
         async def complete() -> None:
@@ -284,7 +289,7 @@ class Pipeline:
                     self._cache.pop(tx, None)
                 diverged |= redo
                 redo = frozenset()
-            results = await self._store.apply(writes) if writes else []
+            results = await self._apply(writes) if writes else []
             publish: list[OutboxMessage] = []
             acks: dict[str, int] = {}
             for i, write, result in zip(owners, writes, results, strict=True):
@@ -320,6 +325,20 @@ class Pipeline:
                 return
             decided = await self._decide_round(work, sorted(retry), decided.basis)
         raise StateStoreError(f"{len(decided.owners)} events still conflicted after {_MAX_ROUNDS} rounds")
+
+    async def _apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
+        """The store's apply, keeping the account of a full store. A refused batch wrote nothing and
+        raises on: a consumed batch's offsets are then not committed and the bus redelivers it after its
+        backoff; a timer stays claimed and fires again; a request's caller gets the error."""
+        try:
+            results = await self._store.apply(writes)
+        except StoreFullError as exc:
+            self.refusals.refused(exc)
+            raise
+        # Only a saga written proves the store has room again: a batch of duplicates writes nothing.
+        if any(r.status == "applied" for r in results):
+            self.refusals.accepted()
+        return results
 
     async def _sagas_of(self, transaction_ids: set[str], unread: set[str]) -> dict[str, SagaContext]:
         """The sagas, from the cache where it has them, else from the store in one round trip; those of

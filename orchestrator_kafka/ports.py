@@ -137,6 +137,15 @@ class IStateStore(ABC):
     async def close(self) -> None:
         """Release connections; idempotent."""
 
+    async def check(self) -> None:
+        """Refuse a backend set up to lose sagas; the orchestrator calls it at start. None by default.
+
+        Raises:
+            ConfigurationError: the backend is set up in a way that would lose sagas (say which, why).
+            StateStoreError: the backend could not be reached.
+        """
+        return None  # nothing to check: a store in memory loses everything on exit anyway
+
     async def __aenter__(self) -> Self:
         return self
 

@@ -60,10 +60,17 @@ def tune_gc() -> None:
 
 class HealthServer:
     """Plain HTTP for probes: ``GET /healthz`` answers 200 while the event loop runs; ``GET /readyz``
-    answers 200 while the service is started and not stopping, else 503. Anything else is a 404."""
+    answers 200 while the service is started and not stopping and ``problem`` returns None, else 503
+    with the reason (e.g. the state store refuses writes). Anything else is a 404."""
 
-    def __init__(self, host: str, port: int, ready: Callable[[], bool]) -> None:
-        self._host, self._port, self._ready = host, port, ready
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        problem: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self._host, self._port, self._ready, self._problem = host, port, ready, problem
         self._server: asyncio.Server | None = None
 
     @property
@@ -84,6 +91,16 @@ class HealthServer:
             server.close()
             await server.wait_closed()
 
+    def _readiness(self) -> tuple[str, str]:
+        if not self._ready():
+            return "503 Service Unavailable", "not ready"
+        # Not ready while it cannot make progress: a load balancer or an operator sees why, while the
+        # liveness probe stays green (a restart would not give Redis its memory back).
+        problem = self._problem()
+        if problem is not None:
+            return "503 Service Unavailable", f"not ready: {problem}"
+        return "200 OK", "ready"
+
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(5):
@@ -95,14 +112,14 @@ class HealthServer:
             if path == "/healthz":
                 status, body = "200 OK", "ok"
             elif path == "/readyz":
-                status, body = (
-                    ("200 OK", "ready") if self._ready() else ("503 Service Unavailable", "not ready")
-                )
+                status, body = self._readiness()
             else:
                 status, body = "404 Not Found", "not found"
+            data = body.encode()
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: close\r\n\r\n{body}".encode()
+                f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+                + data
             )
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -133,7 +150,7 @@ async def serve(
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     ready = False
-    probes = HealthServer(health[0], health[1], lambda: ready) if health else None
+    probes = HealthServer(health[0], health[1], lambda: ready, service.unready_reason) if health else None
     try:
         if probes is not None:
             await probes.start()

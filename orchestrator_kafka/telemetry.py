@@ -16,7 +16,8 @@ Spans, in one trace per saga:
 Metrics (meter ``orchestrator_kafka``): ``saga.sagas`` (counter, by ``event``: started, completed,
 compensated, failed, cancelled), ``saga.step.duration`` (histogram, seconds from dispatch to result),
 ``saga.retries`` (counter), ``saga.dead_letters`` (counter, by ``reason``), ``saga.in_flight`` (gauge,
-sagas pending, running or compensating, refreshed from the store).
+sagas pending, running or compensating, refreshed from the store), ``saga.store.refused_writes``
+(counter: writes the state store refused because it is full; each is retried).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Telemetry:
         self._sagas, self._duration = instruments.sagas, instruments.duration
         self._retries, self._dead = instruments.retries, instruments.dead
         self._in_flight = instruments.in_flight
+        self._refused = instruments.refused
 
     # ---------------------------------------------------------------- orchestrator
 
@@ -202,6 +204,11 @@ class Telemetry:
                 1, {"reason": reason, "messaging.source.name": topic, "component": self._component}
             )
 
+    def refused_write(self) -> None:
+        """Count a write the state store refused because it is full."""
+        if self.metering:
+            self._refused.add(1, {"component": self._component})
+
     def set_in_flight(self, counts: Mapping[str, int]) -> None:
         """The latest count of unfinished sagas in the store, by workflow, for the gauge."""
         self._in_flight.clear()
@@ -238,6 +245,9 @@ class _Instruments:
         )
         self.retries = meter.create_counter("saga.retries", description="Retries scheduled.")
         self.dead = meter.create_counter("saga.dead_letters", description="Messages dead-lettered.")
+        self.refused = meter.create_counter(
+            "saga.store.refused_writes", description="Writes the state store refused because it is full."
+        )
         self.in_flight: dict[str, int] = {}
         meter.create_observable_gauge(
             "saga.in_flight",

@@ -10,16 +10,19 @@ from datetime import datetime
 from .constants import TIMER_LEASE_SECONDS
 from .context import WorkflowState
 from .engine import TimerFired
-from .errors import OrchestratorError
+from .errors import OrchestratorError, StoreFullError
 from .pipeline import Pipeline
 from .ports import IEventBus, ILogger, IStateStore
+from .values import Timer
 
 
 class Housekeeping:
     """Fires due timers every ``timer_interval`` seconds and sweeps outboxes every ``sweep_interval``.
 
     Timers are claimed with a lease, so another orchestrator fires them only if this one dies before the
-    write that handles them deletes them.
+    write that handles them deletes them. While the store refuses writes (full), the loop backs off as
+    the pipeline's :class:`~orchestrator_kafka.refusals.WriteRefusals` says; the timers it could not
+    handle stay claimed and fire again when their lease ends.
     """
 
     def __init__(
@@ -69,10 +72,9 @@ class Housekeeping:
         # The flag, not only the cancel, ends the loop: redis-py can turn a cancel that lands in a read
         # into a timeout error (asyncio.timeout in Python 3.11), which the except below would swallow.
         while self._running:
+            pause = self._timer_interval
             try:
-                timers = await self._store.claim_due_timers(
-                    self._clock().timestamp(), self._max_batch, TIMER_LEASE_SECONDS
-                )
+                timers = await self._claim()
                 if timers:
                     await self._pipeline.process([TimerFired(t) for t in timers])
                 if loop.time() >= next_sweep:
@@ -82,12 +84,25 @@ class Housekeeping:
                         await self._count_in_flight()
                 if len(timers) == self._max_batch:
                     continue
+            except StoreFullError:
+                # Counted and logged (once per interval) where it was refused; the next try waits.
+                pause = max(pause, self._pipeline.refusals.delay)
             except OrchestratorError as exc:
                 # A backend is down: the timers stay claimed for their lease and fire again later.
                 self._log.warning("timer loop: %s", exc)
             except Exception:  # noqa: BLE001 - the timer loop must outlive any single failure
                 self._log.exception("timer loop failed")
-            await asyncio.sleep(self._timer_interval)
+            await asyncio.sleep(pause)
+
+    async def _claim(self) -> list[Timer]:
+        try:
+            return await self._store.claim_due_timers(
+                self._clock().timestamp(), self._max_batch, TIMER_LEASE_SECONDS
+            )
+        except StoreFullError as exc:
+            # Claiming moves the timers' due time (a write): a full store refuses it while any is due.
+            self._pipeline.refusals.refused(exc)
+            raise
 
     async def _count_in_flight(self) -> None:
         counts = dict.fromkeys(self._workflow_ids, 0)

@@ -110,6 +110,30 @@ async def test_health_server_answers_liveness_and_readiness() -> None:
         await server.stop()
 
 
+async def test_readiness_is_503_with_the_reason_while_the_service_reports_a_problem() -> None:
+    problem: str | None = "the state store has refused writes for 3s: OOM"
+    server = HealthServer("127.0.0.1", 0, lambda: True, lambda: problem)
+    await server.start()
+
+    async def get(path: str) -> list[str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        return answer.decode().splitlines()
+
+    try:
+        answer = await get("/readyz")
+        assert answer[0] == "HTTP/1.1 503 Service Unavailable"
+        assert answer[-1] == "not ready: the state store has refused writes for 3s: OOM"
+        assert (await get("/healthz"))[0] == "HTTP/1.1 200 OK"  # alive: a restart would not help
+        problem = None
+        assert (await get("/readyz"))[0] == "HTTP/1.1 200 OK"
+    finally:
+        await server.stop()
+
+
 def test_repeated_log_lines_are_held_back_and_counted() -> None:
     from orchestrator_kafka.service import RepeatFilter
 

@@ -8,6 +8,7 @@ import sys
 
 import orchestrator_kafka
 from orchestrator_kafka import (
+    ConfigurationError,
     IEventBus,
     ILogger,
     InMemoryEventBus,
@@ -18,6 +19,7 @@ from orchestrator_kafka import (
     Orchestrator,
     OrchestratorError,
     StateStoreError,
+    StoreFullError,
     ValidationError,
     WorkflowBuilder,
     WorkflowExecutionError,
@@ -25,6 +27,7 @@ from orchestrator_kafka import (
 )
 
 EXPECTED = {
+    "ConfigurationError",
     "EventBusError",
     "IEventBus",
     "ILogger",
@@ -43,6 +46,7 @@ EXPECTED = {
     "SagaContext",
     "StateStoreError",
     "StepContext",
+    "StoreFullError",
     "ValidationError",
     "Worker",
     "WorkflowBuilder",
@@ -72,8 +76,10 @@ def test_ports_work_with_isinstance() -> None:
 
 
 def test_errors_form_one_tree() -> None:
-    for error in (ValidationError, WorkflowExecutionError, StateStoreError):
+    for error in (ValidationError, WorkflowExecutionError, StateStoreError, ConfigurationError):
         assert issubclass(error, OrchestratorError)
+    # A full store is a store failure: whoever handles StateStoreError handles it too.
+    assert issubclass(StoreFullError, StateStoreError)
     assert issubclass(ValidationError, ValueError)  # a bad argument is a ValueError too
     assert [s.value for s in WorkflowState] == [
         "pending",

@@ -32,6 +32,7 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, IllegalStateError, KafkaError
 
+from ...errors import StoreFullError
 from ...ports import BatchHandler, finished
 from ...values import InboundMessage
 from .aiokafka_workarounds import stop_consumer
@@ -191,10 +192,15 @@ class KafkaSubscription(GroupMember):
             return
         try:
             completion = await self._handler(batch)
-        except Exception:  # noqa: BLE001 - a failing handler gets its batch again
-            _log.exception(
-                "group %s: handler failed on a batch of %d messages; redelivering it", self.group, len(batch)
-            )
+        except Exception as exc:  # noqa: BLE001 - a failing handler gets its batch again
+            if isinstance(exc, StoreFullError):  # the orchestrator says so, once per interval
+                _log.debug("group %s: the state store is full; redelivering", self.group)
+            else:
+                _log.exception(
+                    "group %s: handler failed on a batch of %d messages; redelivering it",
+                    self.group,
+                    len(batch),
+                )
             self._failed(offsets)
             return
         if completion is None and not self._inflight and not self._rewind_to:
@@ -224,6 +230,11 @@ class KafkaSubscription(GroupMember):
                 if completion is not None:
                     try:
                         await finished(completion)
+                    except StoreFullError:
+                        # Redelivered like any failure; the orchestrator says so, once per interval,
+                        # instead of a traceback per retry.
+                        _log.debug("group %s: the state store is full; redelivering", self.group)
+                        ok = False
                     except Exception:  # noqa: BLE001 - a failed completion gets its batch again
                         if not self._broken:
                             _log.exception(

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from ...constants import DEFAULT_TOPIC_PREFIX
-from ...errors import EventBusError, ValidationError
+from ...errors import EventBusError, StoreFullError, ValidationError
 from ...ports import BatchHandler, IEventBus, MessageHandler, Subscription, Watch, WatchHandler, finished
 from ...values import InboundMessage, OutboxMessage
 from ..slots import Partition, Position, Slots
@@ -74,8 +74,13 @@ class _Member(Subscription):
                     await finished(completion)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a failing handler gets its batch again, as on Kafka
-                _log.exception("handler of group %s failed; redelivering %d messages", self.group, len(batch))
+            except Exception as exc:  # noqa: BLE001 - a failing handler gets its batch again, as on Kafka
+                if isinstance(exc, StoreFullError):  # the orchestrator says so, once per interval
+                    _log.debug("group %s: the state store is full; redelivering", self.group)
+                else:
+                    _log.exception(
+                        "handler of group %s failed; redelivering %d messages", self.group, len(batch)
+                    )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue

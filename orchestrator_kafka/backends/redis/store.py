@@ -12,6 +12,7 @@ applied all of the call or none of it.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
@@ -22,11 +23,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.client import NEVER_DECODE
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
 from ...constants import DEDUPE_TTL_SECONDS, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL, ENV_REDIS_URL
 from ...context import SagaContext, storable
-from ...errors import StateStoreError, ValidationError
+from ...errors import ConfigurationError, StateStoreError, StoreFullError, ValidationError
 from ...ports import IStateStore
 from ...values import ApplyResult, PendingOutbox, Timer, TransitionWrite
 from .keys import RedisKeys, SagaField
@@ -39,6 +40,21 @@ __all__ = ["RedisStateStore"]
 def _text(value: bytes | str) -> str:
     # A client passed in may decode replies itself (decode_responses=True): every stored value is UTF-8.
     return value if isinstance(value, str) else value.decode()
+
+
+_log = logging.getLogger("orchestrator_kafka.redis")
+
+
+def _failed(op: str, exc: Exception) -> StateStoreError:
+    """The store error for a Redis failure; a write refused for memory is a :class:`StoreFullError`."""
+    message = f"Redis state store: {op} failed: {type(exc).__name__}: {exc}"
+    # redis-py makes OutOfMemoryError of a bare OOM reply only; one from inside a script carries the
+    # script's name after it, and comes as a plain ResponseError.
+    if isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "command not allowed when used memory" in str(exc)
+    ):
+        return StoreFullError(message)
+    return StateStoreError(message)
 
 
 def _corrupt(op: str, exc: Exception) -> StateStoreError:
@@ -122,16 +138,14 @@ class RedisStateStore(IStateStore):
                 await execute("SCRIPT", "LOAD", SCRIPT)
                 return await execute("EVALSHA", SHA, 0, op, self._keys.prefix, *args, **raw)
         except (RedisError, OSError) as exc:
-            raise StateStoreError(f"Redis state store: {op} failed: {type(exc).__name__}: {exc}") from exc
+            raise _failed(op, exc) from exc
 
     async def _command(self, *args: str | bytes | int) -> Any:
         self._check_open()
         try:
             return await self._execute(*args)
         except (RedisError, OSError) as exc:
-            raise StateStoreError(
-                f"Redis state store: {args[0]!s} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise _failed(str(args[0]), exc) from exc
 
     @staticmethod
     def _parse(transaction_id: str, raw: bytes) -> SagaContext:
@@ -310,6 +324,41 @@ class RedisStateStore(IStateStore):
             raise _corrupt("claim_due_timers", exc) from exc
 
     # ------------------------------------------------------------ lifecycle
+
+    async def check(self) -> None:
+        """Refuse a Redis that evicts keys when full: it would drop sagas (running ones included)
+        silently. Only ``noeviction`` is safe; then a full Redis refuses writes, and the orchestrator
+        retries until memory frees. A server that does not allow ``CONFIG GET`` (a managed Redis, an
+        ACL) cannot be checked: that is logged, and the check passes.
+
+        Raises:
+            ConfigurationError: ``maxmemory-policy`` is not ``noeviction``.
+            StateStoreError: Redis could not be reached.
+        """
+        self._check_open()
+        try:
+            reply = await self._execute("CONFIG", "GET", "maxmemory-policy")
+        except ResponseError as exc:  # NOPERM from an ACL, or CONFIG renamed or disabled
+            _log.warning(
+                "cannot read Redis's maxmemory-policy (%s): make sure it is noeviction, or a full Redis "
+                "will evict saga state",
+                exc,
+            )
+            return
+        except (RedisError, OSError) as exc:
+            raise _failed("CONFIG GET maxmemory-policy", exc) from exc
+        # CONFIG GET answers a flat [name, value] list (RESP2) or a map (RESP3); redis-py may make
+        # either a dict.
+        pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+        policy = next((_text(v) for k, v in pairs if _text(k) == "maxmemory-policy"), None)
+        if policy is None:
+            _log.warning("Redis did not report its maxmemory-policy: make sure it is noeviction")
+        elif policy != "noeviction":
+            raise ConfigurationError(
+                f"Redis has maxmemory-policy {policy!r}: when full it would evict keys, and with them "
+                "sagas, their outboxes and timers, silently. Set 'maxmemory-policy noeviction' (a full "
+                "Redis then refuses writes, and the orchestrator waits and retries until memory frees)"
+            )
 
     async def close(self) -> None:
         """Release the connections of a client this store made (a client passed in stays open);
