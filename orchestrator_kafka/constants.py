@@ -32,6 +32,10 @@ WORKER_GROUP = "worker"
 # How long a processed event id is remembered for dedupe: well past any redelivery window (both
 # state stores take another as ``dedupe_ttl``).
 DEDUPE_TTL_SECONDS = 7 * 24 * 3600
+# How long an ended saga's keys are kept (completed, compensated or cancelled), and a failed one's,
+# which an operator must look at first. None in either keeps them for ever; nothing unfinished expires.
+DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+DEFAULT_FAILED_RETENTION_SECONDS = 30 * 24 * 3600
 # How long a claimed timer is leased before another orchestrator may fire it again.
 TIMER_LEASE_SECONDS = 30.0
 # Largest message accepted off the wire.

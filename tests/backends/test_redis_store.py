@@ -62,8 +62,8 @@ async def test_raw_layout(store: RedisStateStore, raw: aioredis.Redis) -> None:
     assert await cmd(raw, "SMEMBERS", f"{p}:outboxes") == {b"t1"}
     assert await cmd(raw, "ZSCORE", f"{p}:timers", "tm") == 5.0
     assert await cmd(raw, "SMEMBERS", f"{p}:{{t1}}:timers") == {b"tm"}
-    for key in (f"{p}:idx:all", f"{p}:idx:wf:orders", f"{p}:idx:state:running"):
-        assert await cmd(raw, "SMEMBERS", key) == {b"t1"}
+    assert await cmd(raw, "ZRANGE", f"{p}:idx:running:orders", 0, -1) == [b"t1"]
+    assert await cmd(raw, "SMEMBERS", f"{p}:idx:workflows") == {b"orders"}
 
 
 async def _keys_under(raw: aioredis.Redis, prefix: str) -> set[str]:
@@ -77,14 +77,14 @@ async def test_the_script_writes_exactly_the_keys_redis_keys_names(
     k = store.keys
     await store.apply([create("t1", outbox=(msg(1),), timers=(timer("t1", "tm", 5.0),))])
     saga_keys = {k.saga("t1"), k.events("t1"), k.outbox("t1"), k.saga_timers("t1")}
-    shared = {k.outboxes, k.timers, k.timer_entries, k.all_sagas}
-    indexes = {k.by_workflow("orders"), k.by_state("running")}
+    shared = {k.outboxes, k.timers, k.timer_entries, k.workflows}
+    indexes = {k.index("running", "orders")}
     assert await _keys_under(raw, store.key_prefix) == saga_keys | shared | indexes
     await store.save_context(saga("t2", 1, WorkflowState.FAILED, wf="refunds"))
     await store.apply([step("t1", 1, "e2", state=WorkflowState.COMPLETED, cancel_timers=("tm",))])
     assert await _keys_under(raw, store.key_prefix) == (
-        {k.saga("t1"), k.events("t1"), k.outbox("t1"), k.saga("t2"), k.outboxes, k.all_sagas}
-        | {k.by_workflow("orders"), k.by_workflow("refunds"), k.by_state("completed"), k.by_state("failed")}
+        {k.saga("t1"), k.events("t1"), k.outbox("t1"), k.saga("t2"), k.outboxes, k.workflows}
+        | {k.index("completed", "orders"), k.index("failed", "refunds")}
     )
     assert await store.load_contexts(["t1", "t2"]) == {
         "t1": saga("t1", 2, WorkflowState.COMPLETED),
@@ -93,8 +93,8 @@ async def test_the_script_writes_exactly_the_keys_redis_keys_names(
     await store.ack_outbox([("t1", 2)])
     assert await store.delete_context("t1") is True
     assert await store.delete_context("t2") is True
-    # The processed event ids stay, until they expire.
-    assert await _keys_under(raw, store.key_prefix) == {k.events("t1")}
+    # The processed event ids stay, until they expire; so does the list of workflows (a few names).
+    assert await _keys_under(raw, store.key_prefix) == {k.events("t1"), k.workflows}
 
 
 async def test_deleting_a_saga_deletes_its_keys(store: RedisStateStore, raw: aioredis.Redis) -> None:

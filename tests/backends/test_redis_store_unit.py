@@ -42,14 +42,13 @@ def test_redis_keys_name_the_documented_layout() -> None:
         "P:{tx}:outbox",
         "P:{tx}:timers",
     ]
-    assert [keys.outboxes, keys.timers, keys.timer_entries, keys.all_sagas] == [
+    assert [keys.outboxes, keys.timers, keys.timer_entries, keys.workflows] == [
         "P:outboxes",
         "P:timers",
         "P:timer",
-        "P:idx:all",
+        "P:idx:workflows",
     ]
-    assert keys.by_workflow("orders") == "P:idx:wf:orders"
-    assert keys.by_state(WorkflowState.COMPLETED) == "P:idx:state:completed"
+    assert keys.index(WorkflowState.COMPLETED, "a:b") == "P:idx:completed:a:b"
     assert [str(f) for f in SagaField] == ["v", "ctx", "wf", "state"]
     assert RedisKeys().prefix == "saga"
 
@@ -88,6 +87,7 @@ def test_packed_rows_follow_the_field_positions() -> None:
         WriteField.STATE: "compensating",
         WriteField.OUTBOX_LEN: len(entry),
         WriteField.CANCEL_TIMERS: ["old"],
+        WriteField.UPDATED_MS: int(saga("t1", 1).updated_at.timestamp() * 1000),
     }
     expected_bare = {
         WriteField.EVENT_ID: "e2",
@@ -100,6 +100,7 @@ def test_packed_rows_follow_the_field_positions() -> None:
         WriteField.OUTBOX_LEN: 0,
         WriteField.TIMERS: [],
         WriteField.CANCEL_TIMERS: ["x", "y"],
+        WriteField.UPDATED_MS: 0,
     }
     assert set(expected_full) | {WriteField.TIMERS} == set(expected_bare) == set(WriteField)
     assert [len(row) for row in rows] == [len(WriteField)] * 2

@@ -21,9 +21,9 @@ _TAG_CLOSE: Final = "}"
 _EVENTS: Final = ":ev"
 _OUTBOX: Final = ":outbox"
 _SAGA_TIMERS: Final = ":timers"
-_ALL_SAGAS: Final = ":idx:all"
-_BY_WORKFLOW: Final = ":idx:wf:"
-_BY_STATE: Final = ":idx:state:"
+# One index per (state, workflow): the state goes first, since it never holds a colon and a workflow id may.
+_INDEX: Final = ":idx:"
+_WORKFLOWS: Final = ":idx:workflows"
 _OUTBOXES: Final = ":outboxes"
 _TIMERS: Final = ":timers"
 _TIMER_ENTRIES: Final = ":timer"
@@ -50,9 +50,14 @@ class RedisKeys:
         outboxes        P:outboxes        set   tx ids whose outbox is not empty
         timers          P:timers          zset  score = due time (epoch seconds), member = timer id
         timer_entries   P:timer           hash  timer id -> an encoded Timer (see packing.py)
-        all_sagas       P:idx:all         set   tx ids of every saga
-        by_workflow(wf) P:idx:wf:<wf>     set   tx ids of the sagas of workflow wf
-        by_state(st)    P:idx:state:<st>  set   tx ids of the sagas in state st
+        index(st, wf)   P:idx:<st>:<wf>   zset  tx ids of the sagas of workflow wf in state st, score =
+                                                when the saga entered st (its updated_at, epoch ms)
+        workflows       P:idx:workflows   set   every workflow id that has had a saga (to find indexes)
+
+    A saga's own keys expire ``retention`` (``failed_retention`` if it failed) after it ends; the
+    indexes of the final states are trimmed by score (:meth:`RedisStateStore.trim`). One index per
+    (state, workflow) keeps one member per saga, and lets a listing page read only the indexes that
+    match its filter, ``limit`` members each.
 
     The index and timer keys are global, so the layout targets one Redis server (or a primary with
     replicas), not Redis Cluster.
@@ -100,14 +105,11 @@ class RedisKeys:
         return self.prefix + _TIMER_ENTRIES
 
     @property
-    def all_sagas(self) -> str:
-        return self.prefix + _ALL_SAGAS
+    def workflows(self) -> str:
+        return self.prefix + _WORKFLOWS
 
-    def by_workflow(self, workflow_id: str) -> str:
-        return f"{self.prefix}{_BY_WORKFLOW}{workflow_id}"
-
-    def by_state(self, state: str) -> str:
-        return f"{self.prefix}{_BY_STATE}{state!s}"
+    def index(self, state: str, workflow_id: str) -> str:
+        return f"{self.prefix}{_INDEX}{state!s}:{workflow_id}"
 
 
 def _lua(text: str) -> str:
@@ -133,14 +135,13 @@ def lua_definitions(prefix_expression: str) -> str:
             f"  outboxes = P .. {_lua(_OUTBOXES)},",
             f"  timers = P .. {_lua(_TIMERS)},",
             f"  timer_entries = P .. {_lua(_TIMER_ENTRIES)},",
-            f"  all_sagas = P .. {_lua(_ALL_SAGAS)},",
+            f"  workflows = P .. {_lua(_WORKFLOWS)},",
             "}",
             of_saga("saga", ""),
             of_saga("events", _EVENTS),
             of_saga("outbox", _OUTBOX),
             of_saga("saga_timers", _SAGA_TIMERS),
-            f"function K.by_workflow(wf) return P .. {_lua(_BY_WORKFLOW)} .. wf end",
-            f"function K.by_state(st) return P .. {_lua(_BY_STATE)} .. st end",
+            f"function K.index(st, wf) return P .. {_lua(_INDEX)} .. st .. ':' .. wf end",
             f"local H = {{{fields}}}",
         )
     )

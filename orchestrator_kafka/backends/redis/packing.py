@@ -11,11 +11,13 @@ decoding them as escaped JSON strings cost cjson as much time as all of a transi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from enum import IntEnum
 from typing import Any, Final
 
 import orjson
 
+from ...context import WorkflowState
 from ...values import ApplyStatus, OutboxMessage, Timer, TransitionWrite
 from ..writes import saga_json
 
@@ -26,11 +28,13 @@ __all__ = [
     "WriteField",
     "dump_outbox",
     "dump_timer",
+    "epoch_ms",
     "load_outbox",
     "load_timer",
     "lua_definitions",
     "messages_of",
     "pack",
+    "retention_kind",
 ]
 
 Messages = tuple[OutboxMessage, ...]
@@ -49,6 +53,7 @@ class WriteField(IntEnum):
     OUTBOX_LEN = 8  # the outbox entry's length in the raw values; 0: no entry
     TIMERS = 9  # one row per timer, by TimerField
     CANCEL_TIMERS = 10  # timer ids
+    UPDATED_MS = 11  # the saga's updated_at, epoch milliseconds: its index score if its state changes
 
 
 class TimerField(IntEnum):
@@ -76,13 +81,24 @@ STATUS: Final[dict[int, ApplyStatus]] = {
 }
 
 
+def retention_kind(state: WorkflowState) -> int | None:
+    """Which retention a saga in ``state`` keeps: 1 the retention of an ended saga, 2 a failed one's,
+    None (unfinished) none, it never expires."""
+    if not state.is_final:
+        return None
+    return 2 if state is WorkflowState.FAILED else 1
+
+
 def lua_definitions() -> str:
     """Lua source that defines ``W``, ``T`` and ``R``: the names of :class:`WriteField`,
-    :class:`TimerField` and :class:`Outcome` with their numbers."""
-    return "\n".join(
+    :class:`TimerField` and :class:`Outcome` with their numbers; and ``FINAL``, each ended state's
+    :func:`retention_kind`."""
+    enums = "\n".join(
         f"local {name} = {{{', '.join(f'{m.name} = {m.value}' for m in enum)}}}"
         for name, enum in (("W", WriteField), ("T", TimerField), ("R", Outcome))
     )
+    final = ", ".join(f"{s.value} = {kind}" for s in WorkflowState if (kind := retention_kind(s)) is not None)
+    return f"{enums}\nlocal FINAL = {{{final}}}"
 
 
 # ---------------------------------------------------------------- entries
@@ -163,6 +179,12 @@ def load_timer(entry: bytes) -> Timer:
 # ---------------------------------------------------------------- the batch
 
 
+def epoch_ms(when: datetime) -> int:
+    """``when`` in whole milliseconds since the epoch: an index score. Whole numbers, since a double
+    that Lua or Redis prints back may not round-trip, and a cursor must name a score exactly."""
+    return int(when.timestamp() * 1000)
+
+
 def pack(writes: Sequence[TransitionWrite]) -> tuple[bytes, bytes]:
     """The script's two arguments for ``writes``: the JSON document, one row per write by
     :class:`WriteField`, and the raw values, each write's saga JSON, outbox entry (under its new
@@ -182,7 +204,9 @@ def pack(writes: Sequence[TransitionWrite]) -> tuple[bytes, bytes]:
         ctx = saga_json(w)
         if saga is None or ctx is None:
             # By WriteField, as below.
-            append((w.event_id, w.transaction_id, w.expected_version, 0, 0, "", "", 0, (), w.cancel_timers))
+            append(
+                (w.event_id, w.transaction_id, w.expected_version, 0, 0, "", "", 0, (), w.cancel_timers, 0)
+            )
             continue
         version = saga.version
         put(ctx)
@@ -212,6 +236,7 @@ def pack(writes: Sequence[TransitionWrite]) -> tuple[bytes, bytes]:
                 entry_len,
                 timers,
                 w.cancel_timers,
+                epoch_ms(saga.updated_at),
             )
         )
     return orjson.dumps(packed), b"".join(data)

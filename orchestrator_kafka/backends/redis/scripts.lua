@@ -9,7 +9,8 @@
 -- This text runs after definitions generated from Python (script.py), so that the key layout and the
 -- packed batch are defined once, there: K builds every key name (the layout: RedisKeys in keys.py),
 -- H names a saga hash's fields (SagaField), W and T are the positions of a packed write's and timer's
--- fields, R the reply's status codes (packing.py). P is the key prefix.
+-- fields, R the reply's status codes, FINAL the ended states, each with its retention's position in
+-- {retention, failed retention} (packing.py). P is the key prefix.
 --
 -- A Redis script is atomic (no other command runs in between, and AOF/replicas get its effects as one
 -- transaction), but a runtime error half way would keep the writes made before it. So every check that
@@ -28,23 +29,48 @@ local function chunked(cmd, key, items)
   end
 end
 
--- Moves tx from the index set key_of(old) to key_of(new); old is false for a saga that did not exist.
-local function move(key_of, tx, old, new)
-  if old ~= new then
-    if old then
-      redis.call('SREM', key_of(old), tx)
-    end
-    redis.call('SADD', key_of(new), tx)
+-- Moves tx to the index of (st, wf), scored by `score` (epoch ms), when the state or workflow changed:
+-- old_wf and old_st are false for a saga that did not exist. An unchanged saga writes no index.
+local function reindex(tx, old_wf, old_st, wf, st, score)
+  if old_wf == wf and old_st == st then
+    return
   end
+  if old_wf and old_st then
+    redis.call('ZREM', K.index(old_st, old_wf), tx)
+  else
+    redis.call('SADD', K.workflows, wf)
+  end
+  redis.call('ZADD', K.index(st, wf), score, tx)
 end
 
--- Moves tx between the index sets; old_wf and old_st are false for a saga that did not exist.
-local function reindex(tx, old_wf, old_st, wf, st)
-  if not old_wf then
-    redis.call('SADD', K.all_sagas, tx)
+-- The keys of tx that expire with it.
+local function own_keys(tx)
+  return {K.saga(tx), K.outbox(tx), K.saga_timers(tx)}
+end
+
+-- Gives tx's keys the retention of state st (retention[FINAL[st]], seconds; '0' keeps them), or takes it
+-- away from an unfinished saga (an operator's repair may move a saga back). The processed event ids
+-- keep their own ttl unless the saga's is shorter: they are no use once the saga is gone.
+local function retain(tx, st, retention, evkey, dedupe_ttl)
+  local kind = FINAL[st]
+  if not kind then
+    if retention then
+      for _, key in ipairs(own_keys(tx)) do
+        redis.call('PERSIST', key)
+      end
+    end
+    return
   end
-  move(K.by_workflow, tx, old_wf, wf)
-  move(K.by_state, tx, old_st, st)
+  local ttl = retention and retention[kind] or '0'
+  if ttl == '0' then
+    return
+  end
+  for _, key in ipairs(own_keys(tx)) do
+    redis.call('EXPIRE', key, ttl)
+  end
+  if evkey and tonumber(ttl) < tonumber(dedupe_ttl) then
+    redis.call('EXPIRE', evkey, ttl)
+  end
 end
 
 -- Appends tx's outbox to reply: reply[2] = the newest outbox id (0 when empty), then every entry,
@@ -78,9 +104,11 @@ if op == 'apply' then
   -- Reply, per write: {R.APPLIED, outbox_id (0: it added none)} or {R.DUPLICATE, outbox_id, entries...}
   -- or {R.CONFLICT} or {R.UNCHANGED}. An applied write's messages are the client's own: older entries
   -- still in the outbox are not its to publish (their writer or the recovery sweep publishes them).
+  -- ARGV[6], ARGV[7] = the retention of an ended and of a failed saga (seconds; '0' keeps it).
   local ttl = ARGV[3]
   local writes = cjson.decode(ARGV[4])
   local data = ARGV[5]
+  local retention = {ARGV[6], ARGV[7]}
   local sub = string.sub
   local pos = 1
   local out = {}
@@ -121,7 +149,7 @@ if op == 'apply' then
           local next_at = at + ctx_len
           redis.call('HSET', base, H.VERSION, nv, H.CONTEXT, sub(data, at, next_at - 1), H.WORKFLOW, wf,
             H.STATE, st)
-          reindex(tx, cur[2], cur[3], wf, st)
+          reindex(tx, cur[2], cur[3], wf, st, w[W.UPDATED_MS])
           at = next_at
           if #timers > 0 then
             local tkey = K.saga_timers(tx)
@@ -142,6 +170,12 @@ if op == 'apply' then
           else
             out[i] = {R.APPLIED, 0}
           end
+          -- After the outbox and timers, so that keys made by this write expire with the rest. Only
+          -- an ended saga pays for it; a running one has nothing to expire (nothing to persist either:
+          -- the engine never moves an ended saga back).
+          if FINAL[st] then
+            retain(tx, st, retention, evkey, ttl)
+          end
         end
       end
     end
@@ -158,12 +192,18 @@ elseif op == 'load' then
   return out
 
 elseif op == 'save' then
-  -- ARGV[3..7] = tx, version, ctx JSON, workflow id, state.
+  -- ARGV[3..8] = tx, version, ctx JSON, workflow id, state, updated_at (epoch ms); ARGV[9], ARGV[10]
+  -- = the retentions, as for apply. A repair writes the index even when nothing indexed changed, so
+  -- that it can also mend an index.
   local tx = ARGV[3]
   local base = K.saga(tx)
   local cur = redis.call('HMGET', base, H.WORKFLOW, H.STATE)
   redis.call('HSET', base, H.VERSION, ARGV[4], H.CONTEXT, ARGV[5], H.WORKFLOW, ARGV[6], H.STATE, ARGV[7])
-  reindex(tx, cur[1], cur[2], ARGV[6], ARGV[7])
+  if cur[1] and cur[2] then
+    redis.call('ZREM', K.index(cur[2], cur[1]), tx)
+  end
+  reindex(tx, false, false, ARGV[6], ARGV[7], ARGV[8])
+  retain(tx, ARGV[7], {ARGV[9], ARGV[10]}, false, 0)
   return 1
 
 elseif op == 'delete' then
@@ -181,16 +221,102 @@ elseif op == 'delete' then
   end
   redis.call('DEL', base, K.outbox(tx), tkey)
   redis.call('SREM', K.outboxes, tx)
-  if existed == 1 then
-    redis.call('SREM', K.all_sagas, tx)
-    if cur[1] then
-      redis.call('SREM', K.by_workflow(cur[1]), tx)
-    end
-    if cur[2] then
-      redis.call('SREM', K.by_state(cur[2]), tx)
-    end
+  if cur[1] and cur[2] then
+    redis.call('ZREM', K.index(cur[2], cur[1]), tx)
   end
   return existed
+
+elseif op == 'trim' then
+  -- ARGV[3], ARGV[4] = the score (epoch ms) before which an ended, and a failed, saga's index entry
+  -- goes ('' keeps them). Reply: how many entries went. Its keys expired by themselves (or are about
+  -- to: Redis expires on the clock of the server, this on the orchestrator's).
+  local before = {ARGV[3], ARGV[4]}
+  local removed = 0
+  local wfs = redis.call('SMEMBERS', K.workflows)
+  for st, kind in pairs(FINAL) do
+    if before[kind] ~= '' then
+      for i = 1, #wfs do
+        removed = removed + redis.call('ZREMRANGEBYSCORE', K.index(st, wfs[i]), '-inf', '(' .. before[kind])
+      end
+    end
+  end
+  return removed
+
+elseif op == 'ids' or op == 'page' then
+  -- Reads the indexes of ARGV[3] (a workflow id; '' any) in the states ARGV[4..] (after the page's
+  -- arguments, for 'page'). 'ids' replies every member. For 'page', ARGV[4] = limit, ARGV[5], ARGV[6] =
+  -- the position to start after (score, and a tx id, or '' for after every member of that score; ''
+  -- and '' start at the first), ARGV[7] = the score to stop before ('' none), states from ARGV[8].
+  -- Replies {more (1 if an index may hold more), tx, score, tx, score, ...}, up to limit per index,
+  -- unsorted: the client merges them. Each index costs O(log(n)^2 + limit), not O(n).
+  local wfs = ARGV[3] == '' and redis.call('SMEMBERS', K.workflows) or {ARGV[3]}
+  local is_page = op == 'page'
+  local first_state = is_page and 8 or 4
+  local limit = tonumber(ARGV[4])
+  local after_score, after_tx, before = ARGV[5], ARGV[6], ARGV[7]
+  local out = {}
+  if is_page then
+    out[1] = 0  -- the `more` flag
+  end
+  -- a <= b, byte by byte: Lua's own string order follows the server's locale, a sorted set's does not.
+  local function le(a, b)
+    local n = math.min(#a, #b)
+    for i = 1, n do
+      local x, y = string.byte(a, i), string.byte(b, i)
+      if x ~= y then
+        return x < y
+      end
+    end
+    return #a <= #b
+  end
+  -- The rank of the first member of key after the position (after_score, after_tx).
+  local function start_rank(key)
+    if after_score == '' then
+      return 0
+    end
+    local lo = redis.call('ZCOUNT', key, '-inf', '(' .. after_score)
+    local ties = redis.call('ZCOUNT', key, after_score, after_score)
+    if after_tx == '' or ties == 0 then
+      return lo + ties
+    end
+    -- Members of one score are in byte order of their ids: find the first after after_tx.
+    local hi = lo + ties
+    while lo < hi do
+      local mid = math.floor((lo + hi) / 2)
+      if le(redis.call('ZRANGE', key, mid, mid)[1], after_tx) then
+        lo = mid + 1
+      else
+        hi = mid
+      end
+    end
+    return lo
+  end
+  for s = first_state, #ARGV do
+    for i = 1, #wfs do
+      local key = K.index(ARGV[s], wfs[i])
+      if not is_page then
+        for _, tx in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+          out[#out + 1] = tx
+        end
+      else
+        local from = start_rank(key)
+        local got = redis.call('ZRANGE', key, from, from + limit - 1, 'WITHSCORES')
+        local n = 0
+        for j = 1, #got, 2 do
+          if before ~= '' and tonumber(got[j + 1]) >= tonumber(before) then
+            break
+          end
+          out[#out + 1] = got[j]
+          out[#out + 1] = got[j + 1]
+          n = n + 1
+        end
+        if n == limit then
+          out[1] = 1
+        end
+      end
+    end
+  end
+  return out
 
 elseif op == 'ack' then
   -- ARGV[3] = JSON list of [tx, outbox_id]: forget the entries with id <= outbox_id.

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from datetime import datetime
+from typing import Any, Final, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -24,13 +25,22 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from ...constants import DEDUPE_TTL_SECONDS, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL, ENV_REDIS_URL
-from ...context import SagaContext, storable
+from ...constants import (
+    DEDUPE_TTL_SECONDS,
+    DEFAULT_FAILED_RETENTION_SECONDS,
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_REDIS_URL,
+    DEFAULT_RETENTION_SECONDS,
+    ENV_REDIS_URL,
+)
+from ...context import SagaContext, WorkflowState, storable
 from ...errors import StateStoreError, ValidationError
+from ...paging import DEFAULT_PAGE_LIMIT, merge_page, page_query
 from ...ports import IStateStore
 from ...values import ApplyResult, PendingOutbox, Timer, TransitionWrite
+from ..retention import check_retention
 from .keys import RedisKeys, SagaField
-from .packing import STATUS, Messages, load_timer, messages_of, pack
+from .packing import STATUS, Messages, epoch_ms, load_timer, messages_of, pack
 from .script import SCRIPT, SHA
 
 __all__ = ["RedisStateStore"]
@@ -50,7 +60,12 @@ class RedisStateStore(IStateStore):
 
     ``url`` defaults to the ``REDIS_URL`` environment variable, else ``redis://localhost:6379/0``; pass
     ``client`` to use a client of your own (then :meth:`close` leaves it open). Processed event ids are
-    remembered for ``dedupe_ttl`` seconds after the saga's last applied event. A store of its own making
+    remembered for ``dedupe_ttl`` seconds after the saga's last applied event.
+
+    A saga's keys expire ``retention`` seconds after it ends (completed, compensated or cancelled), or
+    ``failed_retention`` after it fails; None keeps them for ever, and an unfinished saga never expires.
+    Once expired, :meth:`load_context` returns None and a start under its id begins a new saga;
+    :meth:`trim` (the orchestrator's housekeeping) takes its id out of the indexes. A store of its own making
     fails fast on a dead Redis (5 s to connect, 10 s per reply) and retries a dropped connection once.
 
     Every method raises :class:`~orchestrator_kafka.errors.StateStoreError` when Redis fails or cannot
@@ -59,7 +74,8 @@ class RedisStateStore(IStateStore):
     layout, :class:`~.keys.RedisKeys`, says why).
 
     Raises:
-        ValidationError: ``dedupe_ttl`` is not positive, or ``key_prefix`` is empty or holds a brace.
+        ValidationError: ``dedupe_ttl`` is not positive, a retention is not a positive whole number of
+            seconds or None, or ``key_prefix`` is empty or holds a brace.
     """
 
     def __init__(
@@ -67,11 +83,17 @@ class RedisStateStore(IStateStore):
         url: str | None = None,
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
+        retention: int | None = DEFAULT_RETENTION_SECONDS,
+        failed_retention: int | None = DEFAULT_FAILED_RETENTION_SECONDS,
         client: aioredis.Redis | None = None,
         dedupe_ttl: int = DEDUPE_TTL_SECONDS,
     ) -> None:
         if dedupe_ttl <= 0:
             raise ValidationError(f"dedupe_ttl must be a positive number of seconds, not {dedupe_ttl!r}")
+        self.retention: Final = check_retention("retention", retention)
+        self.failed_retention: Final = check_retention("failed_retention", failed_retention)
+        # As the script takes them: seconds, '0' for for ever.
+        self._retain = (str(retention or 0), str(failed_retention or 0))
         self._keys = RedisKeys(key_prefix)
         self._ttl = str(int(dedupe_ttl))
         self._owned = client is None
@@ -160,6 +182,8 @@ class RedisStateStore(IStateStore):
             raw,
             context.workflow_id,
             str(context.state),
+            epoch_ms(context.updated_at),
+            *self._retain,
         )
 
     async def load_context(self, transaction_id: str) -> SagaContext | None:
@@ -194,19 +218,76 @@ class RedisStateStore(IStateStore):
         return bool(await self._script("delete", transaction_id))
 
     async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
-        """Transaction ids of the sagas of ``workflow_id`` in ``state`` (None matches any), sorted.
+        """Transaction ids of the sagas of ``workflow_id`` in ``state`` (None matches any), sorted. It
+        reads every matching index whole; :meth:`list_sagas` pages.
 
         Raises:
             StateStoreError: Redis failed.
         """
-        keys = self._keys
-        if workflow_id is None:
-            found = await self._command("SMEMBERS", keys.all_sagas if state is None else keys.by_state(state))
-        elif state is None:
-            found = await self._command("SMEMBERS", keys.by_workflow(workflow_id))
-        else:
-            found = await self._command("SINTER", keys.by_workflow(workflow_id), keys.by_state(state))
-        return sorted(_text(member) for member in found)
+        states = [s.value for s in WorkflowState] if state is None else [str(state)]
+        found = await self._script("ids", workflow_id or "", *states)
+        return sorted({_text(member) for member in found})
+
+    async def list_sagas(
+        self,
+        workflow_id: str | None = None,
+        state: str | None = None,
+        *,
+        limit: int = DEFAULT_PAGE_LIMIT,
+        cursor: str | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of saga statuses and the next page's cursor, as
+        :meth:`~orchestrator_kafka.ports.IStateStore.list_sagas` says: two round trips, one script call
+        reading ``limit`` members of each matching index and one load of the page's sagas.
+
+        Raises:
+            ValidationError: an unknown state, a malformed cursor, a bad limit or a naive bound.
+            StateStoreError: Redis failed, or a stored record is not a valid saga.
+        """
+        q = page_query(
+            workflow_id,
+            state,
+            limit=limit,
+            cursor=cursor,
+            updated_after=updated_after,
+            updated_before=updated_before,
+        )
+        after_score, after_tx = ("", "") if q.after is None else (str(q.after[0]), q.after[1] or "")
+        before = "" if q.before is None else str(q.before)
+        reply = await self._script(
+            "page", q.workflow_id or "", q.limit, after_score, after_tx, before, *q.states
+        )
+        try:
+            candidates = [(int(reply[i + 1]), _text(reply[i])) for i in range(1, len(reply), 2)]
+        except (ValueError, TypeError, IndexError) as exc:
+            raise _corrupt("list_sagas", exc) from exc
+        page, next_cursor = merge_page(candidates, q.limit, bool(reply[0]))
+        found = await self.load_contexts([tx for _, tx in page])
+        # An index entry of a saga that expired, or that restarted under its id, until trim() runs.
+        statuses = [
+            saga.to_status()
+            for _, tx in page
+            if (saga := found.get(tx)) is not None
+            and saga.state.value in q.states
+            and (q.workflow_id is None or saga.workflow_id == q.workflow_id)
+        ]
+        return statuses, next_cursor
+
+    async def trim(self, now: float) -> int:
+        """Take out of the indexes the sagas that ended ``retention`` before ``now`` (epoch seconds), or
+        failed ``failed_retention`` before it; return how many entries went. Their keys expire by
+        themselves.
+
+        Raises:
+            StateStoreError: Redis failed.
+        """
+        bounds = [
+            "" if ttl is None else str(int((now - ttl) * 1000))
+            for ttl in (self.retention, self.failed_retention)
+        ]
+        return int(await self._script("trim", *bounds))
 
     # ------------------------------------------------------------ transitions
 
@@ -237,7 +318,7 @@ class RedisStateStore(IStateStore):
             batch, data = pack(writes)
         except orjson.JSONEncodeError as exc:
             raise ValidationError(f"a write cannot be encoded: {exc}") from exc
-        replies = await self._script("apply", self._ttl, batch, data)
+        replies = await self._script("apply", self._ttl, batch, data, *self._retain)
         if len(replies) != len(writes):
             raise StateStoreError(f"Redis state store: {len(replies)} results for {len(writes)} writes")
         cache: dict[bytes, Messages] = {}
