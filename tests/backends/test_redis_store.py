@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from orchestrator_kafka.backends.redis import RedisStateStore
+from orchestrator_kafka.backends.redis.packing import compact_json, event_digest, load_record
 from orchestrator_kafka.context import WorkflowState
 from orchestrator_kafka.errors import StateStoreError
 from orchestrator_kafka.ports import OutboxMessage
@@ -52,12 +53,13 @@ async def raw(redis_stores: RedisStores) -> AsyncIterator[aioredis.Redis]:
 
 
 async def test_raw_layout(store: RedisStateStore, raw: aioredis.Redis) -> None:
-    """Operators can read a saga with plain commands: HGET P:{tx} ctx."""
+    """Operators can read a saga with plain commands: GET P:{tx} is its record."""
     await store.apply([create("t1", outbox=(msg(1),), timers=(timer("t1", "tm", 5.0),))])
     p = store.key_prefix
-    assert await cmd(raw, "HGET", f"{p}:{{t1}}", "ctx") == saga("t1", 1).to_json()
-    assert await cmd(raw, "HMGET", f"{p}:{{t1}}", "v", "wf", "state") == [b"1", b"orders", b"running"]
-    assert await cmd(raw, "SMEMBERS", f"{p}:{{t1}}:ev") == {b"t1-create"}
+    fields, ctx = load_record(await cmd(raw, "GET", f"{p}:{{t1}}"))
+    assert ctx == compact_json(saga("t1", 1))
+    assert fields == [b"1", b"running", b"orders", event_digest("t1-create").encode()]
+    assert not await cmd(raw, "EXISTS", f"{p}:{{t1}}:ev")  # a live saga keeps its events in its record
     assert await cmd(raw, "ZRANGE", f"{p}:{{t1}}:outbox", 0, -1, "WITHSCORES") != []
     assert await cmd(raw, "SMEMBERS", f"{p}:outboxes") == {b"t1"}
     assert await cmd(raw, "ZSCORE", f"{p}:timers", "tm") == 5.0
@@ -76,14 +78,14 @@ async def test_the_script_writes_exactly_the_keys_redis_keys_names(
     """The script builds key names itself, from definitions generated from RedisKeys: both agree."""
     k = store.keys
     await store.apply([create("t1", outbox=(msg(1),), timers=(timer("t1", "tm", 5.0),))])
-    saga_keys = {k.saga("t1"), k.events("t1"), k.outbox("t1"), k.saga_timers("t1")}
+    saga_keys = {k.saga("t1"), k.outbox("t1"), k.saga_timers("t1")}
     shared = {k.outboxes, k.timers, k.timer_entries, k.workflows}
     indexes = {k.index("running", "orders")}
     assert await _keys_under(raw, store.key_prefix) == saga_keys | shared | indexes
     await store.save_context(saga("t2", 1, WorkflowState.FAILED, wf="refunds"))
     await store.apply([step("t1", 1, "e2", state=WorkflowState.COMPLETED, cancel_timers=("tm",))])
     assert await _keys_under(raw, store.key_prefix) == (
-        {k.saga("t1"), k.events("t1"), k.outbox("t1"), k.saga("t2"), k.outboxes, k.workflows}
+        {k.saga("t1"), k.outbox("t1"), k.saga("t2"), k.outboxes, k.workflows}
         | {k.index("completed", "orders"), k.index("failed", "refunds")}
     )
     assert await store.load_contexts(["t1", "t2"]) == {
@@ -93,7 +95,7 @@ async def test_the_script_writes_exactly_the_keys_redis_keys_names(
     await store.ack_outbox([("t1", 2)])
     assert await store.delete_context("t1") is True
     assert await store.delete_context("t2") is True
-    # The processed event ids stay, until they expire; so does the list of workflows (a few names).
+    # The deleted saga's recent events stay, until they expire; so does the list of workflows.
     assert await _keys_under(raw, store.key_prefix) == {k.events("t1"), k.workflows}
 
 
@@ -106,25 +108,37 @@ async def test_deleting_a_saga_deletes_its_keys(store: RedisStateStore, raw: aio
     assert not await cmd(raw, "HEXISTS", f"{store.key_prefix}:timer", "dt")
 
 
-async def test_dedupe_keys_expire(
+async def test_expiry_of_records_and_tombstones(
     redis_stores: RedisStores, store: RedisStateStore, raw: aioredis.Redis
 ) -> None:
-    short = redis_stores(dedupe_ttl=60)
-    await short.apply([create("t1")])
+    short = redis_stores(dedupe_ttl=60, retention=120, failed_retention=3600)
+    await short.apply([create("t1", outbox=(msg(1),)), create("t2"), create("t3")])
+    assert await short.delete_context("t1") is True
+    assert 0 < await raw.ttl(f"{store.key_prefix}:{{t1}}:ev") <= 60  # the deleted saga's events
+    assert await raw.ttl(f"{store.key_prefix}:{{t2}}") == -1  # an unfinished saga never expires
+    await short.apply(
+        [
+            step("t2", 1, "e2", state=WorkflowState.COMPLETED, outbox=(msg(2),)),
+            step("t3", 1, "e3", state=WorkflowState.FAILED),
+        ]
+    )
+    assert 60 < await raw.ttl(f"{store.key_prefix}:{{t2}}") <= 120
+    assert 60 < await raw.ttl(f"{store.key_prefix}:{{t2}}:outbox") <= 120  # its other keys go with it
+    assert 120 < await raw.ttl(f"{store.key_prefix}:{{t3}}") <= 3600
+    # A repair that reopens an ended saga takes its expiry away.
+    await short.save_context(saga("t2", 3))
+    assert await raw.ttl(f"{store.key_prefix}:{{t2}}") == -1
+    assert await raw.ttl(f"{store.key_prefix}:{{t2}}:outbox") == -1
     await short.close()
-    ttl = await raw.ttl(f"{store.key_prefix}:{{t1}}:ev")
-    assert 0 < ttl <= 60
-    await store.apply([step("t1", 1, "e2")])
-    ttl = await raw.ttl(f"{store.key_prefix}:{{t1}}:ev")
-    assert ttl > 60  # refreshed with the store's own (default, 7 day) ttl
-    assert await raw.ttl(f"{store.key_prefix}:{{t1}}") == -1  # the saga itself never expires
 
 
 # ---------------------------------------------------------------- corrupt entries
 
 
 async def test_corrupt_record_raises_state_store_error(store: RedisStateStore, raw: aioredis.Redis) -> None:
-    await cmd(raw, "HSET", f"{store.key_prefix}:{{bad}}", "v", 1, "ctx", b"{not json")
+    await cmd(
+        raw, "SET", f"{store.key_prefix}:{{bad}}", b"1:1" + b"7:running" + b"1:w" + b"0:" + b"{not json"
+    )
     with pytest.raises(StateStoreError, match="not a valid SagaContext"):
         await store.load_context("bad")
     with pytest.raises(StateStoreError):

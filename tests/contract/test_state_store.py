@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import pytest
 
 from orchestrator_kafka import InMemoryStateStore, SagaContext, WorkflowState
-from orchestrator_kafka.constants import DEDUPE_TTL_SECONDS
+from orchestrator_kafka.constants import DEDUPE_TTL_SECONDS, EVENTS_KEPT
 from orchestrator_kafka.context import StepStatus
 from orchestrator_kafka.errors import StateStoreError, ValidationError
 from orchestrator_kafka.ports import ApplyResult, IStateStore, OutboxMessage, Timer, TransitionWrite
@@ -362,31 +362,45 @@ class StateStoreContract:
         assert res.status == "applied"
         assert await store.apply([]) == []
 
-    async def test_processed_events_are_forgotten_dedupe_ttl_after_the_sagas_last_applied_event(
+    async def test_a_saga_remembers_its_recent_events_and_a_deleted_one_for_dedupe_ttl(
         self, stores: Stores
     ) -> None:
         store = stores(dedupe_ttl=100)
         await store.apply([create("t1", outbox=(msg(1),))])
-        await stores.pass_time(60)
-        await store.apply([step("t1", 1, "e2")])  # remembers both ids for 100 s more
-        await stores.pass_time(60)
-        [dup] = await store.apply([create("t1")])  # 120 s after it was applied
-        assert dup.status == "duplicate"
-        # Neither a duplicate nor a conflict nor an unchanged write refreshes them.
-        [conflict] = await store.apply([step("t1", 5, "e3")])
+        v = 1
+        for n in range(EVENTS_KEPT - 1):
+            [res] = await store.apply([step("t1", v, f"e{n}")])
+            assert res.status == "applied"
+            v += 1
+        await stores.pass_time(10 * DEDUPE_TTL_SECONDS)  # time alone forgets nothing of a live saga
+        [dup] = await store.apply([create("t1")])  # the oldest of its last EVENTS_KEPT events
+        assert dup == ApplyResult("duplicate", "t1", 1, (msg(1),))
+        # Neither a conflict nor an unchanged write is remembered.
+        [conflict] = await store.apply([step("t1", 99, "x")])
         assert conflict.status == "conflict"
-        [unchanged] = await store.apply([TransitionWrite("e4", "t1", 2)])
+        [unchanged] = await store.apply([TransitionWrite("u", "t1", v)])
         assert unchanged.status == "unchanged"
-        await stores.pass_time(41)
-        # Forgotten: the redelivered event is applied again, on the saga as it is now.
-        [again] = await store.apply([TransitionWrite("t1-create", "t1", 2, saga("t1", 3))])
+        [res] = await store.apply([step("t1", v, "x")])
+        assert res.status == "applied"
+        v += 1
+        [res] = await store.apply([TransitionWrite("u", "t1", v, saga("t1", v + 1))])
+        assert res.status == "applied"
+        v += 1
+        # Pushed out by newer events: an older duplicate is the engine's to recognise, from the saga.
+        [again] = await store.apply([TransitionWrite("t1-create", "t1", v, saga("t1", v + 1))])
         assert again.status == "applied"
-        [again] = await store.apply([step("t1", 3, "e2")])
-        assert again.status == "applied"
-        # The saga and its outbox never expire.
-        assert await store.load_context("t1") == saga("t1", 4)
-        [pending] = await store.pending_outboxes()
-        assert pending.messages == (msg(1),)
+        [dup] = await store.apply([step("t1", 5, "x")])
+        assert dup.status == "duplicate"
+        # A deleted saga's recent events stay known for dedupe_ttl, then a start begins it anew.
+        assert await store.delete_context("t1") is True
+        [dup] = await store.apply([TransitionWrite("x", "t1", 0, saga("t1", 1))])
+        assert dup == ApplyResult("duplicate", "t1", 0, ())
+        await stores.pass_time(99)
+        [dup] = await store.apply([TransitionWrite("u", "t1", 0, saga("t1", 1))])
+        assert dup.status == "duplicate"
+        await stores.pass_time(2)
+        [res] = await store.apply([TransitionWrite("x", "t1", 0, saga("t1", 1))])
+        assert res.status == "applied"
 
     async def test_a_dedupe_ttl_that_is_not_positive_is_refused(self, stores: Stores) -> None:
         for bad in (0, -1):

@@ -8,14 +8,18 @@ from __future__ import annotations
 import heapq
 import time
 from bisect import bisect_left, bisect_right, insort
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
 from typing import Any
 
-from ...constants import DEDUPE_TTL_SECONDS, DEFAULT_FAILED_RETENTION_SECONDS, DEFAULT_RETENTION_SECONDS
+from ...constants import (
+    DEDUPE_TTL_SECONDS,
+    DEFAULT_FAILED_RETENTION_SECONDS,
+    DEFAULT_RETENTION_SECONDS,
+    EVENTS_KEPT,
+)
 from ...context import SagaContext, WorkflowState, storable
 from ...errors import StateStoreError, ValidationError
 from ...paging import DEFAULT_PAGE_LIMIT, Position, merge_page, page_query
@@ -35,13 +39,14 @@ class _Record:
     workflow_id: str
     state: str
     score: int  # its index score: when it entered its state (updated_at, epoch ms)
+    events: tuple[str, ...]  # the ids of its last EVENTS_KEPT applied events
     expires_at: float | None = None  # on the store's clock; None: never
 
 
 @dataclass(slots=True)
-class _Processed:
-    # A saga's processed event ids, forgotten together at ``expires_at``, as Redis expires their set.
-    event_ids: set[str]
+class _Tombstone:
+    # A deleted saga's recent event ids, forgotten at ``expires_at``, as Redis expires their set.
+    event_ids: frozenset[str]
     expires_at: float
 
 
@@ -50,12 +55,12 @@ class InMemoryStateStore(IStateStore):
     (:class:`~orchestrator_kafka.backends.redis.RedisStateStore`), which the state-store contract tests
     hold both to.
 
-    Processed event ids are remembered per saga for ``dedupe_ttl`` seconds after the saga's last applied
-    event, on ``clock`` (epoch seconds by default, and a test may pass a fake one). A saga expires
-    ``retention`` seconds after it ends, or ``failed_retention`` after it fails, on the same clock (None
-    keeps it for ever; an unfinished saga never expires): it is gone from then on, and :meth:`trim`
-    frees what it held. Once the store is closed, every method that would read or write raises
-    :class:`~orchestrator_kafka.errors.StateStoreError`.
+    A saga remembers the ids of its last ``EVENTS_KEPT`` (16) applied events, and a deleted one's stay
+    known for ``dedupe_ttl`` seconds, on ``clock`` (epoch seconds by default, and a test may pass a
+    fake one). A saga expires ``retention`` seconds after it ends, or ``failed_retention`` after it
+    fails, on the same clock (None keeps it for ever; an unfinished saga never expires): it is gone
+    from then on, and :meth:`trim` frees what it held. Once the store is closed, every method that
+    would read or write raises :class:`~orchestrator_kafka.errors.StateStoreError`.
 
     Raises:
         ValidationError: ``dedupe_ttl`` is not positive, or a retention is not a positive whole number
@@ -80,7 +85,7 @@ class InMemoryStateStore(IStateStore):
         self._sagas: dict[str, _Record] = {}
         # In order of expiry: the ttl is one for all and the clock only goes forward, so refreshing a
         # saga's ids moves them to the end, and the expired ones are always at the front.
-        self._processed: OrderedDict[str, _Processed] = OrderedDict()
+        self._tombstones: dict[str, _Tombstone] = {}
         self._outbox: dict[str, list[tuple[int, tuple[OutboxMessage, ...]]]] = {}
         self._timers: dict[str, tuple[Timer, float]] = {}
         self._saga_timers: dict[str, set[str]] = {}
@@ -99,16 +104,21 @@ class InMemoryStateStore(IStateStore):
             return None
         return self.failed_retention if state == WorkflowState.FAILED else self.retention
 
-    def _put(self, ctx: SagaContext, raw: bytes, *, reindex: bool = False) -> None:
+    def _put(
+        self, ctx: SagaContext, raw: bytes, *, reindex: bool = False, event_id: str | None = None
+    ) -> None:
         tx, state = ctx.transaction_id, str(ctx.state)
         old = self._record(tx)
+        events = () if old is None else old.events
+        if event_id is not None:
+            events = (*events, event_id)[-EVENTS_KEPT:]
         score = int(ctx.updated_at.timestamp() * 1000)
         if old is not None and not reindex and (old.workflow_id, old.state) == (ctx.workflow_id, state):
             score = old.score  # the index is written only when the state changes, as in Redis
         else:
             self._unindex(tx)
             insort(self._indexes.setdefault((state, ctx.workflow_id), []), (score, tx))
-        record = self._sagas[tx] = _Record(raw, ctx.version, ctx.workflow_id, state, score)
+        record = self._sagas[tx] = _Record(raw, ctx.version, ctx.workflow_id, state, score, events)
         ttl = self._retention_of(state)
         if ttl is not None:
             record.expires_at = self._clock() + ttl
@@ -131,9 +141,7 @@ class InMemoryStateStore(IStateStore):
         return record
 
     def _expire(self, tx: str) -> bool:
-        # Its processed event ids go with it, as the Redis store expires them with the saga.
-        self._processed.pop(tx, None)
-        return self._forget(tx)
+        return self._forget(tx)  # its recent event ids were in its record: they go with it
 
     def _forget(self, tx: str) -> bool:
         """Delete the saga ``tx``, its index entry, outbox and timers; True if it was stored."""
@@ -177,10 +185,12 @@ class InMemoryStateStore(IStateStore):
     async def delete_context(self, transaction_id: str) -> bool:
         """Delete the saga, its outbox, its timers and its index entries; True if the saga existed.
 
-        Its processed event ids are kept until they expire, so a late redelivery is still a duplicate.
+        Its recent event ids are kept for ``dedupe_ttl``, so a late redelivery is still a duplicate.
         """
         self._check_open()
-        self._record(transaction_id)  # an expired saga did not exist
+        record = self._record(transaction_id)  # an expired saga did not exist
+        if record is not None and record.events:
+            self._tombstones[transaction_id] = _Tombstone(frozenset(record.events), self._clock() + self._ttl)
         return self._forget(transaction_id)
 
     async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
@@ -257,14 +267,6 @@ class InMemoryStateStore(IStateStore):
                 removed += 1
         return removed
 
-    def _processed_ids(self, now: float) -> OrderedDict[str, _Processed]:
-        """The processed event ids of every saga, the expired ones forgotten first."""
-        processed = self._processed
-        # Redis keeps a key up to its expiry time, inclusive.
-        while processed and next(iter(processed.values())).expires_at < now:
-            processed.popitem(last=False)
-        return processed
-
     async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
         """Apply each write atomically and in order; one result per write, with the statuses of
         :class:`~orchestrator_kafka.ports.ApplyResult` and the rules of the Redis store's ``apply``.
@@ -279,14 +281,18 @@ class InMemoryStateStore(IStateStore):
         self._check_open()
         # One instant for the whole batch, as Redis's clock stands still while a script runs.
         now = self._clock()
-        processed = self._processed_ids(now)
         results: list[ApplyResult] = []
         conflicted: set[str] = set()
         for w, raw in zip(writes, stored, strict=True):
             tx = w.transaction_id
             record = self._record(tx)
-            seen = processed.get(tx)
-            if seen is not None and w.event_id in seen.event_ids:
+            if record is not None:
+                duplicate = w.event_id in record.events
+            else:
+                tomb = self._tombstones.get(tx)
+                # Redis keeps a key up to its expiry time, inclusive.
+                duplicate = tomb is not None and tomb.expires_at >= now and w.event_id in tomb.event_ids
+            if duplicate:
                 results.append(self._duplicate(tx))
                 continue
             version = 0 if record is None else record.version
@@ -298,7 +304,7 @@ class InMemoryStateStore(IStateStore):
             if w.saga is None or raw is None:
                 results.append(ApplyResult("unchanged", tx))
                 continue
-            self._put(w.saga, raw)
+            self._put(w.saga, raw, event_id=w.event_id)
             outbox_id = w.saga.version
             if w.outbox:
                 # Kept in outbox id order, as Redis's sorted set keeps them, even after a repair
@@ -310,11 +316,6 @@ class InMemoryStateStore(IStateStore):
                     self._timers[timer.timer_id] = (timer, timer.due_at)
                     saga_timers.add(timer.timer_id)
                     heapq.heappush(self._due, (timer.due_at, timer.timer_id))
-            if seen is None:
-                seen = processed[tx] = _Processed(set(), now)
-            seen.event_ids.add(w.event_id)
-            seen.expires_at = now + self._ttl
-            processed.move_to_end(tx)
             results.append(ApplyResult("applied", tx, outbox_id if w.outbox else 0, w.outbox))
         return results
 

@@ -1,4 +1,4 @@
-"""The Redis key layout of the state store, in one place: :class:`RedisKeys` and :class:`SagaField`.
+"""The Redis key layout of the state store, in one place: :class:`RedisKeys`.
 
 The Lua script builds the same names with definitions generated from this module
 (:func:`lua_definitions`), so neither side spells a key out on its own.
@@ -6,13 +6,12 @@ The Lua script builds the same names with definitions generated from this module
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Final
 
 from ...constants import DEFAULT_KEY_PREFIX
 from ...errors import ValidationError
 
-__all__ = ["RedisKeys", "SagaField", "lua_definitions"]
+__all__ = ["RedisKeys", "lua_definitions"]
 
 # The pieces every name is made of, after the prefix. A per-saga key puts the transaction id in braces:
 # Redis Cluster hashes only what is inside them, so every key of one saga lands in one slot.
@@ -29,21 +28,12 @@ _TIMERS: Final = ":timers"
 _TIMER_ENTRIES: Final = ":timer"
 
 
-class SagaField(StrEnum):
-    """The fields of a saga's hash, :meth:`RedisKeys.saga`."""
-
-    VERSION = "v"
-    CONTEXT = "ctx"  # the SagaContext JSON
-    WORKFLOW = "wf"
-    STATE = "state"
-
-
 class RedisKeys:
     """The name of every key of the Redis state store under one prefix (P below, tx a transaction id)::
 
-        saga(tx)        P:{tx}            hash  SagaField: v (version), ctx (SagaContext JSON), wf, state
-        events(tx)      P:{tx}:ev         set   processed event ids; expires dedupe_ttl after the saga's
-                                                last applied event
+        saga(tx)        P:{tx}            str   the saga's record: version, state, workflow, its recent
+                                                events' digests, then its JSON (packing.py)
+        events(tx)      P:{tx}:ev         set   a deleted saga's recent events' digests, kept dedupe_ttl
         outbox(tx)      P:{tx}:outbox     zset  score = outbox id (the version that wrote it),
                                                 member = an encoded outbox entry (see packing.py)
         saga_timers(tx) P:{tx}:timers     set   ids of the saga's live timers (so a delete finds them)
@@ -120,14 +110,13 @@ def _lua(text: str) -> str:
 
 
 def lua_definitions(prefix_expression: str) -> str:
-    """Lua source that defines ``K``, with a function or a string per :class:`RedisKeys` name, and
-    ``H``, the :class:`SagaField` names, for a script whose key prefix is ``prefix_expression``."""
+    """Lua source that defines ``K``, with a function or a string per :class:`RedisKeys` name, for a
+    script whose key prefix is ``prefix_expression``."""
 
     def of_saga(name: str, suffix: str) -> str:
         tail = _lua(_TAG_CLOSE + suffix)
         return f"function K.{name}(tx) return P .. {_lua(_TAG_OPEN)} .. tx .. {tail} end"
 
-    fields = ", ".join(f"{f.name} = {_lua(f.value)}" for f in SagaField)
     return "\n".join(
         (
             f"local P = {prefix_expression}",
@@ -142,6 +131,5 @@ def lua_definitions(prefix_expression: str) -> str:
             of_saga("outbox", _OUTBOX),
             of_saga("saga_timers", _SAGA_TIMERS),
             f"function K.index(st, wf) return P .. {_lua(_INDEX)} .. st .. ':' .. wf end",
-            f"local H = {{{fields}}}",
         )
     )

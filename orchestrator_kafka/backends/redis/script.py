@@ -18,7 +18,7 @@ __all__ = ["SCRIPT", "SHA"]
 _GENERATED: Final = "\n".join(
     (
         "-- Generated from orchestrator_kafka/backends/redis/keys.py and packing.py when the store is",
-        "-- imported: the key layout (K, H) and the positions of the packed batch (W, T, R).",
+        "-- imported: the key layout (K) and the positions of the packed batch and record (W, T, R, RF).",
         key_definitions("ARGV[2]"),
         field_definitions(),
         "",

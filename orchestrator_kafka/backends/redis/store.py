@@ -39,8 +39,8 @@ from ...paging import DEFAULT_PAGE_LIMIT, merge_page, page_query
 from ...ports import IStateStore
 from ...values import ApplyResult, PendingOutbox, Timer, TransitionWrite
 from ..retention import check_retention
-from .keys import RedisKeys, SagaField
-from .packing import STATUS, Messages, epoch_ms, load_timer, messages_of, pack
+from .keys import RedisKeys
+from .packing import STATUS, Messages, compact_json, epoch_ms, load_timer, messages_of, pack, saga_json
 from .script import SCRIPT, SHA
 
 __all__ = ["RedisStateStore"]
@@ -59,8 +59,10 @@ class RedisStateStore(IStateStore):
     """A state store in Redis: versioned atomic transitions, event dedupe, outboxes, timers, indexes.
 
     ``url`` defaults to the ``REDIS_URL`` environment variable, else ``redis://localhost:6379/0``; pass
-    ``client`` to use a client of your own (then :meth:`close` leaves it open). Processed event ids are
-    remembered for ``dedupe_ttl`` seconds after the saga's last applied event.
+    ``client`` to use a client of your own (then :meth:`close` leaves it open). A saga's record
+    remembers its last ``EVENTS_KEPT`` (16) applied events, as digests, to recognise a redelivered one;
+    an older duplicate is the engine's to recognise from the saga itself. A deleted saga's recent
+    events stay known for ``dedupe_ttl`` seconds.
 
     A saga's keys expire ``retention`` seconds after it ends (completed, compensated or cancelled), or
     ``failed_retention`` after it fails; None keeps them for ever, and an unfinished saga never expires.
@@ -146,10 +148,10 @@ class RedisStateStore(IStateStore):
         except (RedisError, OSError) as exc:
             raise StateStoreError(f"Redis state store: {op} failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _command(self, *args: str | bytes | int) -> Any:
+    async def _command(self, *args: str | bytes | int, raw: bool = False) -> Any:
         self._check_open()
         try:
-            return await self._execute(*args)
+            return await self._execute(*args, **({NEVER_DECODE: True} if raw else {}))
         except (RedisError, OSError) as exc:
             raise StateStoreError(
                 f"Redis state store: {args[0]!s} failed: {type(exc).__name__}: {exc}"
@@ -158,8 +160,8 @@ class RedisStateStore(IStateStore):
     @staticmethod
     def _parse(transaction_id: str, raw: bytes) -> SagaContext:
         try:
-            return SagaContext.from_json(raw)
-        except ValidationError as exc:
+            return SagaContext.from_json(saga_json(transaction_id, raw))
+        except (ValidationError, ValueError) as exc:
             raise StateStoreError(
                 f"the stored saga {transaction_id!r} is not a valid SagaContext: {exc}"
             ) from exc
@@ -174,12 +176,12 @@ class RedisStateStore(IStateStore):
             ValidationError: ``context`` is not a valid saga; nothing was written.
             StateStoreError: Redis failed; nothing was written.
         """
-        raw = storable(context)
+        storable(context)
         await self._script(
             "save",
             context.transaction_id,
             context.version,
-            raw,
+            compact_json(context),
             context.workflow_id,
             str(context.state),
             epoch_ms(context.updated_at),
@@ -192,7 +194,7 @@ class RedisStateStore(IStateStore):
         Raises:
             StateStoreError: Redis failed, or the stored record is not a valid saga.
         """
-        raw = await self._command("HGET", self._keys.saga(transaction_id), SagaField.CONTEXT)
+        raw = await self._command("GET", self._keys.saga(transaction_id), raw=True)
         return None if raw is None else self._parse(transaction_id, raw)
 
     async def load_contexts(self, transaction_ids: Sequence[str]) -> dict[str, SagaContext]:
@@ -204,18 +206,18 @@ class RedisStateStore(IStateStore):
         if not transaction_ids:
             return {}
         ids = list(transaction_ids)
-        raws = await self._script("load", orjson.dumps(ids))
+        raws = await self._script("load", *ids)
         return {tx: self._parse(tx, raw) for tx, raw in zip(ids, raws, strict=True) if raw is not None}
 
     async def delete_context(self, transaction_id: str) -> bool:
         """Delete the saga, its outbox, its timers and its index entries; True if the saga existed.
 
-        Its processed event ids are kept until they expire, so a late redelivery is still a duplicate.
+        Its recent event ids are kept for ``dedupe_ttl``, so a late redelivery is still a duplicate.
 
         Raises:
             StateStoreError: Redis failed; nothing was deleted.
         """
-        return bool(await self._script("delete", transaction_id))
+        return bool(await self._script("delete", transaction_id, self._ttl))
 
     async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
         """Transaction ids of the sagas of ``workflow_id`` in ``state`` (None matches any), sorted. It
@@ -294,10 +296,11 @@ class RedisStateStore(IStateStore):
     async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
         """Apply each write atomically and in order, all in one script call; one result per write.
 
-        Per write: an event id processed before gives ``duplicate`` with the saga's current outbox; a
-        stored version other than ``expected_version`` (0: the saga must not exist) gives ``conflict``, as
-        does every later write of a transaction that conflicted earlier in the batch; a write without a
-        saga gives ``unchanged`` after cancelling its ``cancel_timers``; otherwise the saga, indexes,
+        Per write: one of the saga's last 16 event ids (or a deleted saga's, for ``dedupe_ttl``) gives
+        ``duplicate`` with the saga's current outbox; a stored version other than ``expected_version``
+        (0: the saga must not exist) gives ``conflict``, as does every later write of a transaction that
+        conflicted earlier in the batch; a write without a saga gives ``unchanged`` after cancelling its
+        ``cancel_timers``; otherwise the saga (its record, with the expiry its state gives it), indexes,
         outbox entry (id = the new version), timers, cancellations and event id are written and the
         result is ``applied`` with the write's own messages (older unacknowledged entries are left to
         their writer and to the recovery sweep).
@@ -316,9 +319,9 @@ class RedisStateStore(IStateStore):
             return []
         try:
             batch, data = pack(writes)
-        except orjson.JSONEncodeError as exc:
+        except orjson.JSONEncodeError as exc:  # an id
             raise ValidationError(f"a write cannot be encoded: {exc}") from exc
-        replies = await self._script("apply", self._ttl, batch, data, *self._retain)
+        replies = await self._script("apply", batch, data, *self._retain)
         if len(replies) != len(writes):
             raise StateStoreError(f"Redis state store: {len(replies)} results for {len(writes)} writes")
         cache: dict[bytes, Messages] = {}
