@@ -9,8 +9,9 @@
 -- This text runs after definitions generated from Python (script.py), so that the key layout and the
 -- packed batch are defined once, there: K builds every key name (the layout: RedisKeys in keys.py),
 -- W and T are the positions of a packed write's and timer's fields, RF those of a saga's record (with
--- RECORD_FIELDS, SEP, EVENTS_KEPT and DIGEST_LEN), R the reply's status codes, FINAL the ended states, each with its retention's position in
--- {retention, failed retention} (packing.py). P is the key prefix.
+-- RECORD_FIELDS, SEP, EVENTS_KEPT and DIGEST_LEN), R the reply's status codes, FINAL the ended states,
+-- each with its retention's position in {retention, failed retention} (packing.py). P is the key
+-- prefix.
 --
 -- A Redis script is atomic (no other command runs in between, and AOF/replicas get its effects as one
 -- transaction), but a runtime error half way would keep the writes made before it. So every check that
