@@ -135,6 +135,16 @@ class IStateStore(ABC):
             ValidationError: an unknown state, a malformed cursor, a bad limit or a naive bound.
         """
 
+    async def use_partitions(self, count: int) -> None:
+        """Use ``count`` partitions, the count of the topics the orchestrator consumes, which the
+        orchestrator passes at start: a store that lays its keys out by partition records it at first
+        start and refuses another count after that. This default ignores it.
+
+        Raises:
+            ValidationError: the store recorded another count.
+        """
+        return None
+
     @abstractmethod
     async def trim(self, now: float) -> int:
         """Forget the index entries of sagas whose retention has passed by ``now`` (epoch seconds) and
@@ -279,6 +289,15 @@ class IEventBus(Service):
     @abstractmethod
     async def ensure_topics(self, topics: Sequence[str]) -> None:
         """Create the topics that do not exist yet."""
+
+    async def partition_count(self, topic: str) -> int | None:
+        """How many partitions ``topic`` has, or None if this bus cannot tell (the default, so that buses
+        written before this method keep working).
+
+        Raises:
+            EventBusError: not started, or the topic does not exist.
+        """
+        return None
 
     def read(self, topic: str, *, follow: bool = False) -> AsyncIterator[InboundMessage]:
         """Every message kept on ``topic``, from the earliest, in order within each partition; with

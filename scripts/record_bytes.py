@@ -1,8 +1,10 @@
 """Bytes of Redis per finished saga: runs N sagas of the benchmark's 3-step workflow to completion (one
-process: the in-memory bus, the Redis state store), then sums ``MEMORY USAGE`` over every key of the run's
-prefix and divides by N. Per-saga keys and shared keys (indexes, timers, outboxes) are reported apart.
+process: the in-memory bus with 4 partitions, the Redis state store), then sums ``MEMORY USAGE`` over every
+key of the run's prefix and divides by N. Per-saga keys and shared keys (indexes, timers, outboxes) are
+reported apart. Redis keeps a sorted set of up to 128 members as a compact listpack: with 4 partitions,
+more than 512 sagas are needed for the indexes to take their size at scale.
 
-    .venv/bin/python scripts/record_bytes.py [--sagas 300]
+    .venv/bin/python scripts/record_bytes.py [--sagas 1000]
 
 Reads ``REDIS_URL`` (``eval "$(scripts/services env)"``); deletes its keys at the end.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import uuid
 from collections import Counter
 from typing import Any
@@ -28,6 +31,8 @@ from orchestrator_kafka import (
 )
 
 STEPS = 3  # as scripts/bench.py
+# A saga's own keys (RedisKeys in orchestrator_kafka/backends/redis/keys.py): the rest are a partition's.
+_OWN = re.compile(rb":\{p\d+\}:(?:s|o|t|ev):")
 
 
 async def measure(sagas: int) -> dict[str, Any]:
@@ -61,7 +66,7 @@ async def measure(sagas: int) -> dict[str, Any]:
         async for key in raw.scan_iter(match=f"{prefix}:*", count=1000):
             used = int(await raw.memory_usage(key, samples=0) or 0)
             total += used
-            per_kind["saga keys" if b"{" in key else "shared keys"] += used
+            per_kind["saga keys" if _OWN.search(key) else "shared keys"] += used
         shares = {kind: used / sagas for kind, used in per_kind.items()}
         return {"sagas": sagas, "bytes_per_saga": total / sagas, **shares}
     finally:
@@ -81,7 +86,7 @@ async def store_start(bus: InMemoryEventBus, n: int, prefix: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sagas", type=int, default=300)
+    parser.add_argument("--sagas", type=int, default=1000)
     result = asyncio.run(measure(parser.parse_args().sagas))
     for name, value in result.items():
         print(f"{name:>16}: {value:,.0f}" if isinstance(value, float) else f"{name:>16}: {value}")

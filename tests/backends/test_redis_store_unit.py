@@ -12,8 +12,10 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from orchestrator_kafka.backends.redis import RedisKeys, RedisStateStore
+from orchestrator_kafka.backends.redis.keys import PYTHON_ONLY
 from orchestrator_kafka.backends.redis.packing import (
     Outcome,
     RecordField,
@@ -28,6 +30,7 @@ from orchestrator_kafka.backends.redis.packing import (
     pack,
     saga_json,
 )
+from orchestrator_kafka.backends.redis.partitions import partition_of
 from orchestrator_kafka.backends.redis.script import SCRIPT
 from orchestrator_kafka.context import LateCompensation, SagaContext, StepStatus, WorkflowState
 from orchestrator_kafka.errors import StateStoreError, ValidationError
@@ -40,20 +43,32 @@ from ..contract.test_state_store import every_method, msg, saga
 
 def test_redis_keys_name_the_documented_layout() -> None:
     keys = RedisKeys("P")
-    assert [keys.saga("tx"), keys.events("tx"), keys.outbox("tx"), keys.saga_timers("tx")] == [
-        "P:{tx}",
-        "P:{tx}:ev",
-        "P:{tx}:outbox",
-        "P:{tx}:timers",
+    assert [keys.saga(3, "tx"), keys.events(3, "tx"), keys.outbox(3, "tx"), keys.saga_timers(3, "tx")] == [
+        "P:{p3}:s:tx",
+        "P:{p3}:ev:tx",
+        "P:{p3}:o:tx",
+        "P:{p3}:t:tx",
     ]
-    assert [keys.outboxes, keys.timers, keys.timer_entries, keys.workflows] == [
-        "P:outboxes",
-        "P:timers",
-        "P:timer",
-        "P:idx:workflows",
+    assert [keys.outboxes(0), keys.timers(0), keys.timer_entries(0), keys.workflows(0)] == [
+        "P:{p0}:outboxes",
+        "P:{p0}:timers",
+        "P:{p0}:timer",
+        "P:{p0}:workflows",
     ]
-    assert keys.index(WorkflowState.COMPLETED, "a:b") == "P:idx:completed:a:b"
+    assert keys.index(11, WorkflowState.COMPLETED, "a:b") == "P:{p11}:idx:completed:a:b"
+    assert keys.partitions == "P:partitions" and keys.tagged(2) == "P:{p2}"
     assert RedisKeys().prefix == "saga"
+
+
+def test_a_saga_s_partition_is_the_one_kafka_gives_its_messages() -> None:
+    """The partition aiokafka's default partitioner picks for a message keyed by the id, for any count;
+    and the hash is the Java client's."""
+    for count in (1, 2, 4, 7, 64):
+        for tx in ("a", "tx-1", "ü-🙂", "bench-1a2b3c4d-12345", str(count) * 40):
+            expected = DefaultPartitioner()(tx.encode(), list(range(count)), list(range(count)))
+            assert partition_of(tx, count) == expected
+    # The Java client's own test vector: Utils.murmur2("21".getBytes()) == -973932308.
+    assert murmur2(b"21") == -973932308 & 0xFFFFFFFF
 
 
 def test_bad_prefix_is_rejected() -> None:
@@ -126,7 +141,9 @@ def test_the_script_reads_keys_and_fields_only_by_the_generated_names() -> None:
     generated = SCRIPT.removesuffix(lua)
     # The script uses every name generated from Python, and no other.
     used = set(re.findall(r"\b(K|W|T|R|RF)\.([A-Za-z_]+)", lua))
-    key_kinds = {name for name in dir(RedisKeys) if not name.startswith("_") and name != "prefix"}
+    key_kinds = {
+        name for name in dir(RedisKeys) if not name.startswith("_") and name != "prefix"
+    } - PYTHON_ONLY
     enums = (("W", WriteField), ("T", TimerField), ("R", Outcome), ("RF", RecordField))
     assert used == {("K", name) for name in key_kinds} | {(t, m.name) for t, enum in enums for m in enum}
     for name in key_kinds:

@@ -675,6 +675,19 @@ class StateStoreContract:
         with pytest.raises(ValidationError, match="failed_retention"):
             stores(failed_retention=bad)
 
+    # ------------------------------------------------------------ partitions
+
+    async def test_the_partition_count_is_recorded_at_first_start_and_another_refused(
+        self, store: IStateStore
+    ) -> None:
+        await store.use_partitions(4)
+        await store.use_partitions(4)
+        [res] = await store.apply([create("t1")])
+        assert res.status == "applied"
+        with pytest.raises(ValidationError, match=r"\b4\b.*\b8\b|\b8\b.*\b4\b"):
+            await store.use_partitions(8)
+        assert await store.load_context("t1") == saga("t1", 1)
+
     # ------------------------------------------------------------ paged listing
 
     @staticmethod

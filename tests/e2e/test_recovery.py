@@ -15,7 +15,7 @@ from orchestrator_kafka import (
     WorkflowBuilder,
     WorkflowState,
 )
-from orchestrator_kafka.errors import StateStoreError, WorkflowExecutionError
+from orchestrator_kafka.errors import StateStoreError, ValidationError, WorkflowExecutionError
 from orchestrator_kafka.models import StartBody, StartSaga
 from orchestrator_kafka.pipeline import Outcome
 from orchestrator_kafka.ports import Timer
@@ -156,3 +156,14 @@ async def test_the_sweep_trims_the_indexes_of_sagas_past_their_retention() -> No
             await asyncio.sleep(0.05)
         assert await store.list_contexts() == []
         assert await store.load_context("tx-1") is None
+
+
+async def test_an_orchestrator_refuses_topics_whose_partition_count_differs_from_the_recorded_one() -> None:
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
+    store = InMemoryStateStore()
+    async with Orchestrator(workflow, InMemoryEventBus(partitions=4), store):
+        pass  # records 4
+    bus = InMemoryEventBus(partitions=2)
+    with pytest.raises(ValidationError, match="recorded 4 partitions at first start, but the topics have 2"):
+        await Orchestrator(workflow, bus, store).start()
+    await bus.stop()

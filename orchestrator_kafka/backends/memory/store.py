@@ -86,6 +86,7 @@ class InMemoryStateStore(IStateStore):
         # In order of expiry: the ttl is one for all and the clock only goes forward, so refreshing a
         # saga's ids moves them to the end, and the expired ones are always at the front.
         self._tombstones: dict[str, _Tombstone] = {}
+        self._partitions: int | None = None
         self._outbox: dict[str, list[tuple[int, tuple[OutboxMessage, ...]]]] = {}
         self._timers: dict[str, tuple[Timer, float]] = {}
         self._saga_timers: dict[str, set[str]] = {}
@@ -251,6 +252,22 @@ class InMemoryStateStore(IStateStore):
             if (record := self._record(tx)) is not None
         ]
         return statuses, next_cursor
+
+    async def use_partitions(self, count: int) -> None:
+        """Record ``count`` at first start and refuse another after that, as the Redis store does (this
+        store does not lay anything out by partition).
+
+        Raises:
+            ValidationError: another count was recorded.
+        """
+        self._check_open()
+        if self._partitions is None:
+            self._partitions = count
+        elif self._partitions != count:
+            raise ValidationError(
+                f"this store recorded {self._partitions} partitions at first start, but the topics have "
+                f"{count}"
+            )
 
     async def trim(self, now: float) -> int:
         """Forget every saga whose retention has passed on the store's own clock (``now`` is the Redis

@@ -1,7 +1,8 @@
 """The Lua script of the Redis state store, as Redis runs it: ``scripts.lua`` after the definitions it
 reads the key layout and the packed batch by, generated from :mod:`.keys` and :mod:`.packing`.
 
-It is called as ``EVALSHA <SHA> 0 <op> <key prefix> <the op's arguments...>``.
+It is called as ``EVALSHA <SHA> 1 <a key of the partition> <op> <the partition's key prefix> <the op's
+arguments...>``.
 """
 
 from __future__ import annotations

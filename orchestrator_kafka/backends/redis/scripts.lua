@@ -1,10 +1,11 @@
 -- orchestrator-kafka: every script of the Redis state store, in one script dispatched on ARGV[1].
 --
--- Called as EVALSHA <sha> 0 <op> <prefix> <args...> (see script.py). One script (one SHA, one SCRIPT
--- LOAD) keeps the index bookkeeping in one place. Keys are built here instead of being passed as KEYS:
--- the client then sends one packed argument per batch, which is what keeps the client's CPU per
--- transition low (DESIGN section 7). The price is that the script targets a single Redis (or a
--- primary), not Redis Cluster.
+-- Called as EVALSHA <sha> 1 <a key of the partition> <op> <the partition's prefix> <args...> (see
+-- script.py and store.py). One script (one SHA, one SCRIPT LOAD) keeps the index bookkeeping in one
+-- place. Keys are built here instead of being passed as KEYS: the client then sends one packed argument
+-- per batch, which is what keeps the client's CPU per transition low (DESIGN section 7). Every key a
+-- call builds starts with the partition's prefix, hash tag included, so a call touches one Redis
+-- Cluster slot, the one of the key it declares.
 --
 -- This text runs after definitions generated from Python (script.py), so that the key layout and the
 -- packed batch are defined once, there: K builds every key name (the layout: RedisKeys in keys.py),
