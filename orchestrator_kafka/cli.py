@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import click
 import orjson
@@ -30,10 +31,7 @@ from .errors import DecodeError, OrchestratorError
 from .graph import mermaid
 from .loading import load_handlers, load_workflows
 from .models import SagaEvent
-from .settings import ENV_VARS, Settings
-
-if TYPE_CHECKING:
-    pass
+from .settings import ENV_VARS, Settings, parse_retention
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -81,6 +79,16 @@ def _configure_logging(level: str) -> None:
 @click.option("--redis-url", metavar="URL", help=f"Redis [env {ENV_VARS['redis_url']}].")
 @click.option("--topic-prefix", metavar="PREFIX", help=f"Topic name prefix [env {ENV_VARS['topic_prefix']}].")
 @click.option("--key-prefix", metavar="PREFIX", help=f"Redis key prefix [env {ENV_VARS['key_prefix']}].")
+@click.option(
+    "--retention",
+    metavar="SECONDS|none",
+    help=f"Keep an ended saga this long (default 7 days) [env {ENV_VARS['retention']}].",
+)
+@click.option(
+    "--failed-retention",
+    metavar="SECONDS|none",
+    help=f"Keep a failed saga this long (default 30 days) [env {ENV_VARS['failed_retention']}].",
+)
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -88,6 +96,8 @@ def cli(
     redis_url: str | None,
     topic_prefix: str | None,
     key_prefix: str | None,
+    retention: str | None,
+    failed_retention: str | None,
 ) -> None:
     """A saga orchestrator on Apache Kafka and Redis.
 
@@ -98,15 +108,19 @@ def cli(
     logging.getLogger().addHandler(logging.NullHandler())
     try:
         settings = Settings.from_env()
+        overrides: dict[str, object] = {
+            "bootstrap_servers": bootstrap_servers,
+            "redis_url": redis_url,
+            "topic_prefix": topic_prefix,
+            "key_prefix": key_prefix,
+        }
+        overrides = {k: v for k, v in overrides.items() if v}
+        for name, raw in (("retention", retention), ("failed_retention", failed_retention)):
+            if raw is not None:
+                overrides[name] = parse_retention("--" + name.replace("_", "-"), raw)
     except OrchestratorError as exc:
         raise _fail(str(exc)) from None
-    overrides = {
-        "bootstrap_servers": bootstrap_servers,
-        "redis_url": redis_url,
-        "topic_prefix": topic_prefix,
-        "key_prefix": key_prefix,
-    }
-    ctx.obj = Settings(**{**_as_dict(settings), **{k: v for k, v in overrides.items() if v}})
+    ctx.obj = Settings(**{**_as_dict(settings), **overrides})
 
 
 def _as_dict(settings: Settings) -> dict[str, Any]:
@@ -260,21 +274,54 @@ def status(transaction_id: str, as_json: bool) -> None:
 @cli.command(name="list")
 @click.option("--workflow", help="Only this workflow's sagas.")
 @click.option("--state", type=click.Choice(_STATES), help="Only sagas in this state.")
+@click.option(
+    "--limit", default=100, show_default=True, type=click.IntRange(1, 10_000), help="Sagas per page."
+)
+@click.option("--cursor", help="Start after the page that printed this cursor.")
+@click.option(
+    "--since",
+    metavar="AGE|TIME",
+    help="Only sagas whose state changed since then: an age (90s, 30m, 12h, 7d) or an ISO 8601 time.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one status per saga.")
-def list_(workflow: str | None, state: str | None, as_json: bool) -> None:
-    """List sagas, in a table."""
+def list_(
+    workflow: str | None, state: str | None, limit: int, cursor: str | None, since: str | None, as_json: bool
+) -> None:
+    """List sagas, a page at a time, oldest state change first. The next page's cursor goes to stderr."""
+    try:
+        after = None if since is None else _since(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
 
     @_run
-    async def main() -> list[dict[str, Any]]:
+    async def main() -> tuple[list[dict[str, Any]], str | None]:
         async with _client(bus=False) as client:
-            return await client.list_sagas(workflow, state)
+            return await client.list_sagas(workflow, state, limit=limit, cursor=cursor, updated_after=after)
 
-    found = main()
+    found, next_cursor = main()
     if as_json:
         for s in found:
             click.echo(orjson.dumps(s).decode())
     else:
         Console(highlight=False).print(render.sagas_table(found))
+    if next_cursor is not None:
+        click.echo(f"more: --cursor {next_cursor}", err=True)
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> datetime:
+    """The time ``--since`` names: now less an age like ``30m``, or an ISO 8601 time (UTC if it names no
+    zone)."""
+    unit = _AGE_UNITS.get(text[-1:].lower())
+    if unit is not None and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * unit)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an age (90s, 30m, 12h, 7d) nor an ISO 8601 time") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 @cli.command()

@@ -14,6 +14,7 @@ from .constants import DEFAULT_TOPIC_PREFIX, Topics
 from .context import SagaContext, WorkflowState
 from .errors import EventBusError, StateStoreError, ValidationError, WorkflowExecutionError
 from .models import CancelBody, CancelSaga, StartBody, StartSaga, derived_event_id
+from .paging import DEFAULT_PAGE_LIMIT
 from .ports import IEventBus, IStateStore, OutboxMessage
 from .redrive import DeadLetter, Redrive, letters_of, plan, select
 from .telemetry import context_headers
@@ -101,17 +102,33 @@ class SagaClient:
         return (await self._load(transaction_id)).to_status()
 
     async def list_sagas(
-        self, workflow_id: str | None = None, state: str | None = None
-    ) -> list[dict[str, Any]]:
-        """The statuses of the sagas of ``workflow_id`` in ``state`` (None matches any), by id.
+        self,
+        workflow_id: str | None = None,
+        state: str | None = None,
+        *,
+        limit: int = DEFAULT_PAGE_LIMIT,
+        cursor: str | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of the statuses of the sagas of ``workflow_id`` in ``state`` (None matches any)
+        whose state last changed after ``updated_after`` and before ``updated_before``, oldest change
+        first, and the cursor of the next page (None: the last page). Pass the cursor back for the next
+        page; a page costs the same however many sagas exist.
 
         Raises:
+            ValidationError: an unknown state, a malformed cursor, a limit out of 1 to 10,000, or a
+                bound without a time zone.
             StateStoreError: the store failed or none was given.
         """
-        store = self._require_store()
-        ids = await store.list_contexts(workflow_id, state)
-        found = await store.load_contexts(ids) if ids else {}
-        return [found[tx].to_status() for tx in ids if tx in found]
+        return await self._require_store().list_sagas(
+            workflow_id,
+            state,
+            limit=limit,
+            cursor=cursor,
+            updated_after=updated_after,
+            updated_before=updated_before,
+        )
 
     async def wait_for(
         self,

@@ -35,9 +35,16 @@ HEADER_DLQ_REDRIVE_ID = "dlq.redrive.id"
 ORCHESTRATOR_GROUP = "orchestrator"
 WORKER_GROUP = "worker"
 
-# How long a processed event id is remembered for dedupe: well past any redelivery window (both
-# state stores take another as ``dedupe_ttl``).
+# A saga remembers the ids of its last EVENTS_KEPT applied events, to recognise a redelivered one; an
+# older duplicate is the engine's to recognise from the saga itself (a start for a saga that exists, a
+# result for a settled attempt). A deleted saga's are remembered DEDUPE_TTL_SECONDS (both state stores
+# take another as ``dedupe_ttl``): well past any redelivery window.
+EVENTS_KEPT = 16
 DEDUPE_TTL_SECONDS = 7 * 24 * 3600
+# How long an ended saga's keys are kept (completed, compensated or cancelled), and a failed one's,
+# which an operator must look at first. None in either keeps them for ever; nothing unfinished expires.
+DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+DEFAULT_FAILED_RETENTION_SECONDS = 30 * 24 * 3600
 # How long a claimed timer is leased before another orchestrator may fire it again.
 TIMER_LEASE_SECONDS = 30.0
 # Largest message accepted off the wire.

@@ -138,11 +138,14 @@ class Orchestrator(IOrchestrator, Service):
         return self._pipeline
 
     async def start(self) -> None:
-        """Connect, create the topics, re-publish what a crash left in outboxes, start consuming.
+        """Connect, create the topics, check their partition count against the store's, re-publish what a
+        crash left in outboxes, start consuming.
 
         Raises:
             EventBusError, StateStoreError: a backend could not be reached.
             ConfigurationError: the state store is set up to lose sagas (a Redis that evicts keys).
+            ValidationError: the consumed topics' partition counts differ from each other or from the one
+                the store recorded at first start.
         """
         if self._started:
             return
@@ -164,6 +167,7 @@ class Orchestrator(IOrchestrator, Service):
                 if step.compensation:
                     topics.extend(self.topics.of_worker(step.compensation))
         await self._bus.ensure_topics(sorted(set(topics)))
+        await self._check_partitions([self.topics.start, self.topics.results])
         await self._housekeeping.sweep_outboxes(everything=True)
         self._subscription = await self._bus.subscribe(
             [self.topics.start, self.topics.results],
@@ -174,6 +178,22 @@ class Orchestrator(IOrchestrator, Service):
         self._housekeeping.start()
         self._started = True
         self._log.info("orchestrator started for workflows %s", sorted(self._workflows))
+
+    async def _check_partitions(self, consumed: Sequence[str]) -> None:
+        """Hand the store the partition count of the topics consumed, which must be one (a range
+        assignor then gives partition n of each to one orchestrator, DESIGN section 10).
+
+        Raises:
+            ValidationError: the topics differ, or the store recorded another count at first start.
+        """
+        counts = {topic: await self._bus.partition_count(topic) for topic in consumed}
+        known = {count for count in counts.values() if count is not None}
+        if len(known) > 1:
+            raise ValidationError(
+                f"the topics the orchestrator consumes must have one partition count: {counts}"
+            )
+        if known:
+            await self._store.use_partitions(known.pop())
 
     async def stop(self) -> None:
         """Stop consuming and firing timers, and close the state store if the orchestrator made it;

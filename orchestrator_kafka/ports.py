@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, runtime_checkable
 
 from .errors import EventBusError
 from .lifecycle import Service
+from .paging import DEFAULT_PAGE_LIMIT
 from .values import (
     ApplyResult,
     ApplyStatus,
@@ -115,6 +117,42 @@ class IStateStore(ABC):
     @abstractmethod
     async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
         """Transaction ids of the sagas of ``workflow_id`` in ``state`` (None matches any), sorted."""
+
+    @abstractmethod
+    async def list_sagas(
+        self,
+        workflow_id: str | None = None,
+        state: str | None = None,
+        *,
+        limit: int = DEFAULT_PAGE_LIMIT,
+        cursor: str | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of the statuses of the sagas of ``workflow_id`` in ``state`` (None matches any)
+        whose state last changed after ``updated_after`` and before ``updated_before``, oldest change
+        first, and the cursor of the next page (None: there is none). A page costs the same however
+        many sagas exist (see :mod:`orchestrator_kafka.paging`).
+
+        Raises:
+            ValidationError: an unknown state, a malformed cursor, a bad limit or a naive bound.
+        """
+
+    async def use_partitions(self, count: int) -> None:
+        """Use ``count`` partitions, the count of the topics the orchestrator consumes, which the
+        orchestrator passes at start: a store that lays its keys out by partition records it at first
+        start and refuses another count after that. This default ignores it.
+
+        Raises:
+            ValidationError: the store recorded another count.
+        """
+        return None
+
+    @abstractmethod
+    async def trim(self, now: float) -> int:
+        """Forget the index entries of sagas whose retention has passed by ``now`` (epoch seconds) and
+        return how many went; the housekeeping loop calls it. The sagas' own keys expire by themselves.
+        """
 
     @abstractmethod
     async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
@@ -304,6 +342,15 @@ class IEventBus(Service):
     @abstractmethod
     async def ensure_topics(self, topics: Sequence[str]) -> None:
         """Create the topics that do not exist yet."""
+
+    async def partition_count(self, topic: str) -> int | None:
+        """How many partitions ``topic`` has, or None if this bus cannot tell (the default, so that buses
+        written before this method keep working).
+
+        Raises:
+            EventBusError: not started, or the topic does not exist.
+        """
+        return None
 
     def read(self, topic: str, *, follow: bool = False) -> AsyncIterator[InboundMessage]:
         """Every message kept on ``topic``, from the earliest, in order within each partition; with

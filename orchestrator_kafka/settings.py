@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 
 from .constants import (
     DEFAULT_BOOTSTRAP_SERVERS,
+    DEFAULT_FAILED_RETENTION_SECONDS,
     DEFAULT_KEY_PREFIX,
     DEFAULT_REDIS_URL,
+    DEFAULT_RETENTION_SECONDS,
     DEFAULT_TOPIC_PREFIX,
     ENV_BOOTSTRAP_SERVERS,
     ENV_REDIS_URL,
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 ENV_TOPIC_PREFIX = "ORCHESTRATOR_TOPIC_PREFIX"
 ENV_KEY_PREFIX = "ORCHESTRATOR_KEY_PREFIX"
 ENV_PARTITIONS = "ORCHESTRATOR_PARTITIONS"
+ENV_RETENTION = "ORCHESTRATOR_RETENTION"
+ENV_FAILED_RETENTION = "ORCHESTRATOR_FAILED_RETENTION"
 ENV_SECURITY_PROTOCOL = "KAFKA_SECURITY_PROTOCOL"
 ENV_SASL_MECHANISM = "KAFKA_SASL_MECHANISM"
 ENV_SASL_USERNAME = "KAFKA_SASL_USERNAME"
@@ -49,6 +53,9 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
     key_prefix: str = DEFAULT_KEY_PREFIX
+    # Seconds an ended (a failed) saga is kept in Redis; None keeps it for ever.
+    retention: int | None = DEFAULT_RETENTION_SECONDS
+    failed_retention: int | None = DEFAULT_FAILED_RETENTION_SECONDS
     partitions: int = 4
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -82,7 +89,12 @@ class Settings:
         """A :class:`RedisStateStore` on these settings (it connects on first use)."""
         from .backends.redis import RedisStateStore
 
-        return RedisStateStore(self.redis_url, key_prefix=self.key_prefix)
+        return RedisStateStore(
+            self.redis_url,
+            key_prefix=self.key_prefix,
+            retention=self.retention,
+            failed_retention=self.failed_retention,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -97,7 +109,9 @@ class Settings:
             raw = env.get(ENV_VARS[field.name], "").strip()
             if not raw:
                 continue
-            if field.name in ("partitions", "health_port"):
+            if field.name in ("retention", "failed_retention"):
+                values[field.name] = parse_retention(ENV_VARS[field.name], raw)
+            elif field.name in ("partitions", "health_port"):
                 try:
                     values[field.name] = int(raw)
                 except ValueError:
@@ -109,11 +123,27 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
 
+def parse_retention(name: str, raw: str) -> int | None:
+    """A retention as an operator writes it: whole seconds, or ``none`` (kept for ever).
+
+    Raises:
+        ValidationError: anything else, named ``name``.
+    """
+    text = raw.strip().lower()
+    if text in ("none", "forever"):
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise ValidationError(f"{name} must be a positive whole number of seconds or 'none', not {raw!r}")
+    return int(text)
+
+
 ENV_VARS: dict[str, str] = {
     "bootstrap_servers": ENV_BOOTSTRAP_SERVERS,
     "redis_url": ENV_REDIS_URL,
     "topic_prefix": ENV_TOPIC_PREFIX,
     "key_prefix": ENV_KEY_PREFIX,
+    "retention": ENV_RETENTION,
+    "failed_retention": ENV_FAILED_RETENTION,
     "partitions": ENV_PARTITIONS,
     "security_protocol": ENV_SECURITY_PROTOCOL,
     "sasl_mechanism": ENV_SASL_MECHANISM,

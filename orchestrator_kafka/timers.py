@@ -1,5 +1,6 @@
 """The orchestrator's housekeeping loop: fire due timers (retries and timeouts) through the pipeline, and
-now and then re-publish what a crash or a failed publish left in outboxes."""
+now and then re-publish what a crash or a failed publish left in outboxes and trim the indexes of the
+sagas whose retention has passed."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .values import Timer
 
 
 class Housekeeping:
-    """Fires due timers every ``timer_interval`` seconds and sweeps outboxes every ``sweep_interval``.
+    """Fires due timers every ``timer_interval`` seconds; sweeps outboxes and trims the indexes every
+    ``sweep_interval``.
 
     Timers are claimed with a lease, so another orchestrator fires them only if this one dies before the
     write that handles them deletes them. While the store refuses writes (full), the loop backs off as
@@ -80,6 +82,8 @@ class Housekeeping:
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self._sweep_interval
                     await self.sweep_outboxes()
+                    # Ended sagas' keys expire by themselves; their index entries go here.
+                    await self._store.trim(self._clock().timestamp())
                     if self._pipeline.telemetry.metering:
                         await self._count_in_flight()
                 if len(timers) == self._max_batch:

@@ -33,7 +33,8 @@ async def main(sagas: int) -> float:
         builder.add_step(step, f"w{i}", compensation=f"u{i}")
     prefix = "hotpath-" + uuid.uuid4().hex[:8]
     # A short dedupe window: deleting the sagas at the end leaves their processed ids to expire.
-    store = RedisStateStore(os.environ.get("REDIS_URL"), key_prefix=prefix, dedupe_ttl=60)
+    # The orchestrator is not started (the pipeline is driven directly): give the store its partitions.
+    store = RedisStateStore(os.environ.get("REDIS_URL"), key_prefix=prefix, dedupe_ttl=60, partitions=4)
     bus = InMemoryEventBus(topic_prefix=prefix)
     orchestrator = Orchestrator(builder.build(), bus, store, max_batch=BATCH)
     await bus.start()

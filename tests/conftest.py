@@ -142,7 +142,7 @@ def real_backend() -> Backend:
     backend = Backend(
         "kafka+redis",
         lambda: KafkaEventBus(bootstrap, topic_prefix=topic_prefix, partitions=2),
-        stores(),
+        stores(partitions=None),  # the orchestrator records the topics' count at start
     )
     backend.cleanup.append(stores.close)
     return backend
@@ -158,9 +158,11 @@ class RedisStores:
         self._made: list[RedisStateStore] = []
 
     def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS, **kwargs: Any) -> RedisStateStore:
-        """A store under the prefix; ``kwargs`` go to RedisStateStore (a ``client``, say)."""
+        """A store under the prefix, on 4 partitions unless told; ``kwargs`` go to RedisStateStore (a
+        ``client``, say)."""
         from orchestrator_kafka import RedisStateStore
 
+        kwargs.setdefault("partitions", 4)
         made = RedisStateStore(self.url, key_prefix=self.prefix, dedupe_ttl=dedupe_ttl, **kwargs)
         self._made.append(made)
         return made

@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from orchestrator_kafka.backends.redis import RedisStateStore
+from orchestrator_kafka.backends.redis.partitions import partition_of
 from orchestrator_kafka.errors import ConfigurationError, StateStoreError, StoreFullError
 
 from ..contract.test_state_store import create, msg, step, timer
@@ -26,7 +27,7 @@ def url() -> Iterator[str]:
 
 @pytest.fixture
 async def store(url: str) -> AsyncIterator[RedisStateStore]:
-    made = RedisStateStore(url)
+    made = RedisStateStore(url, partitions=4)
     try:
         yield made
     finally:
@@ -72,7 +73,9 @@ async def test_claiming_due_timers_on_a_full_redis_is_refused_and_claims_nothing
 async def test_an_unrelated_redis_error_is_not_taken_for_a_full_one(store: RedisStateStore, url: str) -> None:
     client = aioredis.Redis.from_url(url)
     try:
-        await cmd(client, "SET", "saga:{t1}", "a string where the saga's hash goes")
+        # A hash where the saga's record (a string) goes: WRONGTYPE, not OOM.
+        where = store.keys.saga(partition_of("t1", 4), "t1")
+        await cmd(client, "HSET", where, "field", "value")
     finally:
         await client.aclose()
     with pytest.raises(StateStoreError) as failed:
@@ -107,7 +110,7 @@ async def test_check_passes_with_a_warning_where_config_is_not_allowed(
         await cmd(client, "ACL", "SETUSER", "app", "on", ">secret", "~*", "&*", "+@all", "-config")
     finally:
         await client.aclose()
-    limited = RedisStateStore(url.replace("redis://", "redis://app:secret@"))
+    limited = RedisStateStore(url.replace("redis://", "redis://app:secret@"), partitions=4)
     try:
         with caplog.at_level(logging.WARNING, logger="orchestrator_kafka.redis"):
             await limited.check()

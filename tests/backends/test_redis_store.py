@@ -8,6 +8,7 @@ Each test uses a key prefix of its own and deletes its keys afterwards, so it ca
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,8 +19,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from orchestrator_kafka.backends.redis import RedisStateStore
+from orchestrator_kafka.backends.redis.packing import compact_json, event_digest, load_record
+from orchestrator_kafka.backends.redis.partitions import partition_of
 from orchestrator_kafka.context import WorkflowState
-from orchestrator_kafka.errors import StateStoreError
+from orchestrator_kafka.errors import StateStoreError, ValidationError
 from orchestrator_kafka.ports import OutboxMessage
 
 from ..conftest import RedisStores
@@ -27,6 +30,11 @@ from ..contract.test_state_store import create, msg, saga, step, timer
 from .test_redis_store_unit import realistic
 
 pytestmark = pytest.mark.redis
+
+
+def P(tx: str) -> int:
+    """The partition of ``tx`` in the tests' stores (4 partitions)."""
+    return partition_of(tx, 4)
 
 
 async def cmd(client: aioredis.Redis, *args: Any) -> Any:
@@ -52,18 +60,22 @@ async def raw(redis_stores: RedisStores) -> AsyncIterator[aioredis.Redis]:
 
 
 async def test_raw_layout(store: RedisStateStore, raw: aioredis.Redis) -> None:
-    """Operators can read a saga with plain commands: HGET P:{tx} ctx."""
+    """Operators can read a saga with plain commands: GET P:{tx} is its record."""
     await store.apply([create("t1", outbox=(msg(1),), timers=(timer("t1", "tm", 5.0),))])
     p = store.key_prefix
-    assert await cmd(raw, "HGET", f"{p}:{{t1}}", "ctx") == saga("t1", 1).to_json()
-    assert await cmd(raw, "HMGET", f"{p}:{{t1}}", "v", "wf", "state") == [b"1", b"orders", b"running"]
-    assert await cmd(raw, "SMEMBERS", f"{p}:{{t1}}:ev") == {b"t1-create"}
-    assert await cmd(raw, "ZRANGE", f"{p}:{{t1}}:outbox", 0, -1, "WITHSCORES") != []
-    assert await cmd(raw, "SMEMBERS", f"{p}:outboxes") == {b"t1"}
-    assert await cmd(raw, "ZSCORE", f"{p}:timers", "tm") == 5.0
-    assert await cmd(raw, "SMEMBERS", f"{p}:{{t1}}:timers") == {b"tm"}
-    for key in (f"{p}:idx:all", f"{p}:idx:wf:orders", f"{p}:idx:state:running"):
-        assert await cmd(raw, "SMEMBERS", key) == {b"t1"}
+    # Every key is a partition's: t1's, as Kafka partitions messages keyed t1 over 4 partitions.
+    t = f"{p}:{{p{partition_of('t1', 4)}}}"
+    fields, ctx = load_record(await cmd(raw, "GET", f"{t}:s:t1"))
+    assert ctx == compact_json(saga("t1", 1))
+    assert fields == [b"1", b"running", b"orders", event_digest("t1-create").encode()]
+    assert not await cmd(raw, "EXISTS", f"{t}:ev:t1")  # a live saga keeps its events in its record
+    assert await cmd(raw, "ZRANGE", f"{t}:o:t1", 0, -1, "WITHSCORES") != []
+    assert await cmd(raw, "SMEMBERS", f"{t}:outboxes") == {b"t1"}
+    assert await cmd(raw, "ZSCORE", f"{t}:timers", "tm") == 5.0
+    assert await cmd(raw, "SMEMBERS", f"{t}:t:t1") == {b"tm"}
+    assert await cmd(raw, "ZRANGE", f"{t}:idx:running:orders", 0, -1) == [b"t1"]
+    assert await cmd(raw, "SMEMBERS", f"{t}:workflows") == {b"orders"}
+    assert await cmd(raw, "GET", f"{p}:partitions") == b"4"
 
 
 async def _keys_under(raw: aioredis.Redis, prefix: str) -> set[str]:
@@ -76,15 +88,21 @@ async def test_the_script_writes_exactly_the_keys_redis_keys_names(
     """The script builds key names itself, from definitions generated from RedisKeys: both agree."""
     k = store.keys
     await store.apply([create("t1", outbox=(msg(1),), timers=(timer("t1", "tm", 5.0),))])
-    saga_keys = {k.saga("t1"), k.events("t1"), k.outbox("t1"), k.saga_timers("t1")}
-    shared = {k.outboxes, k.timers, k.timer_entries, k.all_sagas}
-    indexes = {k.by_workflow("orders"), k.by_state("running")}
+    p1, p2 = partition_of("t1", 4), partition_of("t2", 4)
+    saga_keys = {k.saga(p1, "t1"), k.outbox(p1, "t1"), k.saga_timers(p1, "t1")}
+    shared = {k.outboxes(p1), k.timers(p1), k.timer_entries(p1), k.workflows(p1), k.partitions}
+    indexes = {k.index(p1, "running", "orders")}
     assert await _keys_under(raw, store.key_prefix) == saga_keys | shared | indexes
     await store.save_context(saga("t2", 1, WorkflowState.FAILED, wf="refunds"))
     await store.apply([step("t1", 1, "e2", state=WorkflowState.COMPLETED, cancel_timers=("tm",))])
     assert await _keys_under(raw, store.key_prefix) == (
-        {k.saga("t1"), k.events("t1"), k.outbox("t1"), k.saga("t2"), k.outboxes, k.all_sagas}
-        | {k.by_workflow("orders"), k.by_workflow("refunds"), k.by_state("completed"), k.by_state("failed")}
+        {k.saga(p1, "t1"), k.outbox(p1, "t1"), k.saga(p2, "t2"), k.outboxes(p1), k.partitions}
+        | {
+            k.workflows(p1),
+            k.workflows(p2),
+            k.index(p1, "completed", "orders"),
+            k.index(p2, "failed", "refunds"),
+        }
     )
     assert await store.load_contexts(["t1", "t2"]) == {
         "t1": saga("t1", 2, WorkflowState.COMPLETED),
@@ -93,38 +111,109 @@ async def test_the_script_writes_exactly_the_keys_redis_keys_names(
     await store.ack_outbox([("t1", 2)])
     assert await store.delete_context("t1") is True
     assert await store.delete_context("t2") is True
-    # The processed event ids stay, until they expire.
-    assert await _keys_under(raw, store.key_prefix) == {k.events("t1")}
+    # The deleted saga's recent events stay, until they expire; so does the list of workflows.
+    assert await _keys_under(raw, store.key_prefix) == {
+        k.events(p1, "t1"),
+        k.workflows(p1),
+        k.workflows(p2),
+        k.partitions,
+    }
 
 
 async def test_deleting_a_saga_deletes_its_keys(store: RedisStateStore, raw: aioredis.Redis) -> None:
     await store.apply([create("d1", outbox=(msg(1),), timers=(timer("d1", "dt", 1.0),))])
     assert await store.delete_context("d1") is True
     assert not await cmd(
-        raw, "EXISTS", f"{store.key_prefix}:{{d1}}:outbox", f"{store.key_prefix}:{{d1}}:timers"
+        raw, "EXISTS", store.keys.outbox(P("d1"), "d1"), store.keys.saga_timers(P("d1"), "d1")
     )
-    assert not await cmd(raw, "HEXISTS", f"{store.key_prefix}:timer", "dt")
+    assert not await cmd(raw, "HEXISTS", store.keys.timer_entries(P("d1")), "dt")
 
 
-async def test_dedupe_keys_expire(
+async def test_expiry_of_records_and_tombstones(
     redis_stores: RedisStores, store: RedisStateStore, raw: aioredis.Redis
 ) -> None:
-    short = redis_stores(dedupe_ttl=60)
-    await short.apply([create("t1")])
+    short = redis_stores(dedupe_ttl=60, retention=120, failed_retention=3600)
+    await short.apply([create("t1", outbox=(msg(1),)), create("t2"), create("t3")])
+    assert await short.delete_context("t1") is True
+    assert 0 < await raw.ttl(store.keys.events(P("t1"), "t1")) <= 60  # the deleted saga's events
+    assert await raw.ttl(store.keys.saga(P("t2"), "t2")) == -1  # an unfinished saga never expires
+    await short.apply(
+        [
+            step("t2", 1, "e2", state=WorkflowState.COMPLETED, outbox=(msg(2),)),
+            step("t3", 1, "e3", state=WorkflowState.FAILED),
+        ]
+    )
+    assert 60 < await raw.ttl(store.keys.saga(P("t2"), "t2")) <= 120
+    assert 60 < await raw.ttl(store.keys.outbox(P("t2"), "t2")) <= 120  # its other keys go with it
+    assert 120 < await raw.ttl(store.keys.saga(P("t3"), "t3")) <= 3600
+    # A repair that reopens an ended saga takes its expiry away.
+    await short.save_context(saga("t2", 3))
+    assert await raw.ttl(store.keys.saga(P("t2"), "t2")) == -1
+    assert await raw.ttl(store.keys.outbox(P("t2"), "t2")) == -1
     await short.close()
-    ttl = await raw.ttl(f"{store.key_prefix}:{{t1}}:ev")
-    assert 0 < ttl <= 60
-    await store.apply([step("t1", 1, "e2")])
-    ttl = await raw.ttl(f"{store.key_prefix}:{{t1}}:ev")
-    assert ttl > 60  # refreshed with the store's own (default, 7 day) ttl
-    assert await raw.ttl(f"{store.key_prefix}:{{t1}}") == -1  # the saga itself never expires
+
+
+# ---------------------------------------------------------------- partitions
+
+
+async def test_every_key_is_its_saga_s_kafka_partition_s(
+    redis_stores: RedisStores, store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    """One partition's keys share one hash tag, so one Redis Cluster slot: a batch that spans partitions
+    is one script call per partition, and each saga's keys are in its Kafka partition's tag."""
+    txs = [f"tx-{i}" for i in range(40)]
+    await store.apply(
+        [create(tx, outbox=(msg(i),), timers=(timer(tx, f"tm-{i}", 5.0),)) for i, tx in enumerate(txs)]
+    )
+    await store.apply([step(tx, 1, f"{tx}-2", state=WorkflowState.COMPLETED) for tx in txs[:10]])
+    await store.delete_context(txs[-1])
+    tagged = re.compile(rf"^{re.escape(store.key_prefix)}:\{{p(\d)\}}:(?:(?:s|o|t|ev):(.+)|[a-z]+(?::.*)?)$")
+    keys = await _keys_under(raw, store.key_prefix)
+    assert store.keys.partitions in keys
+    partitions_used = set()
+    for key in keys - {store.keys.partitions}:
+        match = tagged.match(key)
+        assert match, key
+        partitions_used.add(int(match[1]))
+        if match[2] is not None:
+            assert int(match[1]) == partition_of(match[2], 4), key
+    assert partitions_used == {0, 1, 2, 3}
+    # Everything is found again across the partitions.
+    assert len(await store.load_contexts(txs)) == 39
+    assert len(await store.list_contexts()) == 39
+    assert len(await store.pending_outboxes()) == 39
+    assert len(await store.claim_due_timers(10.0, 100, 30.0)) == 39
+    page, cursor = await store.list_sagas(state="completed", limit=4)
+    assert len(page) == 4 and cursor is not None
+
+
+async def test_a_client_reads_by_the_recorded_count_and_another_count_is_refused(
+    redis_stores: RedisStores, store: RedisStateStore
+) -> None:
+    client = redis_stores(partitions=None)
+    # Nothing recorded yet: nothing exists, and a write has no partition to go to.
+    assert await client.load_context("t1") is None and await client.list_contexts() == []
+    with pytest.raises(StateStoreError, match="no partition count is recorded"):
+        await client.apply([create("t1")])
+    await store.apply([create("t1"), create("t2")])
+    assert await client.load_context("t1") == saga("t1", 1)
+    assert sorted(await client.load_contexts(["t1", "t2"])) == ["t1", "t2"]
+    assert await client.list_contexts() == ["t1", "t2"]
+    other = redis_stores(partitions=None)
+    with pytest.raises(ValidationError, match=r"recorded 4 partitions .* the topics have 8"):
+        await other.use_partitions(8)
+    with pytest.raises(ValidationError, match="recorded 4 partitions"):
+        await redis_stores(partitions=2).load_context("t1")
 
 
 # ---------------------------------------------------------------- corrupt entries
 
 
 async def test_corrupt_record_raises_state_store_error(store: RedisStateStore, raw: aioredis.Redis) -> None:
-    await cmd(raw, "HSET", f"{store.key_prefix}:{{bad}}", "v", 1, "ctx", b"{not json")
+    await store.save_context(saga("t0", 1))  # records the partition count
+    await cmd(
+        raw, "SET", store.keys.saga(P("bad"), "bad"), b"1:1" + b"7:running" + b"1:w" + b"0:" + b"{not json"
+    )
     with pytest.raises(StateStoreError, match="not a valid SagaContext"):
         await store.load_context("bad")
     with pytest.raises(StateStoreError):
@@ -135,13 +224,15 @@ async def test_corrupt_outbox_entry_raises_state_store_error(
     store: RedisStateStore, raw: aioredis.Redis
 ) -> None:
     await store.apply([create("t1", outbox=(msg(1),))])
-    await cmd(raw, "ZADD", f"{store.key_prefix}:{{t1}}:outbox", 0, b"not json")
+    await cmd(raw, "ZADD", store.keys.outbox(P("t1"), "t1"), 0, b"not json")
     with pytest.raises(StateStoreError, match="cannot be decoded"):
         await store.pending_outboxes()
     with pytest.raises(StateStoreError, match="cannot be decoded"):
         await store.apply([create("t1")])
-    await cmd(raw, "HSET", f"{store.key_prefix}:timer", "bad", b"[1]")
-    await cmd(raw, "ZADD", f"{store.key_prefix}:timers", 0, "bad")
+    await store.save_context(saga("t0", 1))  # records the partition count
+    for n in range(4):
+        await cmd(raw, "HSET", store.keys.timer_entries(n), "bad", b"[1]")
+        await cmd(raw, "ZADD", store.keys.timers(n), 0, "bad")
     with pytest.raises(StateStoreError, match="cannot be decoded"):
         await store.claim_due_timers(1.0, 10, 30.0)
 
@@ -165,7 +256,8 @@ async def test_script_reloaded_on_noscript(redis_stores: RedisStores) -> None:
     try:
         [res] = await made.apply([create("t1")])
         assert res.status == "applied"
-        assert calls == ["EVALSHA", "SCRIPT", "EVALSHA"]
+        # The first write records the partition count (SET NX, GET), then the script.
+        assert calls == ["SET", "GET", "EVALSHA", "SCRIPT", "EVALSHA"]
         await made.close()
         # A client passed in stays open.
         assert await cmd(client, "PING")

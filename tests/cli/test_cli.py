@@ -163,6 +163,17 @@ def test_run_worker_start_status_list_tail_cancel_and_graceful_stop(cli: Cli) ->
         assert cli("versions", "--json").stdout == ""  # none in flight any more
         table = cli("list")
         assert "3 sagas" in table.stdout and "pay-bad" in table.stdout
+        # Pages: the next page's cursor goes to stderr, so the JSON lines stay clean.
+        first = cli("list", "--json", "--limit", "2", "--since", "1h")
+        assert first.returncode == 0 and len(first.stdout.splitlines()) == 2, first.stderr
+        assert first.stderr.startswith("more: --cursor ")
+        rest = cli("list", "--json", "--limit", "2", "--cursor", first.stderr.split()[-1])
+        assert rest.returncode == 0 and rest.stderr == "", rest.stderr
+        paged = [json.loads(line)["transaction_id"] for line in (first.stdout + rest.stdout).splitlines()]
+        assert sorted(paged) == sorted(states)
+        assert cli("list", "--json", "--since", "2099-01-01T00:00:00").stdout == ""
+        bad_cursor = cli("list", "--cursor", "nope!")
+        assert bad_cursor.returncode == 1 and "malformed cursor 'nope!'" in bad_cursor.stderr
         human = cli("status", "pay-bad")
         assert "compensated" in human.stdout and "amount over the limit" in human.stdout
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import pytest
 
 from orchestrator_kafka import InMemoryStateStore, SagaContext, WorkflowState
-from orchestrator_kafka.constants import DEDUPE_TTL_SECONDS
+from orchestrator_kafka.constants import DEDUPE_TTL_SECONDS, EVENTS_KEPT
 from orchestrator_kafka.context import StepStatus
 from orchestrator_kafka.errors import StateStoreError, ValidationError
 from orchestrator_kafka.ports import ApplyResult, IStateStore, OutboxMessage, Timer, TransitionWrite
@@ -25,7 +25,11 @@ T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 
 def saga(
-    tx: str, version: int, state: WorkflowState = WorkflowState.RUNNING, wf: str = "orders"
+    tx: str,
+    version: int,
+    state: WorkflowState = WorkflowState.RUNNING,
+    wf: str = "orders",
+    updated_at: datetime = T0,
 ) -> SagaContext:
     return SagaContext(
         transaction_id=tx,
@@ -34,7 +38,7 @@ def saga(
         version=version,
         data={"n": version},
         created_at=T0,
-        updated_at=T0,
+        updated_at=updated_at,
     )
 
 
@@ -75,13 +79,16 @@ def every_method(store: IStateStore) -> list[Callable[[], Awaitable[object]]]:
         lambda: store.ack_outbox([("t1", 1)]),
         lambda: store.pending_outboxes(),
         lambda: store.claim_due_timers(10.0, 10, 30.0),
+        lambda: store.list_sagas(),
+        lambda: store.trim(T0.timestamp()),
     ]
 
 
 class Stores(Protocol):
     """Makes stores of one implementation, closed at the end of the test."""
 
-    def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS) -> IStateStore: ...
+    def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS, **retention: int | None) -> IStateStore:
+        """A store; ``retention`` and ``failed_retention`` go to it when given."""
 
     async def pass_time(self, seconds: float) -> None:
         """Let ``seconds`` pass for every store made, as far as their processed event ids go."""
@@ -355,31 +362,45 @@ class StateStoreContract:
         assert res.status == "applied"
         assert await store.apply([]) == []
 
-    async def test_processed_events_are_forgotten_dedupe_ttl_after_the_sagas_last_applied_event(
+    async def test_a_saga_remembers_its_recent_events_and_a_deleted_one_for_dedupe_ttl(
         self, stores: Stores
     ) -> None:
         store = stores(dedupe_ttl=100)
         await store.apply([create("t1", outbox=(msg(1),))])
-        await stores.pass_time(60)
-        await store.apply([step("t1", 1, "e2")])  # remembers both ids for 100 s more
-        await stores.pass_time(60)
-        [dup] = await store.apply([create("t1")])  # 120 s after it was applied
-        assert dup.status == "duplicate"
-        # Neither a duplicate nor a conflict nor an unchanged write refreshes them.
-        [conflict] = await store.apply([step("t1", 5, "e3")])
+        v = 1
+        for n in range(EVENTS_KEPT - 1):
+            [res] = await store.apply([step("t1", v, f"e{n}")])
+            assert res.status == "applied"
+            v += 1
+        await stores.pass_time(10 * DEDUPE_TTL_SECONDS)  # time alone forgets nothing of a live saga
+        [dup] = await store.apply([create("t1")])  # the oldest of its last EVENTS_KEPT events
+        assert dup == ApplyResult("duplicate", "t1", 1, (msg(1),))
+        # Neither a conflict nor an unchanged write is remembered.
+        [conflict] = await store.apply([step("t1", 99, "x")])
         assert conflict.status == "conflict"
-        [unchanged] = await store.apply([TransitionWrite("e4", "t1", 2)])
+        [unchanged] = await store.apply([TransitionWrite("u", "t1", v)])
         assert unchanged.status == "unchanged"
-        await stores.pass_time(41)
-        # Forgotten: the redelivered event is applied again, on the saga as it is now.
-        [again] = await store.apply([TransitionWrite("t1-create", "t1", 2, saga("t1", 3))])
+        [res] = await store.apply([step("t1", v, "x")])
+        assert res.status == "applied"
+        v += 1
+        [res] = await store.apply([TransitionWrite("u", "t1", v, saga("t1", v + 1))])
+        assert res.status == "applied"
+        v += 1
+        # Pushed out by newer events: an older duplicate is the engine's to recognise, from the saga.
+        [again] = await store.apply([TransitionWrite("t1-create", "t1", v, saga("t1", v + 1))])
         assert again.status == "applied"
-        [again] = await store.apply([step("t1", 3, "e2")])
-        assert again.status == "applied"
-        # The saga and its outbox never expire.
-        assert await store.load_context("t1") == saga("t1", 4)
-        [pending] = await store.pending_outboxes()
-        assert pending.messages == (msg(1),)
+        [dup] = await store.apply([step("t1", 5, "x")])
+        assert dup.status == "duplicate"
+        # A deleted saga's recent events stay known for dedupe_ttl, then a start begins it anew.
+        assert await store.delete_context("t1") is True
+        [dup] = await store.apply([TransitionWrite("x", "t1", 0, saga("t1", 1))])
+        assert dup == ApplyResult("duplicate", "t1", 0, ())
+        await stores.pass_time(99)
+        [dup] = await store.apply([TransitionWrite("u", "t1", 0, saga("t1", 1))])
+        assert dup.status == "duplicate"
+        await stores.pass_time(2)
+        [res] = await store.apply([TransitionWrite("x", "t1", 0, saga("t1", 1))])
+        assert res.status == "applied"
 
     async def test_a_dedupe_ttl_that_is_not_positive_is_refused(self, stores: Stores) -> None:
         for bad in (0, -1):
@@ -581,6 +602,182 @@ class StateStoreContract:
         assert sorted(loaded) == sorted(f"t{i}" for i in range(0, 300, 2))
         assert loaded["t42"] == saga("t42", 1)
 
+    # ------------------------------------------------------------ retention
+
+    async def test_ended_sagas_expire_after_their_retention_and_unfinished_ones_never(
+        self, stores: Stores
+    ) -> None:
+        store = stores(retention=100, failed_retention=1000)
+        await store.apply([create(tx) for tx in ("done", "failed", "running", "comp", "cancelled")])
+        await store.apply(
+            [
+                step("done", 1, "d2", state=WorkflowState.COMPLETED, outbox=(msg(1),)),
+                step("failed", 1, "f2", state=WorkflowState.FAILED),
+                step("comp", 1, "c2", state=WorkflowState.COMPENSATED),
+                step("cancelled", 1, "x2", state=WorkflowState.CANCELLED),
+            ]
+        )
+        await stores.pass_time(99)
+        assert await store.trim(T0.timestamp() + 99) == 0
+        assert len(await store.load_contexts(["done", "failed", "running", "comp", "cancelled"])) == 5
+
+        await stores.pass_time(2)
+        assert await store.load_context("done") is None
+        assert await store.load_contexts(["done", "comp", "cancelled", "failed"]) == {
+            "failed": saga("failed", 2, WorkflowState.FAILED)
+        }
+        assert await store.pending_outboxes() == []  # the outbox went with the saga
+        await store.trim(T0.timestamp() + 101)  # how many it counts depends on what was read since
+        assert await store.list_contexts() == ["failed", "running"]
+        assert await store.list_contexts(state="completed") == []
+        assert (await store.list_sagas(state="completed")) == ([], None)
+
+        await stores.pass_time(1000)
+        assert await store.trim(T0.timestamp() + 1101) == 1
+        assert await store.list_contexts() == ["running"]
+        assert await store.load_context("running") == saga("running", 1)
+        assert await store.trim(T0.timestamp() + 1101) == 0
+
+        # A start under an expired saga's id, even a repeat of its first start, begins a new saga.
+        [again] = await store.apply([create("done")])
+        assert again.status == "applied"
+        assert await store.load_context("done") == saga("done", 1)
+        assert await store.list_contexts() == ["done", "running"]
+
+    async def test_no_retention_keeps_ended_sagas(self, stores: Stores) -> None:
+        store = stores(retention=None, failed_retention=None)
+        await store.apply([create("a"), create("b")])
+        await store.apply(
+            [
+                step("a", 1, "a2", state=WorkflowState.COMPLETED),
+                step("b", 1, "b2", state=WorkflowState.FAILED),
+            ]
+        )
+        await stores.pass_time(10 * DEDUPE_TTL_SECONDS)
+        assert await store.trim(T0.timestamp() + 10 * DEDUPE_TTL_SECONDS) == 0
+        assert sorted(await store.load_contexts(["a", "b"])) == ["a", "b"]
+        assert await store.list_contexts() == ["a", "b"]
+
+    async def test_a_repair_that_reopens_an_ended_saga_takes_its_expiry_away(self, stores: Stores) -> None:
+        store = stores(retention=100)
+        await store.save_context(saga("s", 3, WorkflowState.FAILED))
+        await store.save_context(saga("s", 3, WorkflowState.COMPLETED))
+        await store.save_context(saga("s", 4, WorkflowState.RUNNING))
+        await stores.pass_time(10_000)
+        assert await store.trim(T0.timestamp() + 10_000) == 0
+        assert await store.load_context("s") == saga("s", 4)
+        assert await store.list_contexts("orders", "running") == ["s"]
+
+    @pytest.mark.parametrize("bad", [0, -5, 1.5, True, "7d"])
+    async def test_a_bad_retention_is_refused(self, stores: Stores, bad: Any) -> None:
+        with pytest.raises(ValidationError, match="retention"):
+            stores(retention=bad)
+        with pytest.raises(ValidationError, match="failed_retention"):
+            stores(failed_retention=bad)
+
+    # ------------------------------------------------------------ partitions
+
+    async def test_the_partition_count_is_recorded_at_first_start_and_another_refused(
+        self, store: IStateStore
+    ) -> None:
+        await store.use_partitions(4)
+        await store.use_partitions(4)
+        [res] = await store.apply([create("t1")])
+        assert res.status == "applied"
+        with pytest.raises(ValidationError, match=r"\b4\b.*\b8\b|\b8\b.*\b4\b"):
+            await store.use_partitions(8)
+        assert await store.load_context("t1") == saga("t1", 1)
+
+    # ------------------------------------------------------------ paged listing
+
+    @staticmethod
+    async def _fill(store: IStateStore, n: int, start: int = 0) -> list[SagaContext]:
+        """``n`` sagas over two workflows and three states, three to a second, so that pages meet ties."""
+        sagas = [
+            saga(
+                f"s{i:04d}",
+                1,
+                (WorkflowState.RUNNING, WorkflowState.COMPLETED, WorkflowState.FAILED)[i % 3],
+                ("orders", "refunds")[i % 2],
+                T0 + timedelta(seconds=i // 3),
+            )
+            for i in range(start, start + n)
+        ]
+        for s in sagas:
+            await store.save_context(s)
+        return sagas
+
+    @staticmethod
+    async def _all_pages(store: IStateStore, limit: int, **filters: Any) -> list[str]:
+        seen: list[str] = []
+        cursor: str | None = None
+        for _ in range(1000):
+            page, cursor = await store.list_sagas(limit=limit, cursor=cursor, **filters)
+            assert len(page) <= limit
+            seen += [s["transaction_id"] for s in page]
+            if cursor is None:
+                return seen
+        raise AssertionError("the pages never ended")
+
+    async def test_pages_list_every_saga_once_in_update_order_with_filters(self, store: IStateStore) -> None:
+        sagas = await self._fill(store, 200)
+        in_order = [s.transaction_id for s in sorted(sagas, key=lambda s: (s.updated_at, s.transaction_id))]
+        assert await self._all_pages(store, 7) == in_order
+        assert await self._all_pages(store, 1000) == in_order
+        assert await self._all_pages(store, 1) == in_order
+        by = {s.transaction_id: s for s in sagas}
+        for wf, st in (("orders", None), (None, "failed"), ("refunds", "completed"), ("nope", None)):
+            want = [
+                tx
+                for tx in in_order
+                if (wf is None or by[tx].workflow_id == wf) and (st is None or by[tx].state == st)
+            ]
+            assert await self._all_pages(store, 4, workflow_id=wf, state=st) == want, (wf, st)
+        page, _ = await store.list_sagas("orders", "running", limit=2)
+        assert page == [by["s0000"].to_status(), by["s0006"].to_status()]
+
+    async def test_pages_between_update_times(self, store: IStateStore) -> None:
+        sagas = await self._fill(store, 60)
+        after, before = T0 + timedelta(seconds=5), T0 + timedelta(seconds=12)
+        want = sorted((s.updated_at, s.transaction_id) for s in sagas if after < s.updated_at < before)
+        got = await self._all_pages(store, 4, updated_after=after, updated_before=before)
+        assert got == [tx for _, tx in want] and len(got) == 18
+        assert await self._all_pages(store, 4, updated_after=T0 + timedelta(days=1)) == []
+
+    async def test_pages_stay_stable_while_sagas_are_added(self, store: IStateStore) -> None:
+        sagas = await self._fill(store, 90)
+        seen: list[str] = []
+        cursor: str | None = None
+        added = 0
+        while True:
+            page, cursor = await store.list_sagas(limit=10, cursor=cursor)
+            seen += [s["transaction_id"] for s in page]
+            if added < 60:
+                await self._fill(store, 20, start=1000 + added)  # later updates, listed after the rest
+                added += 20
+            if cursor is None:
+                break
+        assert seen[:90] == [
+            s.transaction_id for s in sorted(sagas, key=lambda s: (s.updated_at, s.transaction_id))
+        ]
+        assert sorted(seen[90:]) == [f"s{i:04d}" for i in range(1000, 1060)]
+        assert len(set(seen)) == len(seen) == 150
+
+    async def test_an_unknown_state_or_a_malformed_cursor_is_named_in_the_error(
+        self, store: IStateStore
+    ) -> None:
+        await self._fill(store, 5)
+        with pytest.raises(ValidationError, match="unknown state 'finished'"):
+            await store.list_sagas(state="finished")
+        for bad in ("garbage!", "bm90IGEgY3Vyc29y", "", "OnR4"):
+            with pytest.raises(ValidationError, match=f"malformed cursor {bad!r}"):
+                await store.list_sagas(cursor=bad)
+        for limit in (0, -1, 10_001):
+            with pytest.raises(ValidationError, match="limit"):
+                await store.list_sagas(limit=limit)
+        with pytest.raises(ValidationError, match="time zone"):
+            await store.list_sagas(updated_after=datetime(2025, 1, 1))
+
     # ------------------------------------------------------------ lifecycle
 
     async def test_close_is_idempotent_and_final(self, store: IStateStore) -> None:
@@ -606,8 +803,8 @@ class MemoryStores:
     def __init__(self) -> None:
         self.now = 1_000.0
 
-    def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS) -> IStateStore:
-        return InMemoryStateStore(dedupe_ttl=dedupe_ttl, clock=lambda: self.now)
+    def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS, **retention: int | None) -> IStateStore:
+        return InMemoryStateStore(dedupe_ttl=dedupe_ttl, clock=lambda: self.now, **retention)
 
     async def pass_time(self, seconds: float) -> None:
         self.now += seconds

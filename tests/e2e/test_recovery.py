@@ -7,8 +7,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore, Orchestrator, WorkflowBuilder
-from orchestrator_kafka.errors import StateStoreError, WorkflowExecutionError
+from orchestrator_kafka import (
+    InMemoryEventBus,
+    InMemoryStateStore,
+    Orchestrator,
+    SagaContext,
+    WorkflowBuilder,
+    WorkflowState,
+)
+from orchestrator_kafka.errors import StateStoreError, ValidationError, WorkflowExecutionError
 from orchestrator_kafka.models import StartBody, StartSaga
 from orchestrator_kafka.pipeline import Outcome
 from orchestrator_kafka.ports import Timer
@@ -113,3 +120,50 @@ async def test_stop_closes_the_store_the_orchestrator_made(monkeypatch: pytest.M
     async with Orchestrator(workflow, InMemoryEventBus(), store) as passed_in:
         tx = await passed_in.execute_workflow("wf", {})
     assert await store.load_context(tx) is not None
+
+
+async def test_the_sweep_trims_the_indexes_of_sagas_past_their_retention() -> None:
+    """The housekeeping loop calls trim on the orchestrator's clock; an ended saga then leaves every
+    listing, and its id may start a new saga."""
+    trims: list[float] = []
+    now = [1_000_000.0]
+
+    class Store(InMemoryStateStore):
+        async def trim(self, at: float) -> int:
+            trims.append(at)
+            return await super().trim(at)
+
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
+    store = Store(retention=60, clock=lambda: now[0])
+    bus = InMemoryEventBus()
+    orchestrator = Orchestrator(workflow, bus, store, outbox_sweep_interval=0.05)
+    async with orchestrator:
+        await orchestrator.execute_workflow("wf", {}, transaction_id="tx-1")
+        assert await store.list_contexts() == ["tx-1"]
+        # Ended, as an operator's repair would end it.
+        await store.save_context(SagaContext("tx-1", "wf", WorkflowState.COMPLETED, version=9))
+        for _ in range(50):
+            if trims:
+                break
+            await asyncio.sleep(0.05)
+        assert trims and abs(trims[-1] - datetime.now(UTC).timestamp()) < 60
+        assert await store.list_contexts() == ["tx-1"]  # kept for its retention
+        now[0] += 61
+        calls = len(trims)
+        for _ in range(50):
+            if len(trims) > calls:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.list_contexts() == []
+        assert await store.load_context("tx-1") is None
+
+
+async def test_an_orchestrator_refuses_topics_whose_partition_count_differs_from_the_recorded_one() -> None:
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").build()
+    store = InMemoryStateStore()
+    async with Orchestrator(workflow, InMemoryEventBus(partitions=4), store):
+        pass  # records 4
+    bus = InMemoryEventBus(partitions=2)
+    with pytest.raises(ValidationError, match="recorded 4 partitions at first start, but the topics have 2"):
+        await Orchestrator(workflow, bus, store).start()
+    await bus.stop()

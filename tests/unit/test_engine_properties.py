@@ -327,9 +327,8 @@ def check_command_ids_topics_timers_and_versions(run: Run) -> None:
         assert step is not None
         label = body.command_id.rsplit(":", 1)[1]
         late_label, _, late_attempt = label.partition(".")
-        assert (
-            label == str(body.attempt)
-            or (late_label.startswith("late-") and late_attempt == str(body.attempt))
+        assert label == str(body.attempt) or (
+            late_label.startswith("late-") and late_attempt == str(body.attempt)
         )
         assert body.command_id == f"{TX}:{run.saga.run_id}:{body.step}:{body.kind}:{label}"
         if body.kind == "execute":

@@ -35,6 +35,20 @@ def test_settings_come_from_the_environment_and_keep_defaults_otherwise() -> Non
     assert set(ENV_VARS) == set(Settings.__dataclass_fields__)
 
 
+def test_retention_settings_flags_and_their_errors() -> None:
+    defaults = Settings()
+    assert (defaults.retention, defaults.failed_retention) == (7 * 24 * 3600, 30 * 24 * 3600)
+    settings = Settings.from_env({"ORCHESTRATOR_RETENTION": "60", "ORCHESTRATOR_FAILED_RETENTION": "None"})
+    assert (settings.retention, settings.failed_retention) == (60, None)
+    store = settings.state_store()  # connects on first use only
+    assert (store.retention, store.failed_retention) == (60, None)
+    for bad in ("0", "-1", "7d", "1.5"):
+        with pytest.raises(ValidationError, match=f"ORCHESTRATOR_RETENTION must be .* not '{bad}'"):
+            Settings.from_env({"ORCHESTRATOR_RETENTION": bad})
+    result = CliRunner().invoke(cli, ["--failed-retention", "soon", "list"])
+    assert result.exit_code == 1 and "--failed-retention must be" in result.output
+
+
 def graph_of(*args: str) -> str:
     result = CliRunner().invoke(cli, ["graph", *args])
     assert result.exit_code == 0, result.output

@@ -44,9 +44,7 @@ class FullStore(InMemoryStateStore):
         return await super().claim_due_timers(now, limit, lease)
 
 
-async def test_the_timer_loop_backs_off_while_the_store_refuses_and_fires_timers_once_it_has_room() -> (
-    None
-):
+async def test_the_timer_loop_backs_off_while_the_store_refuses_and_fires_timers_once_it_has_room() -> None:
     workflow = WorkflowBuilder("wf").add_step("a", "wa", retry=RetryPolicy(initial_delay=0.2)).build()
     store, bus = FullStore(), InMemoryEventBus(redelivery_delay=0.01)
     tries: list[int] = []

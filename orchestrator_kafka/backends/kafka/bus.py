@@ -236,6 +236,19 @@ class KafkaEventBus(IEventBus):
         self._require_started()
         await self._topics.ensure(topics)
 
+    async def partition_count(self, topic: str) -> int | None:
+        """How many partitions ``topic`` has, from the producer's metadata (fetched if not known yet).
+
+        Raises:
+            EventBusError: not started, or no metadata for the topic.
+        """
+        self._require_started()
+        try:
+            partitions = await self._producer.partitions_for(topic)
+        except (KafkaError, OSError) as exc:
+            raise EventBusError(f"no metadata for topic {topic!r}: {exc!r}") from exc
+        return len(partitions)
+
     # ---------------------------------------------------------------- publish
 
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:

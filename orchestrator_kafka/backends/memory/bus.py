@@ -333,6 +333,11 @@ class InMemoryEventBus(IEventBus):
         for topic in topics:
             self._broker.log(topic)
 
+    async def partition_count(self, topic: str) -> int | None:
+        """Every topic of this bus has the broker's partition count."""
+        self._require_started()
+        return self._broker.partitions
+
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:
         self._require_started()
         self._broker.append(messages)

@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import heapq
 import time
-from bisect import insort
-from collections import OrderedDict, defaultdict
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import islice
+from typing import Any
 
-from ...constants import DEDUPE_TTL_SECONDS
-from ...context import SagaContext, storable
+from ...constants import (
+    DEDUPE_TTL_SECONDS,
+    DEFAULT_FAILED_RETENTION_SECONDS,
+    DEFAULT_RETENTION_SECONDS,
+    EVENTS_KEPT,
+)
+from ...context import SagaContext, WorkflowState, storable
 from ...errors import StateStoreError, ValidationError
+from ...paging import DEFAULT_PAGE_LIMIT, Position, merge_page, page_query
 from ...ports import IStateStore
 from ...values import ApplyResult, OutboxMessage, PendingOutbox, Timer, TransitionWrite
+from ..retention import check_retention
 from ..writes import saga_json
 
 # ---------------------------------------------------------------- the state store
@@ -30,12 +38,15 @@ class _Record:
     version: int
     workflow_id: str
     state: str
+    score: int  # its index score: when it entered its state (updated_at, epoch ms)
+    events: tuple[str, ...]  # the ids of its last EVENTS_KEPT applied events
+    expires_at: float | None = None  # on the store's clock; None: never
 
 
 @dataclass(slots=True)
-class _Processed:
-    # A saga's processed event ids, forgotten together at ``expires_at``, as Redis expires their set.
-    event_ids: set[str]
+class _Tombstone:
+    # A deleted saga's recent event ids, forgotten at ``expires_at``, as Redis expires their set.
+    event_ids: frozenset[str]
     expires_at: float
 
 
@@ -44,49 +55,105 @@ class InMemoryStateStore(IStateStore):
     (:class:`~orchestrator_kafka.backends.redis.RedisStateStore`), which the state-store contract tests
     hold both to.
 
-    Processed event ids are remembered per saga for ``dedupe_ttl`` seconds after the saga's last applied
-    event, on ``clock`` (seconds; monotonic by default, and a test may pass a fake one). Once the store
-    is closed, every method that would read or write raises
-    :class:`~orchestrator_kafka.errors.StateStoreError`.
+    A saga remembers the ids of its last ``EVENTS_KEPT`` (16) applied events, and a deleted one's stay
+    known for ``dedupe_ttl`` seconds, on ``clock`` (epoch seconds by default, and a test may pass a
+    fake one). A saga expires ``retention`` seconds after it ends, or ``failed_retention`` after it
+    fails, on the same clock (None keeps it for ever; an unfinished saga never expires): it is gone
+    from then on, and :meth:`trim` frees what it held. Once the store is closed, every method that
+    would read or write raises :class:`~orchestrator_kafka.errors.StateStoreError`.
 
     Raises:
-        ValidationError: ``dedupe_ttl`` is not positive.
+        ValidationError: ``dedupe_ttl`` is not positive, or a retention is not a positive whole number
+            of seconds or None.
     """
 
     def __init__(
-        self, *, dedupe_ttl: float = DEDUPE_TTL_SECONDS, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        retention: int | None = DEFAULT_RETENTION_SECONDS,
+        failed_retention: int | None = DEFAULT_FAILED_RETENTION_SECONDS,
+        dedupe_ttl: float = DEDUPE_TTL_SECONDS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if dedupe_ttl <= 0:
             raise ValidationError(f"dedupe_ttl must be a positive number of seconds, not {dedupe_ttl!r}")
+        self.retention = check_retention("retention", retention)
+        self.failed_retention = check_retention("failed_retention", failed_retention)
         self._ttl = dedupe_ttl
         self._clock = clock
         self._closed = False
         self._sagas: dict[str, _Record] = {}
         # In order of expiry: the ttl is one for all and the clock only goes forward, so refreshing a
         # saga's ids moves them to the end, and the expired ones are always at the front.
-        self._processed: OrderedDict[str, _Processed] = OrderedDict()
+        self._tombstones: dict[str, _Tombstone] = {}
+        self._partitions: int | None = None
         self._outbox: dict[str, list[tuple[int, tuple[OutboxMessage, ...]]]] = {}
         self._timers: dict[str, tuple[Timer, float]] = {}
         self._saga_timers: dict[str, set[str]] = {}
         self._due: list[tuple[float, str]] = []
-        self._by_workflow: dict[str, set[str]] = defaultdict(set)
-        self._by_state: dict[str, set[str]] = defaultdict(set)
+        # One index per (state, workflow), sorted by (score, tx), as the Redis store keeps them.
+        self._indexes: dict[tuple[str, str], list[Position]] = {}
+        # (expires_at, tx) of ended sagas, earliest first; an entry whose saga changed since is stale.
+        self._expiring: list[tuple[float, str]] = []
 
     def _check_open(self) -> None:
         if self._closed:
             raise StateStoreError("the in-memory state store is closed")
 
-    def _put(self, ctx: SagaContext, raw: bytes) -> None:
-        self._unindex(ctx.transaction_id)
-        self._sagas[ctx.transaction_id] = _Record(raw, ctx.version, ctx.workflow_id, str(ctx.state))
-        self._by_workflow[ctx.workflow_id].add(ctx.transaction_id)
-        self._by_state[str(ctx.state)].add(ctx.transaction_id)
+    def _retention_of(self, state: str) -> int | None:
+        if not WorkflowState(state).is_final:
+            return None
+        return self.failed_retention if state == WorkflowState.FAILED else self.retention
+
+    def _put(
+        self, ctx: SagaContext, raw: bytes, *, reindex: bool = False, event_id: str | None = None
+    ) -> None:
+        tx, state = ctx.transaction_id, str(ctx.state)
+        old = self._record(tx)
+        events = () if old is None else old.events
+        if event_id is not None:
+            events = (*events, event_id)[-EVENTS_KEPT:]
+        score = int(ctx.updated_at.timestamp() * 1000)
+        if old is not None and not reindex and (old.workflow_id, old.state) == (ctx.workflow_id, state):
+            score = old.score  # the index is written only when the state changes, as in Redis
+        else:
+            self._unindex(tx)
+            insort(self._indexes.setdefault((state, ctx.workflow_id), []), (score, tx))
+        record = self._sagas[tx] = _Record(raw, ctx.version, ctx.workflow_id, state, score, events)
+        ttl = self._retention_of(state)
+        if ttl is not None:
+            record.expires_at = self._clock() + ttl
+            heapq.heappush(self._expiring, (record.expires_at, tx))
 
     def _unindex(self, tx: str) -> None:
         old = self._sagas.get(tx)
         if old is not None:
-            self._by_workflow[old.workflow_id].discard(tx)
-            self._by_state[old.state].discard(tx)
+            index = self._indexes.get((old.state, old.workflow_id), [])
+            at = bisect_left(index, (old.score, tx))
+            if at < len(index) and index[at] == (old.score, tx):
+                del index[at]
+
+    def _record(self, tx: str) -> _Record | None:
+        """The saga ``tx``, or None if it does not exist or has expired (then forgotten now)."""
+        record = self._sagas.get(tx)
+        if record is not None and record.expires_at is not None and record.expires_at <= self._clock():
+            self._expire(tx)
+            return None
+        return record
+
+    def _expire(self, tx: str) -> bool:
+        return self._forget(tx)  # its recent event ids were in its record: they go with it
+
+    def _forget(self, tx: str) -> bool:
+        """Delete the saga ``tx``, its index entry, outbox and timers; True if it was stored."""
+        self._outbox.pop(tx, None)
+        for timer_id in self._saga_timers.pop(tx, ()):
+            self._timers.pop(timer_id, None)
+        if tx not in self._sagas:
+            return False
+        self._unindex(tx)
+        del self._sagas[tx]
+        return True
 
     async def save_context(self, context: SagaContext) -> None:
         """Save or overwrite ``context`` as it is, version included (an operator's repair); the indexes
@@ -97,12 +164,12 @@ class InMemoryStateStore(IStateStore):
         """
         raw = storable(context)
         self._check_open()
-        self._put(context, raw)
+        self._put(context, raw, reindex=True)
 
     async def load_context(self, transaction_id: str) -> SagaContext | None:
         """The saga ``transaction_id`` (a copy), or None if it does not exist."""
         self._check_open()
-        record = self._sagas.get(transaction_id)
+        record = self._record(transaction_id)
         return None if record is None else SagaContext.from_json(record.json)
 
     async def load_contexts(self, transaction_ids: Sequence[str]) -> dict[str, SagaContext]:
@@ -113,41 +180,109 @@ class InMemoryStateStore(IStateStore):
         return {
             tx: SagaContext.from_json(record.json)
             for tx in transaction_ids
-            if (record := self._sagas.get(tx)) is not None
+            if (record := self._record(tx)) is not None
         }
 
     async def delete_context(self, transaction_id: str) -> bool:
         """Delete the saga, its outbox, its timers and its index entries; True if the saga existed.
 
-        Its processed event ids are kept until they expire, so a late redelivery is still a duplicate.
+        Its recent event ids are kept for ``dedupe_ttl``, so a late redelivery is still a duplicate.
         """
         self._check_open()
-        self._outbox.pop(transaction_id, None)
-        for timer_id in self._saga_timers.pop(transaction_id, ()):
-            self._timers.pop(timer_id, None)
-        if transaction_id not in self._sagas:
-            return False
-        self._unindex(transaction_id)
-        del self._sagas[transaction_id]
-        return True
+        record = self._record(transaction_id)  # an expired saga did not exist
+        if record is not None and record.events:
+            self._tombstones[transaction_id] = _Tombstone(frozenset(record.events), self._clock() + self._ttl)
+        return self._forget(transaction_id)
 
     async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
         """Transaction ids of the sagas of ``workflow_id`` in ``state`` (None matches any), sorted."""
         self._check_open()
-        found = set(self._sagas)
-        if workflow_id is not None:
-            found &= self._by_workflow.get(workflow_id, set())
-        if state is not None:
-            found &= self._by_state.get(str(state), set())
-        return sorted(found)
+        return sorted(
+            tx
+            for (st, wf), index in self._indexes.items()
+            if (state is None or st == str(state)) and (workflow_id is None or wf == workflow_id)
+            for _, tx in index
+            if self._record(tx) is not None
+        )
 
-    def _processed_ids(self, now: float) -> OrderedDict[str, _Processed]:
-        """The processed event ids of every saga, the expired ones forgotten first."""
-        processed = self._processed
-        # Redis keeps a key up to its expiry time, inclusive.
-        while processed and next(iter(processed.values())).expires_at < now:
-            processed.popitem(last=False)
-        return processed
+    async def list_sagas(
+        self,
+        workflow_id: str | None = None,
+        state: str | None = None,
+        *,
+        limit: int = DEFAULT_PAGE_LIMIT,
+        cursor: str | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of saga statuses and the next page's cursor, as
+        :meth:`~orchestrator_kafka.ports.IStateStore.list_sagas` says, read as the Redis store reads it.
+
+        Raises:
+            ValidationError: an unknown state, a malformed cursor, a bad limit or a naive bound.
+        """
+        q = page_query(
+            workflow_id,
+            state,
+            limit=limit,
+            cursor=cursor,
+            updated_after=updated_after,
+            updated_before=updated_before,
+        )
+        self._check_open()
+        candidates: list[Position] = []
+        more = False
+        for (st, wf), index in self._indexes.items():
+            if st not in q.states or (q.workflow_id is not None and wf != q.workflow_id):
+                continue
+            if q.after is None:
+                start = 0
+            elif q.after[1] is None:
+                start = bisect_right(index, q.after[0], key=_score)
+            else:
+                start = bisect_right(index, (q.after[0], q.after[1]))
+            end = len(index) if q.before is None else bisect_left(index, q.before, key=_score)
+            taken = index[start : min(start + q.limit, end)]
+            more = more or len(taken) == q.limit
+            candidates.extend(taken)
+        page, next_cursor = merge_page(candidates, q.limit, more)
+        statuses = [
+            SagaContext.from_json(record.json).to_status()
+            for _, tx in page
+            if (record := self._record(tx)) is not None
+        ]
+        return statuses, next_cursor
+
+    async def use_partitions(self, count: int) -> None:
+        """Record ``count`` at first start and refuse another after that, as the Redis store does (this
+        store does not lay anything out by partition).
+
+        Raises:
+            ValidationError: another count was recorded.
+        """
+        self._check_open()
+        if self._partitions is None:
+            self._partitions = count
+        elif self._partitions != count:
+            raise ValidationError(
+                f"this store recorded {self._partitions} partitions at first start, but the topics have "
+                f"{count}"
+            )
+
+    async def trim(self, now: float) -> int:
+        """Forget every saga whose retention has passed on the store's own clock (``now`` is the Redis
+        store's; this store expires on the clock it was given), its index entry with it; return how
+        many went."""
+        self._check_open()
+        expiring = self._expiring
+        clock = self._clock()
+        removed = 0
+        while expiring and expiring[0][0] <= clock:
+            expires_at, tx = heapq.heappop(expiring)
+            record = self._sagas.get(tx)
+            if record is not None and record.expires_at == expires_at and self._expire(tx):
+                removed += 1
+        return removed
 
     async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
         """Apply each write atomically and in order; one result per write, with the statuses of
@@ -163,16 +298,20 @@ class InMemoryStateStore(IStateStore):
         self._check_open()
         # One instant for the whole batch, as Redis's clock stands still while a script runs.
         now = self._clock()
-        processed = self._processed_ids(now)
         results: list[ApplyResult] = []
         conflicted: set[str] = set()
         for w, raw in zip(writes, stored, strict=True):
             tx = w.transaction_id
-            seen = processed.get(tx)
-            if seen is not None and w.event_id in seen.event_ids:
+            record = self._record(tx)
+            if record is not None:
+                duplicate = w.event_id in record.events
+            else:
+                tomb = self._tombstones.get(tx)
+                # Redis keeps a key up to its expiry time, inclusive.
+                duplicate = tomb is not None and tomb.expires_at >= now and w.event_id in tomb.event_ids
+            if duplicate:
                 results.append(self._duplicate(tx))
                 continue
-            record = self._sagas.get(tx)
             version = 0 if record is None else record.version
             if tx in conflicted or version != w.expected_version:
                 conflicted.add(tx)
@@ -182,7 +321,7 @@ class InMemoryStateStore(IStateStore):
             if w.saga is None or raw is None:
                 results.append(ApplyResult("unchanged", tx))
                 continue
-            self._put(w.saga, raw)
+            self._put(w.saga, raw, event_id=w.event_id)
             outbox_id = w.saga.version
             if w.outbox:
                 # Kept in outbox id order, as Redis's sorted set keeps them, even after a repair
@@ -194,11 +333,6 @@ class InMemoryStateStore(IStateStore):
                     self._timers[timer.timer_id] = (timer, timer.due_at)
                     saga_timers.add(timer.timer_id)
                     heapq.heappush(self._due, (timer.due_at, timer.timer_id))
-            if seen is None:
-                seen = processed[tx] = _Processed(set(), now)
-            seen.event_ids.add(w.event_id)
-            seen.expires_at = now + self._ttl
-            processed.move_to_end(tx)
             results.append(ApplyResult("applied", tx, outbox_id if w.outbox else 0, w.outbox))
         return results
 
@@ -263,3 +397,7 @@ class InMemoryStateStore(IStateStore):
 
 def _outbox_id(entry: tuple[int, tuple[OutboxMessage, ...]]) -> int:
     return entry[0]
+
+
+def _score(position: Position) -> int:
+    return position[0]

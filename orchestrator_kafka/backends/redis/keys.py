@@ -1,4 +1,4 @@
-"""The Redis key layout of the state store, in one place: :class:`RedisKeys` and :class:`SagaField`.
+"""The Redis key layout of the state store, in one place: :class:`RedisKeys`.
 
 The Lua script builds the same names with definitions generated from this module
 (:func:`lua_definitions`), so neither side spells a key out on its own.
@@ -6,60 +6,63 @@ The Lua script builds the same names with definitions generated from this module
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Final
 
 from ...constants import DEFAULT_KEY_PREFIX
 from ...errors import ValidationError
 
-__all__ = ["RedisKeys", "SagaField", "lua_definitions"]
+__all__ = ["PYTHON_ONLY", "RedisKeys", "lua_definitions"]
 
-# The pieces every name is made of, after the prefix. A per-saga key puts the transaction id in braces:
-# Redis Cluster hashes only what is inside them, so every key of one saga lands in one slot.
-_TAG_OPEN: Final = ":{"
+# The pieces every name is made of. Every key but the partition count is a partition's: its name
+# starts with the prefix and the partition in braces (the hash tag, all Redis Cluster hashes), so every
+# key one script call touches, a partition's, lands in one slot. A per-saga key then names its kind
+# before the transaction id, so no id can make one kind's name another's.
+_TAG_OPEN: Final = ":{p"
 _TAG_CLOSE: Final = "}"
-_EVENTS: Final = ":ev"
-_OUTBOX: Final = ":outbox"
-_SAGA_TIMERS: Final = ":timers"
-_ALL_SAGAS: Final = ":idx:all"
-_BY_WORKFLOW: Final = ":idx:wf:"
-_BY_STATE: Final = ":idx:state:"
+_SAGA: Final = ":s:"
+_EVENTS: Final = ":ev:"
+_OUTBOX: Final = ":o:"
+_SAGA_TIMERS: Final = ":t:"
+# One index per (state, workflow): the state goes first, since it never holds a colon and a workflow id may.
+_INDEX: Final = ":idx:"
+_WORKFLOWS: Final = ":workflows"
 _OUTBOXES: Final = ":outboxes"
 _TIMERS: Final = ":timers"
 _TIMER_ENTRIES: Final = ":timer"
-
-
-class SagaField(StrEnum):
-    """The fields of a saga's hash, :meth:`RedisKeys.saga`."""
-
-    VERSION = "v"
-    CONTEXT = "ctx"  # the SagaContext JSON
-    WORKFLOW = "wf"
-    STATE = "state"
+_PARTITIONS: Final = ":partitions"
 
 
 class RedisKeys:
-    """The name of every key of the Redis state store under one prefix (P below, tx a transaction id)::
+    """The name of every key of the Redis state store under one prefix (P below, n a partition, tx a
+    transaction id, in partition n: see :func:`~.partitions.partition_of`)::
 
-        saga(tx)        P:{tx}            hash  SagaField: v (version), ctx (SagaContext JSON), wf, state
-        events(tx)      P:{tx}:ev         set   processed event ids; expires dedupe_ttl after the saga's
-                                                last applied event
-        outbox(tx)      P:{tx}:outbox     zset  score = outbox id (the version that wrote it),
-                                                member = an encoded outbox entry (see packing.py)
-        saga_timers(tx) P:{tx}:timers     set   ids of the saga's live timers (so a delete finds them)
-        outboxes        P:outboxes        set   tx ids whose outbox is not empty
-        timers          P:timers          zset  score = due time (epoch seconds), member = timer id
-        timer_entries   P:timer           hash  timer id -> an encoded Timer (see packing.py)
-        all_sagas       P:idx:all         set   tx ids of every saga
-        by_workflow(wf) P:idx:wf:<wf>     set   tx ids of the sagas of workflow wf
-        by_state(st)    P:idx:state:<st>  set   tx ids of the sagas in state st
+        partitions          P:partitions            str   the partition count, recorded at first start
+        saga(n, tx)         P:{pn}:s:<tx>           str   the saga's record: version, state, workflow,
+                                                          its recent events' digests, then its JSON
+        events(n, tx)       P:{pn}:ev:<tx>          set   a deleted saga's recent events' digests, kept
+                                                          dedupe_ttl
+        outbox(n, tx)       P:{pn}:o:<tx>           zset  score = outbox id (the version that wrote
+                                                          it), member = an encoded outbox entry
+        saga_timers(n, tx)  P:{pn}:t:<tx>           set   ids of the saga's live timers
+        outboxes(n)         P:{pn}:outboxes         set   tx ids whose outbox is not empty
+        timers(n)           P:{pn}:timers           zset  score = due time (epoch seconds), member =
+                                                          timer id
+        timer_entries(n)    P:{pn}:timer            hash  timer id -> an encoded Timer (packing.py)
+        index(n, st, wf)    P:{pn}:idx:<st>:<wf>    zset  tx ids of the sagas of workflow wf in state
+                                                          st, score = when the saga entered st (its
+                                                          updated_at, epoch ms)
+        workflows(n)        P:{pn}:workflows        set   every workflow id that has had a saga here
 
-    The index and timer keys are global, so the layout targets one Redis server (or a primary with
-    replicas), not Redis Cluster.
+    A saga's partition is its Kafka partition (murmur2 of its id modulo the partition count), so one
+    partition's batch touches one Redis Cluster slot, and one script call writes it. A saga's own keys
+    expire ``retention`` (``failed_retention`` if it failed) after it ends; the indexes of the final
+    states are trimmed by score (:meth:`RedisStateStore.trim`). One index per (state, workflow) keeps
+    one member per saga, and lets a listing page read only the indexes that match its filter, ``limit``
+    members each.
 
     Raises:
         ValidationError: ``prefix`` is empty or holds a brace (it would move the hash tag off the
-            transaction id).
+            partition).
     """
 
     __slots__ = ("prefix",)
@@ -72,42 +75,44 @@ class RedisKeys:
     def __repr__(self) -> str:
         return f"RedisKeys({self.prefix!r})"
 
-    def _of_saga(self, transaction_id: str, suffix: str) -> str:
-        return f"{self.prefix}{_TAG_OPEN}{transaction_id}{_TAG_CLOSE}{suffix}"
-
-    def saga(self, transaction_id: str) -> str:
-        return self._of_saga(transaction_id, "")
-
-    def events(self, transaction_id: str) -> str:
-        return self._of_saga(transaction_id, _EVENTS)
-
-    def outbox(self, transaction_id: str) -> str:
-        return self._of_saga(transaction_id, _OUTBOX)
-
-    def saga_timers(self, transaction_id: str) -> str:
-        return self._of_saga(transaction_id, _SAGA_TIMERS)
-
     @property
-    def outboxes(self) -> str:
-        return self.prefix + _OUTBOXES
+    def partitions(self) -> str:
+        return self.prefix + _PARTITIONS
 
-    @property
-    def timers(self) -> str:
-        return self.prefix + _TIMERS
+    def tagged(self, partition: int) -> str:
+        """The prefix of partition ``partition``'s keys, hash tag included: what the script calls P."""
+        return f"{self.prefix}{_TAG_OPEN}{int(partition)}{_TAG_CLOSE}"
 
-    @property
-    def timer_entries(self) -> str:
-        return self.prefix + _TIMER_ENTRIES
+    def saga(self, partition: int, transaction_id: str) -> str:
+        return self.tagged(partition) + _SAGA + transaction_id
 
-    @property
-    def all_sagas(self) -> str:
-        return self.prefix + _ALL_SAGAS
+    def events(self, partition: int, transaction_id: str) -> str:
+        return self.tagged(partition) + _EVENTS + transaction_id
 
-    def by_workflow(self, workflow_id: str) -> str:
-        return f"{self.prefix}{_BY_WORKFLOW}{workflow_id}"
+    def outbox(self, partition: int, transaction_id: str) -> str:
+        return self.tagged(partition) + _OUTBOX + transaction_id
 
-    def by_state(self, state: str) -> str:
-        return f"{self.prefix}{_BY_STATE}{state!s}"
+    def saga_timers(self, partition: int, transaction_id: str) -> str:
+        return self.tagged(partition) + _SAGA_TIMERS + transaction_id
+
+    def outboxes(self, partition: int) -> str:
+        return self.tagged(partition) + _OUTBOXES
+
+    def timers(self, partition: int) -> str:
+        return self.tagged(partition) + _TIMERS
+
+    def timer_entries(self, partition: int) -> str:
+        return self.tagged(partition) + _TIMER_ENTRIES
+
+    def workflows(self, partition: int) -> str:
+        return self.tagged(partition) + _WORKFLOWS
+
+    def index(self, partition: int, state: str, workflow_id: str) -> str:
+        return f"{self.tagged(partition)}{_INDEX}{state!s}:{workflow_id}"
+
+
+# Built by Python alone: the script never reads the partition count or makes a partition's prefix.
+PYTHON_ONLY: Final = frozenset({"partitions", "tagged"})
 
 
 def _lua(text: str) -> str:
@@ -118,14 +123,13 @@ def _lua(text: str) -> str:
 
 
 def lua_definitions(prefix_expression: str) -> str:
-    """Lua source that defines ``K``, with a function or a string per :class:`RedisKeys` name, and
-    ``H``, the :class:`SagaField` names, for a script whose key prefix is ``prefix_expression``."""
+    """Lua source that defines ``K``, with a function or a string per :class:`RedisKeys` name but
+    :data:`PYTHON_ONLY`, for a script whose partition's prefix (:meth:`RedisKeys.tagged`) is
+    ``prefix_expression``."""
 
-    def of_saga(name: str, suffix: str) -> str:
-        tail = _lua(_TAG_CLOSE + suffix)
-        return f"function K.{name}(tx) return P .. {_lua(_TAG_OPEN)} .. tx .. {tail} end"
+    def of_saga(name: str, kind: str) -> str:
+        return f"function K.{name}(tx) return P .. {_lua(kind)} .. tx end"
 
-    fields = ", ".join(f"{f.name} = {_lua(f.value)}" for f in SagaField)
     return "\n".join(
         (
             f"local P = {prefix_expression}",
@@ -133,14 +137,12 @@ def lua_definitions(prefix_expression: str) -> str:
             f"  outboxes = P .. {_lua(_OUTBOXES)},",
             f"  timers = P .. {_lua(_TIMERS)},",
             f"  timer_entries = P .. {_lua(_TIMER_ENTRIES)},",
-            f"  all_sagas = P .. {_lua(_ALL_SAGAS)},",
+            f"  workflows = P .. {_lua(_WORKFLOWS)},",
             "}",
-            of_saga("saga", ""),
+            of_saga("saga", _SAGA),
             of_saga("events", _EVENTS),
             of_saga("outbox", _OUTBOX),
             of_saga("saga_timers", _SAGA_TIMERS),
-            f"function K.by_workflow(wf) return P .. {_lua(_BY_WORKFLOW)} .. wf end",
-            f"function K.by_state(st) return P .. {_lua(_BY_STATE)} .. st end",
-            f"local H = {{{fields}}}",
+            f"function K.index(st, wf) return P .. {_lua(_INDEX)} .. st .. ':' .. wf end",
         )
     )

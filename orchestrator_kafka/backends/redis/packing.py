@@ -10,27 +10,42 @@ decoding them as escaped JSON strings cost cjson as much time as all of a transi
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
 from collections.abc import Sequence
+from datetime import datetime
 from enum import IntEnum
 from typing import Any, Final
 
 import orjson
 
+from ...constants import EVENTS_KEPT
+from ...context import SagaContext, StepRuntime, WorkflowState
+from ...errors import ValidationError
 from ...values import ApplyStatus, OutboxMessage, Timer, TransitionWrite
-from ..writes import saga_json
+from ..writes import check_write
 
 __all__ = [
+    "DIGEST_LEN",
     "STATUS",
     "Outcome",
+    "RecordField",
     "TimerField",
     "WriteField",
+    "compact_json",
     "dump_outbox",
     "dump_timer",
+    "epoch_ms",
+    "event_digest",
     "load_outbox",
+    "load_record",
     "load_timer",
     "lua_definitions",
     "messages_of",
     "pack",
+    "retention_kind",
+    "saga_json",
 ]
 
 Messages = tuple[OutboxMessage, ...]
@@ -39,7 +54,7 @@ Messages = tuple[OutboxMessage, ...]
 class WriteField(IntEnum):
     """The position (1-based, as Lua counts) of each field in a write's row of the packed batch."""
 
-    EVENT_ID = 1
+    EVENT_DIGEST = 1  # event_digest() of the event id
     TX = 2
     EXPECTED_VERSION = 3
     NEW_VERSION = 4  # 0: the write has no saga
@@ -49,6 +64,22 @@ class WriteField(IntEnum):
     OUTBOX_LEN = 8  # the outbox entry's length in the raw values; 0: no entry
     TIMERS = 9  # one row per timer, by TimerField
     CANCEL_TIMERS = 10  # timer ids
+    UPDATED_MS = 11  # the saga's updated_at, epoch milliseconds: its index score if its state changes
+
+
+class RecordField(IntEnum):
+    """The position of each field in a saga's record, before the saga's JSON (see :func:`load_record`)."""
+
+    VERSION = 1
+    STATE = 2
+    WORKFLOW = 3
+    EVENTS = 4  # the event_digest() of its last EVENTS_KEPT applied events, oldest first, back to back
+
+
+# What ends a record field's length: a field is <length><RECORD_SEP><bytes>.
+RECORD_SEP: Final = b":"
+# The length of the digest a saga's record keeps of each of its last EVENTS_KEPT events (constants.py).
+DIGEST_LEN: Final = 12
 
 
 class TimerField(IntEnum):
@@ -76,13 +107,29 @@ STATUS: Final[dict[int, ApplyStatus]] = {
 }
 
 
+def retention_kind(state: WorkflowState) -> int | None:
+    """Which retention a saga in ``state`` keeps: 1 the retention of an ended saga, 2 a failed one's,
+    None (unfinished) none, it never expires."""
+    if not state.is_final:
+        return None
+    return 2 if state is WorkflowState.FAILED else 1
+
+
 def lua_definitions() -> str:
-    """Lua source that defines ``W``, ``T`` and ``R``: the names of :class:`WriteField`,
-    :class:`TimerField` and :class:`Outcome` with their numbers."""
-    return "\n".join(
+    """Lua source that defines ``W``, ``T``, ``R`` and ``RF``: the names of :class:`WriteField`,
+    :class:`TimerField`, :class:`Outcome` and :class:`RecordField` with their numbers;
+    ``RECORD_FIELDS``, ``EVENTS_KEPT``, ``DIGEST_LEN`` and ``SEP`` (:data:`RECORD_SEP`); and
+    ``FINAL``, each ended state's :func:`retention_kind`."""
+    enums = "\n".join(
         f"local {name} = {{{', '.join(f'{m.name} = {m.value}' for m in enum)}}}"
-        for name, enum in (("W", WriteField), ("T", TimerField), ("R", Outcome))
+        for name, enum in (("W", WriteField), ("T", TimerField), ("R", Outcome), ("RF", RecordField))
     )
+    enums += (
+        f"\nlocal RECORD_FIELDS = {len(RecordField)}\nlocal EVENTS_KEPT = {EVENTS_KEPT}"
+        f"\nlocal DIGEST_LEN = {DIGEST_LEN}\nlocal SEP = '{RECORD_SEP.decode()}'"
+    )
+    final = ", ".join(f"{s.value} = {kind}" for s in WorkflowState if (kind := retention_kind(s)) is not None)
+    return f"{enums}\nlocal FINAL = {{{final}}}"
 
 
 # ---------------------------------------------------------------- entries
@@ -160,13 +207,120 @@ def load_timer(entry: bytes) -> Timer:
     return Timer(timer_id, tx, float(due_at), kind, step, phase, attempt, command_id)
 
 
+# ---------------------------------------------------------------- the saga's record
+
+
+def event_digest(event_id: str) -> str:
+    """What a saga's record keeps of an event id: 72 bits of its BLAKE2b hash, in base64 (DIGEST_LEN
+    characters). Two of one saga's last events share one with a chance of about 2**-65."""
+    raw = hashlib.blake2b(event_id.encode(), digest_size=DIGEST_LEN * 3 // 4).digest()
+    return base64.b64encode(raw).decode()
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    # The defaults a value can be compared with: constants and empty containers, not a timestamp.
+    found: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            found[f.name] = f.default
+        elif f.default_factory in (list, dict):
+            found[f.name] = f.default_factory()
+    return found
+
+
+_NONE: Final = object()
+_SAGA_DEFAULTS: Final = _defaults(SagaContext)
+_STEP_DEFAULTS: Final = _defaults(StepRuntime)
+
+
+# The fields a record holds before the saga's JSON (and its key, the transaction id): left out of the JSON.
+_IN_RECORD: Final = frozenset({"transaction_id", "workflow_id", "state", "version"})
+# Stands for the transaction id inside the JSON, where command ids repeat it. orjson escapes every
+# control character, so this byte never occurs in its output and the substitution reverses exactly.
+_TX: Final = b"\x01"
+
+
+def compact_json(saga: SagaContext) -> bytes:
+    """``saga`` as its record stores it: its JSON without the fields the record holds apart (id,
+    workflow, state, version) or that hold their defaults, and with the transaction id, wherever it
+    recurs (command ids), as one byte. :func:`saga_json` reverses it. Generic over the fields, so a
+    field added to the saga is stored too.
+
+    Raises:
+        orjson.JSONEncodeError: a value in the saga is not JSON-serialisable.
+    """
+    saga_defaults, step_defaults, apart = _SAGA_DEFAULTS, _STEP_DEFAULTS, _IN_RECORD
+    fields = {k: v for k, v in saga.__dict__.items() if k not in apart and saga_defaults.get(k, _NONE) != v}
+    steps = fields.get("steps")
+    if steps:
+        fields["steps"] = {
+            name: {k: v for k, v in rt.__dict__.items() if step_defaults.get(k, _NONE) != v}
+            for name, rt in steps.items()
+        }
+    return orjson.dumps(fields, option=orjson.OPT_UTC_Z).replace(_escaped(saga.transaction_id), _TX)
+
+
+def _escaped(text: str) -> bytes:
+    return orjson.dumps(text)[1:-1]
+
+
+def load_record(record: bytes) -> tuple[list[bytes], bytes]:
+    """The fields (by :class:`RecordField`) and the compact saga JSON of a saga's record.
+
+    Raises:
+        ValueError: ``record`` is not a saga's record.
+    """
+    fields: list[bytes] = []
+    pos = 0
+    for _ in RecordField:
+        colon = record.index(RECORD_SEP, pos)
+        end = colon + 1 + int(record[pos:colon])
+        if end > len(record):
+            raise ValueError("a record field runs past the record's end")
+        fields.append(record[colon + 1 : end])
+        pos = end
+    return fields, record[pos:]
+
+
+def saga_json(transaction_id: str, record: bytes) -> bytes:
+    """The saga JSON (as :meth:`SagaContext.from_json` reads it) of ``transaction_id``'s record.
+
+    Raises:
+        ValueError: ``record`` is not a saga's record.
+    """
+    fields, body = load_record(record)
+    if not body.startswith(b"{"):
+        raise ValueError("a record whose saga is not a JSON object")
+    tx = _escaped(transaction_id)
+    head = b"".join(
+        (
+            b'{"transaction_id":"',
+            tx,
+            b'","workflow_id":',
+            orjson.dumps(fields[RecordField.WORKFLOW - 1].decode()),
+            b',"state":',
+            orjson.dumps(fields[RecordField.STATE - 1].decode()),
+            b',"version":',
+            fields[RecordField.VERSION - 1],
+            b"," if len(body) > 2 else b"",
+        )
+    )
+    return head + body[1:].replace(_TX, tx)
+
+
 # ---------------------------------------------------------------- the batch
+
+
+def epoch_ms(when: datetime) -> int:
+    """``when`` in whole milliseconds since the epoch: an index score. Whole numbers, since a double
+    that Lua or Redis prints back may not round-trip, and a cursor must name a score exactly."""
+    return int(when.timestamp() * 1000)
 
 
 def pack(writes: Sequence[TransitionWrite]) -> tuple[bytes, bytes]:
     """The script's two arguments for ``writes``: the JSON document, one row per write by
-    :class:`WriteField`, and the raw values, each write's saga JSON, outbox entry (under its new
-    version) and timer entries in that order.
+    :class:`WriteField`, and the raw values, each write's saga JSON (:func:`compact_json`), outbox
+    entry (under its new version) and timer entries in that order.
 
     Raises:
         ValidationError: a write's saga is not its transaction's, not at ``expected_version + 1``, or
@@ -178,12 +332,16 @@ def pack(writes: Sequence[TransitionWrite]) -> tuple[bytes, bytes]:
     data: list[bytes] = []
     put = data.append
     for w in writes:
-        saga = w.saga
-        ctx = saga_json(w)
-        if saga is None or ctx is None:
+        saga = check_write(w)
+        digest = event_digest(w.event_id)
+        if saga is None:
             # By WriteField, as below.
-            append((w.event_id, w.transaction_id, w.expected_version, 0, 0, "", "", 0, (), w.cancel_timers))
+            append((digest, w.transaction_id, w.expected_version, 0, 0, "", "", 0, (), w.cancel_timers, 0))
             continue
+        try:
+            ctx = compact_json(saga)
+        except orjson.JSONEncodeError as exc:
+            raise ValidationError(f"saga {saga.transaction_id!r} cannot be stored: {exc}") from None
         version = saga.version
         put(ctx)
         entry_len = 0
@@ -202,7 +360,7 @@ def pack(writes: Sequence[TransitionWrite]) -> tuple[bytes, bytes]:
         # on the hot path (DESIGN section 7). tests/backends/test_redis_store_unit.py checks the order.
         append(
             (
-                w.event_id,
+                digest,
                 w.transaction_id,
                 w.expected_version,
                 version,
@@ -212,6 +370,7 @@ def pack(writes: Sequence[TransitionWrite]) -> tuple[bytes, bytes]:
                 entry_len,
                 timers,
                 w.cancel_timers,
+                epoch_ms(saga.updated_at),
             )
         )
     return orjson.dumps(packed), b"".join(data)

@@ -1,7 +1,8 @@
 """The Lua script of the Redis state store, as Redis runs it: ``scripts.lua`` after the definitions it
 reads the key layout and the packed batch by, generated from :mod:`.keys` and :mod:`.packing`.
 
-It is called as ``EVALSHA <SHA> 0 <op> <key prefix> <the op's arguments...>``.
+It is called as ``EVALSHA <SHA> 1 <a key of the partition> <op> <the partition's key prefix> <the op's
+arguments...>``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ __all__ = ["SCRIPT", "SHA"]
 _GENERATED: Final = "\n".join(
     (
         "-- Generated from orchestrator_kafka/backends/redis/keys.py and packing.py when the store is",
-        "-- imported: the key layout (K, H) and the positions of the packed batch (W, T, R).",
+        "-- imported: the key layout (K) and the positions of the packed batch and record (W, T, R, RF).",
         key_definitions("ARGV[2]"),
         field_definitions(),
         "",

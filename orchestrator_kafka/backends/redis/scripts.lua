@@ -1,15 +1,18 @@
 -- orchestrator-kafka: every script of the Redis state store, in one script dispatched on ARGV[1].
 --
--- Called as EVALSHA <sha> 0 <op> <prefix> <args...> (see script.py). One script (one SHA, one SCRIPT
--- LOAD) keeps the index bookkeeping in one place. Keys are built here instead of being passed as KEYS:
--- the client then sends one packed argument per batch, which is what keeps the client's CPU per
--- transition low (DESIGN section 7). The price is that the script targets a single Redis (or a
--- primary), not Redis Cluster.
+-- Called as EVALSHA <sha> 1 <a key of the partition> <op> <the partition's prefix> <args...> (see
+-- script.py and store.py). One script (one SHA, one SCRIPT LOAD) keeps the index bookkeeping in one
+-- place. Keys are built here instead of being passed as KEYS: the client then sends one packed argument
+-- per batch, which is what keeps the client's CPU per transition low (DESIGN section 7). Every key a
+-- call builds starts with the partition's prefix, hash tag included, so a call touches one Redis
+-- Cluster slot, the one of the key it declares.
 --
 -- This text runs after definitions generated from Python (script.py), so that the key layout and the
 -- packed batch are defined once, there: K builds every key name (the layout: RedisKeys in keys.py),
--- H names a saga hash's fields (SagaField), W and T are the positions of a packed write's and timer's
--- fields, R the reply's status codes (packing.py). P is the key prefix.
+-- W and T are the positions of a packed write's and timer's fields, RF those of a saga's record (with
+-- RECORD_FIELDS, SEP, EVENTS_KEPT and DIGEST_LEN), R the reply's status codes, FINAL the ended states,
+-- each with its retention's position in {retention, failed retention} (packing.py). P is the key
+-- prefix.
 --
 -- A Redis script is atomic (no other command runs in between, and AOF/replicas get its effects as one
 -- transaction), but a runtime error half way would keep the writes made before it. So every check that
@@ -28,23 +31,93 @@ local function chunked(cmd, key, items)
   end
 end
 
--- Moves tx from the index set key_of(old) to key_of(new); old is false for a saga that did not exist.
-local function move(key_of, tx, old, new)
-  if old ~= new then
-    if old then
-      redis.call('SREM', key_of(old), tx)
+-- Moves tx to the index of (st, wf), scored by `score` (epoch ms), when the state or workflow changed:
+-- old_wf and old_st are false for a saga that did not exist. An unchanged saga writes no index.
+local function reindex(tx, old_wf, old_st, wf, st, score)
+  if old_wf == wf and old_st == st then
+    return
+  end
+  if old_wf and old_st then
+    redis.call('ZREM', K.index(old_st, old_wf), tx)
+  else
+    redis.call('SADD', K.workflows, wf)
+  end
+  redis.call('ZADD', K.index(st, wf), score, tx)
+end
+
+-- The keys of tx beside its record that expire with it (the record expires by its own SET ... EX).
+local function own_keys(tx)
+  return {K.outbox(tx), K.saga_timers(tx)}
+end
+
+-- Gives tx's other keys the expiry `ttl` (seconds; '0' takes any expiry away).
+local function expire_with_record(tx, ttl)
+  for _, key in ipairs(own_keys(tx)) do
+    if ttl == '0' then
+      redis.call('PERSIST', key)
+    else
+      redis.call('EXPIRE', key, ttl)
     end
-    redis.call('SADD', key_of(new), tx)
   end
 end
 
--- Moves tx between the index sets; old_wf and old_st are false for a saga that did not exist.
-local function reindex(tx, old_wf, old_st, wf, st)
-  if not old_wf then
-    redis.call('SADD', K.all_sagas, tx)
+-- A saga's record, a string: its fields by RF, each <length> SEP <bytes>, then the saga's JSON.
+-- Parsed with string.find and string.sub, never cjson: the record is read on every transition.
+local sub = string.sub
+local function parse(rec)
+  local f, pos = {}, 1
+  for i = 1, RECORD_FIELDS do
+    local colon = string.find(rec, SEP, pos, true)
+    local len = tonumber(sub(rec, pos, colon - 1))
+    f[i] = sub(rec, colon + 1, colon + len)
+    pos = colon + len + 1
   end
-  move(K.by_workflow, tx, old_wf, wf)
-  move(K.by_state, tx, old_st, st)
+  return f, pos
+end
+
+local function record(version, st, wf, events, ctx)
+  local f = {}
+  f[RF.VERSION], f[RF.STATE], f[RF.WORKFLOW], f[RF.EVENTS] = tostring(version), st, wf, events
+  local parts = {}
+  for i = 1, RECORD_FIELDS do
+    parts[i] = #f[i] .. SEP .. f[i]
+  end
+  parts[RECORD_FIELDS + 1] = ctx
+  return table.concat(parts)
+end
+
+-- RF.EVENTS holds the digests (DIGEST_LEN bytes each) of the saga's last EVENTS_KEPT applied events.
+local function seen(events, digest)
+  for j = 1, #events, DIGEST_LEN do
+    if sub(events, j, j + DIGEST_LEN - 1) == digest then
+      return true
+    end
+  end
+  return false
+end
+
+local function remember(events, digest)
+  events = events .. digest
+  local keep = EVENTS_KEPT * DIGEST_LEN
+  if #events > keep then
+    events = sub(events, #events - keep + 1)
+  end
+  return events
+end
+
+-- The saga's retention in seconds for state st ('0' for none).
+local function ttl_of(st, retention)
+  local kind = FINAL[st]
+  return kind and retention[kind] or '0'
+end
+
+-- Writes tx's record, with the expiry its state gives it (a plain SET takes any earlier one away).
+local function put(tx, value, ttl)
+  if ttl == '0' then
+    redis.call('SET', K.saga(tx), value)
+  else
+    redis.call('SET', K.saga(tx), value, 'EX', ttl)
+  end
 end
 
 -- Appends tx's outbox to reply: reply[2] = the newest outbox id (0 when empty), then every entry,
@@ -72,16 +145,16 @@ local function cancel_timers(tx, ids)
 end
 
 if op == 'apply' then
-  -- ARGV[3] = dedupe ttl (seconds); ARGV[4] = the packed batch: a JSON list with one row per write, by
-  -- W (its timers' rows by T); ARGV[5] = the large values of every write (its ctx JSON, outbox entry
-  -- and timer entries, in that order) back to back, cut out with string.sub.
+  -- ARGV[3] = the packed batch: a JSON list with one row per write, by W (its timers' rows by T);
+  -- ARGV[4] = the large values of every write (its ctx JSON, outbox entry and timer entries, in that
+  -- order) back to back, cut out with string.sub; ARGV[5], ARGV[6] = the retention of an ended and of
+  -- a failed saga (seconds; '0' keeps it).
   -- Reply, per write: {R.APPLIED, outbox_id (0: it added none)} or {R.DUPLICATE, outbox_id, entries...}
   -- or {R.CONFLICT} or {R.UNCHANGED}. An applied write's messages are the client's own: older entries
   -- still in the outbox are not its to publish (their writer or the recovery sweep publishes them).
-  local ttl = ARGV[3]
-  local writes = cjson.decode(ARGV[4])
-  local data = ARGV[5]
-  local sub = string.sub
+  local writes = cjson.decode(ARGV[3])
+  local data = ARGV[4]
+  local retention = {ARGV[5], ARGV[6]}
   local pos = 1
   local out = {}
   -- A transaction that conflicted once conflicts for the rest of the batch: its later writes were
@@ -89,7 +162,7 @@ if op == 'apply' then
   local conflicted = {}
   for i = 1, #writes do
     local w = writes[i]
-    local eid, tx, nv = w[W.EVENT_ID], w[W.TX], w[W.NEW_VERSION]
+    local digest, tx, nv = w[W.EVENT_DIGEST], w[W.TX], w[W.NEW_VERSION]
     local ctx_len, outbox_len, timers = w[W.CONTEXT_LEN], w[W.OUTBOX_LEN], w[W.TIMERS]
     -- This write's values are data[at, pos - 1], whatever becomes of it.
     local at = pos
@@ -97,31 +170,33 @@ if op == 'apply' then
     for j = 1, #timers do
       pos = pos + timers[j][T.ENTRY_LEN]
     end
-    local base = K.saga(tx)
-    local evkey = K.events(tx)
-    -- Recording the event id first tells a duplicate in one command; the rarer outcomes that must not
-    -- record it (conflict, unchanged) take it back.
-    if redis.call('SADD', evkey, eid) == 0 then
+    local rec = redis.call('GET', K.saga(tx))
+    local f = rec and parse(rec)
+    -- A duplicate: one of the saga's recent events, or an event of a deleted saga (its tombstone).
+    -- Older events of a saga are the engine's to recognise, from the saga itself.
+    local dup
+    if f then
+      dup = seen(f[RF.EVENTS], digest)
+    else
+      dup = redis.call('SISMEMBER', K.events(tx), digest) == 1
+    end
+    if dup then
       out[i] = with_outbox({R.DUPLICATE}, tx)
     else
-      local cur = redis.call('HMGET', base, H.VERSION, H.WORKFLOW, H.STATE)
-      local version = tonumber(cur[1]) or 0
+      local version = f and tonumber(f[RF.VERSION]) or 0
       if conflicted[tx] or version ~= w[W.EXPECTED_VERSION] then
         conflicted[tx] = true
-        redis.call('SREM', evkey, eid)
         out[i] = {R.CONFLICT}
       else
         cancel_timers(tx, w[W.CANCEL_TIMERS])
         if nv == 0 then
-          redis.call('SREM', evkey, eid)
           out[i] = {R.UNCHANGED}
         else
-          redis.call('EXPIRE', evkey, ttl)
           local wf, st = w[W.WORKFLOW], w[W.STATE]
           local next_at = at + ctx_len
-          redis.call('HSET', base, H.VERSION, nv, H.CONTEXT, sub(data, at, next_at - 1), H.WORKFLOW, wf,
-            H.STATE, st)
-          reindex(tx, cur[2], cur[3], wf, st)
+          local ttl = ttl_of(st, retention)
+          put(tx, record(nv, st, wf, remember(f and f[RF.EVENTS] or '', digest), sub(data, at, next_at - 1)), ttl)
+          reindex(tx, f and f[RF.WORKFLOW], f and f[RF.STATE], wf, st, w[W.UPDATED_MS])
           at = next_at
           if #timers > 0 then
             local tkey = K.saga_timers(tx)
@@ -142,6 +217,12 @@ if op == 'apply' then
           else
             out[i] = {R.APPLIED, 0}
           end
+          -- After the outbox and timers, so that keys made by this write expire with the record. Only
+          -- an ended saga pays for it: the engine never moves one back, so a running saga's keys never
+          -- had an expiry to take away.
+          if ttl ~= '0' then
+            expire_with_record(tx, ttl)
+          end
         end
       end
     end
@@ -149,31 +230,38 @@ if op == 'apply' then
   return out
 
 elseif op == 'load' then
-  -- ARGV[3] = JSON list of tx ids. Reply: the ctx JSON of each, or nil.
-  local ids = cjson.decode(ARGV[3])
+  -- ARGV[3..] = tx ids. Reply: the record of each, or nil.
   local out = {}
-  for i = 1, #ids do
-    out[i] = redis.call('HGET', K.saga(ids[i]), H.CONTEXT)
+  for i = 3, #ARGV do
+    out[i - 2] = redis.call('GET', K.saga(ARGV[i]))
   end
   return out
 
 elseif op == 'save' then
-  -- ARGV[3..7] = tx, version, ctx JSON, workflow id, state.
+  -- ARGV[3..8] = tx, version, ctx JSON, workflow id, state, updated_at (epoch ms); ARGV[9], ARGV[10]
+  -- = the retentions, as for apply. A repair writes the index even when nothing indexed changed, so
+  -- that it can also mend an index.
+  -- The saga keeps the events it remembers.
   local tx = ARGV[3]
-  local base = K.saga(tx)
-  local cur = redis.call('HMGET', base, H.WORKFLOW, H.STATE)
-  redis.call('HSET', base, H.VERSION, ARGV[4], H.CONTEXT, ARGV[5], H.WORKFLOW, ARGV[6], H.STATE, ARGV[7])
-  reindex(tx, cur[1], cur[2], ARGV[6], ARGV[7])
+  local rec = redis.call('GET', K.saga(tx))
+  local f = rec and parse(rec)
+  local ttl = ttl_of(ARGV[7], {ARGV[9], ARGV[10]})
+  put(tx, record(ARGV[4], ARGV[7], ARGV[6], f and f[RF.EVENTS] or '', ARGV[5]), ttl)
+  if f then
+    redis.call('ZREM', K.index(f[RF.STATE], f[RF.WORKFLOW]), tx)
+  end
+  reindex(tx, false, false, ARGV[6], ARGV[7], ARGV[8])
+  expire_with_record(tx, ttl)
   return 1
 
 elseif op == 'delete' then
-  -- ARGV[3] = tx. Reply: 1 if the saga existed. The processed event ids stay until they expire, so a
-  -- late redelivery of an old event is still recognised as a duplicate.
+  -- ARGV[3] = tx, ARGV[4] = how long (seconds) its events stay known. Reply: 1 if the saga existed. The
+  -- digests of its recent events move to a tombstone that expires after ARGV[4], so a late redelivery
+  -- of one is still recognised as a duplicate.
   local tx = ARGV[3]
   local base = K.saga(tx)
   local tkey = K.saga_timers(tx)
-  local cur = redis.call('HMGET', base, H.WORKFLOW, H.STATE)
-  local existed = redis.call('EXISTS', base)
+  local rec = redis.call('GET', base)
   local timer_ids = redis.call('SMEMBERS', tkey)
   if #timer_ids > 0 then
     chunked('ZREM', K.timers, timer_ids)
@@ -181,16 +269,112 @@ elseif op == 'delete' then
   end
   redis.call('DEL', base, K.outbox(tx), tkey)
   redis.call('SREM', K.outboxes, tx)
-  if existed == 1 then
-    redis.call('SREM', K.all_sagas, tx)
-    if cur[1] then
-      redis.call('SREM', K.by_workflow(cur[1]), tx)
+  if not rec then
+    return 0
+  end
+  local f = parse(rec)
+  redis.call('ZREM', K.index(f[RF.STATE], f[RF.WORKFLOW]), tx)
+  local events = f[RF.EVENTS]
+  if #events > 0 then
+    local evkey = K.events(tx)
+    for j = 1, #events, DIGEST_LEN do
+      redis.call('SADD', evkey, sub(events, j, j + DIGEST_LEN - 1))
     end
-    if cur[2] then
-      redis.call('SREM', K.by_state(cur[2]), tx)
+    redis.call('EXPIRE', evkey, ARGV[4])
+  end
+  return 1
+
+elseif op == 'trim' then
+  -- ARGV[3], ARGV[4] = the score (epoch ms) before which an ended, and a failed, saga's index entry
+  -- goes ('' keeps them). Reply: how many entries went. Its keys expired by themselves (or are about
+  -- to: Redis expires on the clock of the server, this on the orchestrator's).
+  local before = {ARGV[3], ARGV[4]}
+  local removed = 0
+  local wfs = redis.call('SMEMBERS', K.workflows)
+  for st, kind in pairs(FINAL) do
+    if before[kind] ~= '' then
+      for i = 1, #wfs do
+        removed = removed + redis.call('ZREMRANGEBYSCORE', K.index(st, wfs[i]), '-inf', '(' .. before[kind])
+      end
     end
   end
-  return existed
+  return removed
+
+elseif op == 'ids' or op == 'page' then
+  -- Reads the indexes of ARGV[3] (a workflow id; '' any) in the states ARGV[4..] (after the page's
+  -- arguments, for 'page'). 'ids' replies every member. For 'page', ARGV[4] = limit, ARGV[5], ARGV[6] =
+  -- the position to start after (score, and a tx id, or '' for after every member of that score; ''
+  -- and '' start at the first), ARGV[7] = the score to stop before ('' none), states from ARGV[8].
+  -- Replies {more (1 if an index may hold more), tx, score, tx, score, ...}, up to limit per index,
+  -- unsorted: the client merges them. Each index costs O(log(n)^2 + limit), not O(n).
+  local wfs = ARGV[3] == '' and redis.call('SMEMBERS', K.workflows) or {ARGV[3]}
+  local is_page = op == 'page'
+  local first_state = is_page and 8 or 4
+  local limit = tonumber(ARGV[4])
+  local after_score, after_tx, before = ARGV[5], ARGV[6], ARGV[7]
+  local out = {}
+  if is_page then
+    out[1] = 0  -- the `more` flag
+  end
+  -- a <= b, byte by byte: Lua's own string order follows the server's locale, a sorted set's does not.
+  local function le(a, b)
+    local n = math.min(#a, #b)
+    for i = 1, n do
+      local x, y = string.byte(a, i), string.byte(b, i)
+      if x ~= y then
+        return x < y
+      end
+    end
+    return #a <= #b
+  end
+  -- The rank of the first member of key after the position (after_score, after_tx).
+  local function start_rank(key)
+    if after_score == '' then
+      return 0
+    end
+    local lo = redis.call('ZCOUNT', key, '-inf', '(' .. after_score)
+    local ties = redis.call('ZCOUNT', key, after_score, after_score)
+    if after_tx == '' or ties == 0 then
+      return lo + ties
+    end
+    -- Members of one score are in byte order of their ids: find the first after after_tx.
+    local hi = lo + ties
+    while lo < hi do
+      local mid = math.floor((lo + hi) / 2)
+      if le(redis.call('ZRANGE', key, mid, mid)[1], after_tx) then
+        lo = mid + 1
+      else
+        hi = mid
+      end
+    end
+    return lo
+  end
+  for s = first_state, #ARGV do
+    for i = 1, #wfs do
+      local key = K.index(ARGV[s], wfs[i])
+      if not is_page then
+        for _, tx in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+          out[#out + 1] = tx
+        end
+      else
+        local from = start_rank(key)
+        local got = redis.call('ZRANGE', key, from, from + limit - 1, 'WITHSCORES')
+        local n = 0
+        for j = 1, #got, 2 do
+          if before ~= '' and tonumber(got[j + 1]) >= tonumber(before) then
+            break
+          end
+          out[#out + 1] = got[j]
+          out[#out + 1] = got[j + 1]
+          n = n + 1
+        end
+        if n == limit then
+          out[1] = 1
+        end
+      end
+    end
+  end
+  return out
 
 elseif op == 'ack' then
   -- ARGV[3] = JSON list of [tx, outbox_id]: forget the entries with id <= outbox_id.

@@ -12,10 +12,12 @@ applied all of the call or none of it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from datetime import datetime
+from typing import Any, Final, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -25,13 +27,23 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
-from ...constants import DEDUPE_TTL_SECONDS, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL, ENV_REDIS_URL
-from ...context import SagaContext, storable
+from ...constants import (
+    DEDUPE_TTL_SECONDS,
+    DEFAULT_FAILED_RETENTION_SECONDS,
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_REDIS_URL,
+    DEFAULT_RETENTION_SECONDS,
+    ENV_REDIS_URL,
+)
+from ...context import SagaContext, WorkflowState, storable
 from ...errors import ConfigurationError, StateStoreError, StoreFullError, ValidationError
+from ...paging import DEFAULT_PAGE_LIMIT, merge_page, page_query
 from ...ports import IStateStore
 from ...values import ApplyResult, PendingOutbox, Timer, TransitionWrite
-from .keys import RedisKeys, SagaField
-from .packing import STATUS, Messages, load_timer, messages_of, pack
+from ..retention import check_retention
+from .keys import RedisKeys
+from .packing import STATUS, Messages, compact_json, epoch_ms, load_timer, messages_of, pack, saga_json
+from .partitions import partition_of
 from .script import SCRIPT, SHA
 
 __all__ = ["RedisStateStore"]
@@ -65,17 +77,28 @@ class RedisStateStore(IStateStore):
     """A state store in Redis: versioned atomic transitions, event dedupe, outboxes, timers, indexes.
 
     ``url`` defaults to the ``REDIS_URL`` environment variable, else ``redis://localhost:6379/0``; pass
-    ``client`` to use a client of your own (then :meth:`close` leaves it open). Processed event ids are
-    remembered for ``dedupe_ttl`` seconds after the saga's last applied event. A store of its own making
+    ``client`` to use a client of your own (then :meth:`close` leaves it open). A saga's record
+    remembers its last ``EVENTS_KEPT`` (16) applied events, as digests, to recognise a redelivered one;
+    an older duplicate is the engine's to recognise from the saga itself. A deleted saga's recent
+    events stay known for ``dedupe_ttl`` seconds.
+
+    A saga's keys expire ``retention`` seconds after it ends (completed, compensated or cancelled), or
+    ``failed_retention`` after it fails; None keeps them for ever, and an unfinished saga never expires.
+    Once expired, :meth:`load_context` returns None and a start under its id begins a new saga;
+    :meth:`trim` (the orchestrator's housekeeping) takes its id out of the indexes. A store of its own making
     fails fast on a dead Redis (5 s to connect, 10 s per reply) and retries a dropped connection once.
 
     Every method raises :class:`~orchestrator_kafka.errors.StateStoreError` when Redis fails or cannot
     be reached, or returns what cannot be decoded; a failed write has written nothing (:meth:`apply`
-    says the one exception). The store targets one Redis server or primary, not Redis Cluster (its key
-    layout, :class:`~.keys.RedisKeys`, says why).
+    says the one exception). Its keys follow the sagas' Kafka partitions (:class:`~.keys.RedisKeys`),
+    so each script call touches one Redis Cluster slot; the partition count is recorded at first start
+    (:meth:`use_partitions`, which the orchestrator calls with its topics' count) and a store made
+    without ``partitions`` (a client's) reads it from there.
 
     Raises:
-        ValidationError: ``dedupe_ttl`` is not positive, or ``key_prefix`` is empty or holds a brace.
+        ValidationError: ``dedupe_ttl`` is not positive, a retention is not a positive whole number of
+            seconds or None, ``partitions`` is not a positive whole number, or ``key_prefix`` is empty
+            or holds a brace.
     """
 
     def __init__(
@@ -83,11 +106,26 @@ class RedisStateStore(IStateStore):
         url: str | None = None,
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
+        retention: int | None = DEFAULT_RETENTION_SECONDS,
+        failed_retention: int | None = DEFAULT_FAILED_RETENTION_SECONDS,
+        partitions: int | None = None,
         client: aioredis.Redis | None = None,
         dedupe_ttl: int = DEDUPE_TTL_SECONDS,
     ) -> None:
+        if partitions is not None and (
+            isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1
+        ):
+            raise ValidationError(f"partitions must be a whole number of at least 1, not {partitions!r}")
+        # The partition count asked for (None: the recorded one), and the one in use once known.
+        self._wanted = partitions
+        self._count: int | None = None
+        self._next_claim = 0
         if dedupe_ttl <= 0:
             raise ValidationError(f"dedupe_ttl must be a positive number of seconds, not {dedupe_ttl!r}")
+        self.retention: Final = check_retention("retention", retention)
+        self.failed_retention: Final = check_retention("failed_retention", failed_retention)
+        # As the script takes them: seconds, '0' for for ever.
+        self._retain = (str(retention or 0), str(failed_retention or 0))
         self._keys = RedisKeys(key_prefix)
         self._ttl = str(int(dedupe_ttl))
         self._owned = client is None
@@ -124,34 +162,104 @@ class RedisStateStore(IStateStore):
         if self._closed:
             raise StateStoreError("the Redis state store is closed")
 
-    async def _script(self, op: str, *args: str | bytes | int) -> Any:
-        """Run ``op`` of the store's script: EVALSHA, loading the script on NOSCRIPT."""
+    async def _script(self, op: str, partition: int, *args: str | bytes | int) -> Any:
+        """Run ``op`` of the store's script on ``partition``'s keys: EVALSHA, loading the script on
+        NOSCRIPT."""
         self._check_open()
+        tagged = self._keys.tagged(partition)
+        # One key of the partition declared (the script reads none of KEYS): what a Redis Cluster client
+        # routes the call by, to the node of the partition's slot, where every key it touches lives.
+        slot_key = self._keys.outboxes(partition)
         execute = self._execute
         # Replies stay bytes even for a client that decodes responses: outbox entries hold raw bytes.
         raw = {NEVER_DECODE: True}
         try:
             try:
-                return await execute("EVALSHA", SHA, 0, op, self._keys.prefix, *args, **raw)
+                return await execute("EVALSHA", SHA, 1, slot_key, op, tagged, *args, **raw)
             except NoScriptError:
                 # First use on this server, or after SCRIPT FLUSH / a restart: NOSCRIPT means nothing ran.
                 await execute("SCRIPT", "LOAD", SCRIPT)
-                return await execute("EVALSHA", SHA, 0, op, self._keys.prefix, *args, **raw)
+                return await execute("EVALSHA", SHA, 1, slot_key, op, tagged, *args, **raw)
         except (RedisError, OSError) as exc:
             raise _failed(op, exc) from exc
 
-    async def _command(self, *args: str | bytes | int) -> Any:
+    async def use_partitions(self, count: int) -> None:
+        """Use ``count`` partitions, the count of the topics the orchestrator consumes: recorded in Redis
+        at first start, and checked against the record after that.
+
+        Raises:
+            ValidationError: Redis recorded another count (the topics were repartitioned, so Kafka maps
+                sagas to other partitions than their keys are in), or this store was made for another.
+            StateStoreError: Redis failed.
+        """
+        if self._wanted is not None and self._wanted != count:
+            raise ValidationError(
+                f"the topics have {count} partitions but this store was made for {self._wanted}"
+            )
+        self._wanted = count
+        self._count = None
+        await self._partition_count(write=True)
+
+    async def _partition_count(self, *, write: bool) -> int | None:
+        """The partition count in use: the recorded one; recorded first from the one asked for, for a
+        write. None for a read before any count was recorded (no saga exists then).
+
+        Raises:
+            ValidationError: the recorded count is not the one asked for.
+            StateStoreError: Redis failed, or a write has no count to go by.
+        """
+        if self._count is not None:
+            return self._count
+        key = self._keys.partitions
+        if self._wanted is not None and write:
+            await self._command("SET", key, self._wanted, "NX")
+        recorded = await self._command("GET", key)
+        if recorded is None:
+            if write:
+                raise StateStoreError(
+                    f"Redis state store: no partition count is recorded under {key!r}: start an "
+                    "orchestrator first, or make the store with partitions=<the topics' count>"
+                )
+            return None
+        count = int(recorded)
+        if self._wanted is not None and count != self._wanted:
+            raise ValidationError(
+                f"Redis recorded {count} partitions under {key!r} at first start, but the topics have "
+                f"{self._wanted}: repartitioned topics map sagas to other partitions than their keys are "
+                "in; use the recorded count, or another key prefix"
+            )
+        self._count = count
+        return count
+
+    async def _grouped(self, transaction_ids: Sequence[str], *, write: bool) -> dict[int, list[int]] | None:
+        """The positions of ``transaction_ids`` by partition, or None before any count was recorded."""
+        count = await self._partition_count(write=write)
+        if count is None:
+            return None
+        groups: dict[int, list[int]] = {}
+        for i, tx in enumerate(transaction_ids):
+            groups.setdefault(partition_of(tx, count), []).append(i)
+        return groups
+
+    async def _each_partition(self, op: str, *args: str | bytes | int) -> list[Any]:
+        """``op``'s reply from every partition, the calls made together; [] before any count."""
+        count = await self._partition_count(write=False)
+        if count is None:
+            return []
+        return list(await asyncio.gather(*(self._script(op, p, *args) for p in range(count))))
+
+    async def _command(self, *args: str | bytes | int, raw: bool = False) -> Any:
         self._check_open()
         try:
-            return await self._execute(*args)
+            return await self._execute(*args, **({NEVER_DECODE: True} if raw else {}))
         except (RedisError, OSError) as exc:
             raise _failed(str(args[0]), exc) from exc
 
     @staticmethod
     def _parse(transaction_id: str, raw: bytes) -> SagaContext:
         try:
-            return SagaContext.from_json(raw)
-        except ValidationError as exc:
+            return SagaContext.from_json(saga_json(transaction_id, raw))
+        except (ValidationError, ValueError) as exc:
             raise StateStoreError(
                 f"the stored saga {transaction_id!r} is not a valid SagaContext: {exc}"
             ) from exc
@@ -166,14 +274,19 @@ class RedisStateStore(IStateStore):
             ValidationError: ``context`` is not a valid saga; nothing was written.
             StateStoreError: Redis failed; nothing was written.
         """
-        raw = storable(context)
+        storable(context)
+        count = await self._partition_count(write=True)
+        assert count is not None  # a write has a count, or raised
         await self._script(
             "save",
+            partition_of(context.transaction_id, count),
             context.transaction_id,
             context.version,
-            raw,
+            compact_json(context),
             context.workflow_id,
             str(context.state),
+            epoch_ms(context.updated_at),
+            *self._retain,
         )
 
     async def load_context(self, transaction_id: str) -> SagaContext | None:
@@ -182,7 +295,11 @@ class RedisStateStore(IStateStore):
         Raises:
             StateStoreError: Redis failed, or the stored record is not a valid saga.
         """
-        raw = await self._command("HGET", self._keys.saga(transaction_id), SagaField.CONTEXT)
+        count = await self._partition_count(write=False)
+        if count is None:
+            return None
+        key = self._keys.saga(partition_of(transaction_id, count), transaction_id)
+        raw = await self._command("GET", key, raw=True)
         return None if raw is None else self._parse(transaction_id, raw)
 
     async def load_contexts(self, transaction_ids: Sequence[str]) -> dict[str, SagaContext]:
@@ -194,43 +311,118 @@ class RedisStateStore(IStateStore):
         if not transaction_ids:
             return {}
         ids = list(transaction_ids)
-        raws = await self._script("load", orjson.dumps(ids))
-        return {tx: self._parse(tx, raw) for tx, raw in zip(ids, raws, strict=True) if raw is not None}
+        groups = await self._grouped(ids, write=False)
+        if groups is None:
+            return {}
+        calls = [self._script("load", p, *(ids[i] for i in at)) for p, at in groups.items()]
+        found: dict[str, SagaContext] = {}
+        for at, raws in zip(groups.values(), await asyncio.gather(*calls), strict=True):
+            for i, raw in zip(at, raws, strict=True):
+                if raw is not None:
+                    found[ids[i]] = self._parse(ids[i], raw)
+        return {tx: found[tx] for tx in ids if tx in found}
 
     async def delete_context(self, transaction_id: str) -> bool:
         """Delete the saga, its outbox, its timers and its index entries; True if the saga existed.
 
-        Its processed event ids are kept until they expire, so a late redelivery is still a duplicate.
+        Its recent event ids are kept for ``dedupe_ttl``, so a late redelivery is still a duplicate.
 
         Raises:
             StateStoreError: Redis failed; nothing was deleted.
         """
-        return bool(await self._script("delete", transaction_id))
+        count = await self._partition_count(write=False)
+        if count is None:
+            return False
+        return bool(
+            await self._script("delete", partition_of(transaction_id, count), transaction_id, self._ttl)
+        )
 
     async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
-        """Transaction ids of the sagas of ``workflow_id`` in ``state`` (None matches any), sorted.
+        """Transaction ids of the sagas of ``workflow_id`` in ``state`` (None matches any), sorted. It
+        reads every matching index whole; :meth:`list_sagas` pages.
 
         Raises:
             StateStoreError: Redis failed.
         """
-        keys = self._keys
-        if workflow_id is None:
-            found = await self._command("SMEMBERS", keys.all_sagas if state is None else keys.by_state(state))
-        elif state is None:
-            found = await self._command("SMEMBERS", keys.by_workflow(workflow_id))
-        else:
-            found = await self._command("SINTER", keys.by_workflow(workflow_id), keys.by_state(state))
-        return sorted(_text(member) for member in found)
+        states = [s.value for s in WorkflowState] if state is None else [str(state)]
+        replies = await self._each_partition("ids", workflow_id or "", *states)
+        return sorted({_text(member) for found in replies for member in found})
+
+    async def list_sagas(
+        self,
+        workflow_id: str | None = None,
+        state: str | None = None,
+        *,
+        limit: int = DEFAULT_PAGE_LIMIT,
+        cursor: str | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of saga statuses and the next page's cursor, as
+        :meth:`~orchestrator_kafka.ports.IStateStore.list_sagas` says: two round trips, one script call
+        reading ``limit`` members of each matching index and one load of the page's sagas.
+
+        Raises:
+            ValidationError: an unknown state, a malformed cursor, a bad limit or a naive bound.
+            StateStoreError: Redis failed, or a stored record is not a valid saga.
+        """
+        q = page_query(
+            workflow_id,
+            state,
+            limit=limit,
+            cursor=cursor,
+            updated_after=updated_after,
+            updated_before=updated_before,
+        )
+        after_score, after_tx = ("", "") if q.after is None else (str(q.after[0]), q.after[1] or "")
+        before = "" if q.before is None else str(q.before)
+        replies = await self._each_partition(
+            "page", q.workflow_id or "", q.limit, after_score, after_tx, before, *q.states
+        )
+        try:
+            candidates = [
+                (int(reply[i + 1]), _text(reply[i])) for reply in replies for i in range(1, len(reply), 2)
+            ]
+        except (ValueError, TypeError, IndexError) as exc:
+            raise _corrupt("list_sagas", exc) from exc
+        page, next_cursor = merge_page(candidates, q.limit, any(reply[0] for reply in replies))
+        found = await self.load_contexts([tx for _, tx in page])
+        # An index entry of a saga that expired, or that restarted under its id, until trim() runs.
+        statuses = [
+            saga.to_status()
+            for _, tx in page
+            if (saga := found.get(tx)) is not None
+            and saga.state.value in q.states
+            and (q.workflow_id is None or saga.workflow_id == q.workflow_id)
+        ]
+        return statuses, next_cursor
+
+    async def trim(self, now: float) -> int:
+        """Take out of the indexes the sagas that ended ``retention`` before ``now`` (epoch seconds), or
+        failed ``failed_retention`` before it; return how many entries went. Their keys expire by
+        themselves.
+
+        Raises:
+            StateStoreError: Redis failed.
+        """
+        bounds = [
+            "" if ttl is None else str(int((now - ttl) * 1000))
+            for ttl in (self.retention, self.failed_retention)
+        ]
+        return sum(int(removed) for removed in await self._each_partition("trim", *bounds))
 
     # ------------------------------------------------------------ transitions
 
     async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
-        """Apply each write atomically and in order, all in one script call; one result per write.
+        """Apply each write atomically and in order, one script call per partition the writes span (a
+        batch the bus hands over is usually one partition's), the calls made together; one result per
+        write.
 
-        Per write: an event id processed before gives ``duplicate`` with the saga's current outbox; a
-        stored version other than ``expected_version`` (0: the saga must not exist) gives ``conflict``, as
-        does every later write of a transaction that conflicted earlier in the batch; a write without a
-        saga gives ``unchanged`` after cancelling its ``cancel_timers``; otherwise the saga, indexes,
+        Per write: one of the saga's last 16 event ids (or a deleted saga's, for ``dedupe_ttl``) gives
+        ``duplicate`` with the saga's current outbox; a stored version other than ``expected_version``
+        (0: the saga must not exist) gives ``conflict``, as does every later write of a transaction that
+        conflicted earlier in the batch; a write without a saga gives ``unchanged`` after cancelling its
+        ``cancel_timers``; otherwise the saga (its record, with the expiry its state gives it), indexes,
         outbox entry (id = the new version), timers, cancellations and event id are written and the
         result is ``applied`` with the write's own messages (older unacknowledged entries are left to
         their writer and to the recovery sweep).
@@ -239,21 +431,38 @@ class RedisStateStore(IStateStore):
             ValidationError: a write's saga is not its transaction's, not at ``expected_version + 1``, or
                 cannot be stored; the whole batch is refused (checked before anything is sent, so
                 nothing is written).
-            StateStoreError: Redis failed. A lost connection or a Redis out of memory leaves the batch
-                written entirely or not at all (the script is atomic, and Redis refuses a script's
-                first write, not a later one, when memory is full). Only a script error half way (a
-                key of the wrong type written by someone else) keeps the writes before it, which is
-                safe: redelivered, they come back as duplicates.
+            StateStoreError: Redis failed. A lost connection or a Redis out of memory leaves each
+                partition's writes written entirely or not at all (a script is atomic, and Redis
+                refuses a script's first write, not a later one, when memory is full), though one
+                partition's may be written and another's not; a script error half way (a key of the
+                wrong type written by someone else) keeps the writes before it. Both are safe:
+                redelivered, the writes that were made come back as duplicates.
         """
         if not writes:
             return []
+        groups = await self._grouped([w.transaction_id for w in writes], write=True)
+        assert groups is not None  # a write has a count, or raised
+        # Every partition's writes are packed, so checked, before any is sent.
+        calls = []
         try:
-            batch, data = pack(writes)
-        except orjson.JSONEncodeError as exc:
+            for p, at in groups.items():
+                batch, data = pack([writes[i] for i in at])
+                calls.append(self._script("apply", p, batch, data, *self._retain))
+        except orjson.JSONEncodeError as exc:  # an id
+            for call in calls:
+                call.close()
             raise ValidationError(f"a write cannot be encoded: {exc}") from exc
-        replies = await self._script("apply", self._ttl, batch, data)
-        if len(replies) != len(writes):
-            raise StateStoreError(f"Redis state store: {len(replies)} results for {len(writes)} writes")
+        except ValidationError:
+            for call in calls:
+                call.close()
+            raise
+        by_partition = await asyncio.gather(*calls)
+        replies: list[Any] = [None] * len(writes)
+        for at, got in zip(groups.values(), by_partition, strict=True):
+            if len(got) != len(at):
+                raise StateStoreError(f"Redis state store: {len(got)} results for {len(at)} writes")
+            for i, reply in zip(at, got, strict=True):
+                replies[i] = reply
         cache: dict[bytes, Messages] = {}
         results: list[ApplyResult] = []
         try:
@@ -283,8 +492,17 @@ class RedisStateStore(IStateStore):
         Raises:
             StateStoreError: Redis failed; nothing was acknowledged.
         """
-        if acks:
-            await self._script("ack", orjson.dumps([[tx, int(outbox_id)] for tx, outbox_id in acks]))
+        if not acks:
+            return
+        groups = await self._grouped([tx for tx, _ in acks], write=False)
+        if groups is None:
+            return
+        await asyncio.gather(
+            *(
+                self._script("ack", p, orjson.dumps([[acks[i][0], int(acks[i][1])] for i in at]))
+                for p, at in groups.items()
+            )
+        )
 
     async def pending_outboxes(self, limit: int = 1000) -> list[PendingOutbox]:
         """Up to ``limit`` sagas whose outbox is not empty, each with all its messages, oldest first.
@@ -294,7 +512,12 @@ class RedisStateStore(IStateStore):
         """
         if limit <= 0:
             return []
-        replies = await self._script("pending", int(limit))
+        count = await self._partition_count(write=False)
+        replies: list[Any] = []
+        for p in range(count or 0):
+            replies.extend(await self._script("pending", p, int(limit - len(replies))))
+            if len(replies) >= limit:
+                break
         cache: dict[bytes, Messages] = {}
         try:
             return [
@@ -317,7 +540,19 @@ class RedisStateStore(IStateStore):
         """
         if limit <= 0:
             return []
-        entries = await self._script("claim", repr(float(now)), int(limit), repr(float(now) + float(lease)))
+        count = await self._partition_count(write=False) or 0
+        entries: list[Any] = []
+        # Partition by partition until the limit, from a different one each time, so that a partition
+        # with many due timers does not hold back the others' for good.
+        start, self._next_claim = self._next_claim, self._next_claim + 1
+        for k in range(count):
+            p = (start + k) % count
+            left = int(limit) - len(entries)
+            entries.extend(
+                await self._script("claim", p, repr(float(now)), left, repr(float(now) + float(lease)))
+            )
+            if len(entries) >= limit:
+                break
         try:
             return [load_timer(entry) for entry in entries]
         except (ValueError, TypeError) as exc:
