@@ -291,6 +291,9 @@ class Pipeline:
                 redo = frozenset()
             results = await self._apply(writes) if writes else []
             publish: list[OutboxMessage] = []
+            # Acknowledged once published: each applied write's own entry, and the whole outbox up to
+            # the id a duplicate returned (it returned every entry there was).
+            written: list[tuple[str, int]] = []
             acks: dict[str, int] = {}
             for i, write, result in zip(owners, writes, results, strict=True):
                 if result.status in ("conflict", "duplicate"):
@@ -306,7 +309,7 @@ class Pipeline:
                     retry.append(i)
                 elif result.status == "applied" and write.outbox:
                     publish.extend(write.outbox)
-                    acks[write.transaction_id] = write.expected_version + 1
+                    written.append((write.transaction_id, write.expected_version + 1))
                 elif result.status == "duplicate" and result.outbox:
                     # Redelivered after a crash between the write and the publish: publish again.
                     publish.extend(result.outbox)
@@ -320,7 +323,7 @@ class Pipeline:
                 after = None
             if publish:
                 await self._bus.publish(publish)
-                self._ack_later(acks)
+                self._ack_later(written, list(acks.items()))
             if not retry:
                 return
             decided = await self._decide_round(work, sorted(retry), decided.basis)
@@ -366,13 +369,17 @@ class Pipeline:
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
-    def _ack_later(self, acks: dict[str, int]) -> None:
+    def _ack_later(self, written: list[tuple[str, int]], upto: list[tuple[str, int]]) -> None:
         """Forget published outbox entries off the hot path: the offsets need not wait for it, and an
-        entry whose ack is lost is only published once more by the sweep."""
+        entry whose ack is lost is only published once more by the sweep. ``written``: the entries this
+        instance's writes made, each alone; ``upto``: whole outboxes, up to the id given."""
 
         async def ack() -> None:
             try:
-                await self._store.ack_outbox(list(acks.items()))
+                if written:
+                    await self._store.ack_outbox(written, only=True)
+                if upto:
+                    await self._store.ack_outbox(upto)
             except OrchestratorError as exc:
                 self._log.warning("could not acknowledge outboxes (the sweep will re-publish): %s", exc)
 

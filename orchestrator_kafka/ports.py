@@ -159,8 +159,11 @@ class IStateStore(ABC):
         """Apply each write atomically, in order, in one round trip; a result per write."""
 
     @abstractmethod
-    async def ack_outbox(self, acks: Sequence[tuple[str, int]]) -> None:
-        """Forget the outbox messages up to ``outbox_id`` of each ``(transaction_id, outbox_id)``."""
+    async def ack_outbox(self, acks: Sequence[tuple[str, int]], *, only: bool = False) -> None:
+        """Forget the outbox messages up to ``outbox_id`` of each ``(transaction_id, outbox_id)``; with
+        ``only``, just the entry ``outbox_id``. A writer acknowledging what its own write made uses
+        ``only``: an older entry may be another instance's write that it has not published yet (it
+        crashed, or lost the partition, in between), which the sweep must still find."""
 
     @abstractmethod
     async def pending_outboxes(self, limit: int = 1000) -> list[PendingOutbox]:

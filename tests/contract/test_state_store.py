@@ -434,6 +434,21 @@ class StateStoreContract:
         [res] = await store.apply([step("a", 3, "a4")])
         assert res == ApplyResult("applied", "a", 0, ())
 
+    async def test_an_ack_of_only_its_own_entry_keeps_an_older_one_for_the_sweep(
+        self, store: IStateStore
+    ) -> None:
+        """Another instance wrote version 1 and died before publishing it; this one wrote version 2 on top
+        and published it. Its ack must not take version 1's entry with it: the sweep still finds it."""
+        await store.apply([create("a", outbox=(msg(1),))])
+        await store.apply([step("a", 1, "a2", outbox=(msg(2),))])
+        await store.ack_outbox([("a", 2)], only=True)
+        pending = {p.transaction_id: (p.outbox_id, p.messages) for p in await store.pending_outboxes()}
+        assert pending == {"a": (1, (msg(1),))}
+        await store.ack_outbox([("a", 5)], only=True)  # no such entry: nothing goes
+        assert len(await store.pending_outboxes()) == 1
+        await store.ack_outbox([("a", 1)], only=True)
+        assert await store.pending_outboxes() == []
+
     async def test_outbox_entries_stay_in_outbox_id_order_after_a_repair(self, store: IStateStore) -> None:
         await store.apply(
             [create("t1", outbox=(msg(1),)), step("t1", 1, "e2"), step("t1", 2, "e3", outbox=(msg(3),))]

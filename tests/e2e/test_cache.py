@@ -338,3 +338,25 @@ async def test_the_cache_holds_the_sagas_in_flight_not_those_that_ended() -> Non
         assert pipeline.cached == {"tx-0", "tx-2"}
         status = await store.load_context("tx-1")
         assert status is not None and status.state.value == "completed"
+
+
+async def test_an_instance_that_writes_over_another_ones_unpublished_write_leaves_it_for_the_sweep() -> None:
+    """Instance A writes a saga's first transition and loses the broker before publishing it (as if it
+    died). Instance B writes the next transition on top (a cancel, from another topic than the start A
+    had) and publishes it. B's acknowledgement must forget only its own outbox entry: A's is still
+    pending, for the sweep to publish."""
+    store = InMemoryStateStore()
+    held = _HeldBus()
+    async with _one_step(InMemoryEventBus(), store) as b, _one_step(held, store) as a:
+        held.hold = asyncio.Event()
+        held.hold.set()  # A's publish fails at once
+        with pytest.raises(EventBusError):
+            await (await a.pipeline.handle_batch([_inbound(a.topics.start, _start("tx", "s"), 0)]))
+        [pending] = await store.pending_outboxes()
+        assert pending.outbox_id == 1
+        now = datetime.now(UTC)
+        cancel = CancelSaga(event_id="c", transaction_id="tx", workflow_id="wf", occurred_at=now)
+        await (await b.pipeline.handle_batch([_inbound(b.topics.start, cancel, 1)]))
+        await b.pipeline.drain(5.0)  # the acknowledgements are done
+        left = {p.transaction_id: p.outbox_id for p in await store.pending_outboxes()}
+    assert left.get("tx") == 1  # A's entry, unpublished, is still there

@@ -350,13 +350,15 @@ class InMemoryStateStore(IStateStore):
             return ApplyResult("duplicate", tx)
         return ApplyResult("duplicate", tx, entries[-1][0], tuple(m for _, batch in entries for m in batch))
 
-    async def ack_outbox(self, acks: Sequence[tuple[str, int]]) -> None:
-        """Forget each saga's outbox entries up to ``outbox_id``."""
+    async def ack_outbox(self, acks: Sequence[tuple[str, int]], *, only: bool = False) -> None:
+        """Forget each saga's outbox entries up to ``outbox_id`` (with ``only``, just that one)."""
         if not acks:
             return
         self._check_open()
         for tx, outbox_id in acks:
-            entries = [e for e in self._outbox.get(tx, []) if e[0] > outbox_id]
+            entries = [
+                e for e in self._outbox.get(tx, []) if (e[0] != outbox_id if only else e[0] > outbox_id)
+            ]
             if entries:
                 self._outbox[tx] = entries
             else:

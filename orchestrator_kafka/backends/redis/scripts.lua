@@ -377,12 +377,14 @@ elseif op == 'ids' or op == 'page' then
   return out
 
 elseif op == 'ack' then
-  -- ARGV[3] = JSON list of [tx, outbox_id]: forget the entries with id <= outbox_id.
+  -- ARGV[3] = JSON list of [tx, outbox_id]: forget the entries with id <= outbox_id; ARGV[4] = '1':
+  -- only the entry outbox_id (an older one may be another writer's, not published yet).
   local acks = cjson.decode(ARGV[3])
+  local only = ARGV[4] == '1'
   for i = 1, #acks do
     local tx = acks[i][1]
     local key = K.outbox(tx)
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', acks[i][2])
+    redis.call('ZREMRANGEBYSCORE', key, only and acks[i][2] or '-inf', acks[i][2])
     if redis.call('EXISTS', key) == 0 then
       redis.call('SREM', K.outboxes, tx)
     end

@@ -486,8 +486,9 @@ class RedisStateStore(IStateStore):
 
     # ------------------------------------------------------------ outboxes
 
-    async def ack_outbox(self, acks: Sequence[tuple[str, int]]) -> None:
-        """Forget each saga's outbox entries up to ``outbox_id``, in one script call.
+    async def ack_outbox(self, acks: Sequence[tuple[str, int]], *, only: bool = False) -> None:
+        """Forget each saga's outbox entries up to ``outbox_id`` (with ``only``, just that one), in one
+        script call per partition.
 
         Raises:
             StateStoreError: Redis failed; nothing was acknowledged.
@@ -499,7 +500,9 @@ class RedisStateStore(IStateStore):
             return
         await asyncio.gather(
             *(
-                self._script("ack", p, orjson.dumps([[acks[i][0], int(acks[i][1])] for i in at]))
+                self._script(
+                    "ack", p, orjson.dumps([[acks[i][0], int(acks[i][1])] for i in at]), "1" if only else "0"
+                )
                 for p, at in groups.items()
             )
         )
