@@ -377,8 +377,8 @@ elseif op == 'ids' or op == 'page' then
   return out
 
 elseif op == 'ack' then
-  -- ARGV[3] = JSON list of [tx, outbox_id]: forget the entries with id <= outbox_id; ARGV[4] = '1':
-  -- only the entry outbox_id (an older one may be another writer's, not published yet).
+  -- ARGV[3] = JSON list of [tx, outbox_id]: forget the entries with id <= outbox_id. With ARGV[4] set
+  -- to '1', forget only the entry outbox_id (an older one may be another writer's, not published yet).
   local acks = cjson.decode(ARGV[3])
   local only = ARGV[4] == '1'
   for i = 1, #acks do
