@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from orchestrator_kafka import InMemoryEventBus, Orchestrator, RedisStateStore, WorkflowBuilder
 from orchestrator_kafka.codec import encode
-from orchestrator_kafka.models import ResultBody, StartBody, StartSaga, StepResult
+from orchestrator_kafka.models import ResultBody, StartBody, StartSaga, StepResult, command_id
 from orchestrator_kafka.values import InboundMessage
 
 BATCH = 500
@@ -51,9 +51,11 @@ async def main(sagas: int) -> float:
         )
         return message(orchestrator.topics.start, i, event)
 
+    runs: dict[str, str] = {}  # each saga's run id, read once the starts are in (not timed)
+
     def result(i: int, tx: str, step: str) -> InboundMessage:
         body = ResultBody(
-            command_id=f"{tx}:{step}:execute:1",
+            command_id=command_id(tx, step, "execute", 1, runs[tx]),
             step=step,
             kind="execute",
             attempt=1,
@@ -65,17 +67,20 @@ async def main(sagas: int) -> float:
         )
         return message(orchestrator.topics.results, i, event)
 
-    phases = [[start(i, tx) for i, tx in enumerate(txs)]]
-    phases += [[result(i, tx, step) for i, tx in enumerate(txs)] for step in STEPS]
-    try:
+    async def drive(messages: list[InboundMessage]) -> float:
         began = time.process_time()
-        for messages in phases:
-            completions = [
-                await orchestrator.pipeline.handle_batch(messages[k : k + BATCH])
-                for k in range(0, sagas, BATCH)
-            ]
-            await asyncio.gather(*completions)
-        cpu = time.process_time() - began
+        completions = [
+            await orchestrator.pipeline.handle_batch(messages[k : k + BATCH]) for k in range(0, sagas, BATCH)
+        ]
+        await asyncio.gather(*completions)
+        return time.process_time() - began
+
+    try:
+        starts = [start(i, tx) for i, tx in enumerate(txs)]
+        cpu = await drive(starts)
+        runs.update({tx: saga.run_id for tx, saga in (await store.load_contexts(txs)).items()})
+        for step in STEPS:
+            cpu += await drive([result(i, tx, step) for i, tx in enumerate(txs)])
         last = await store.load_context(txs[-1])
         if last is None or last.state != "completed":
             raise SystemExit(f"the last saga did not complete: {last}")

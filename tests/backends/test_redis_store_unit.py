@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from orchestrator_kafka.backends.redis import RedisKeys, RedisStateStore
+from orchestrator_kafka.backends.redis import RedisKeys, RedisStateStore, packing
 from orchestrator_kafka.backends.redis.keys import PYTHON_ONLY
 from orchestrator_kafka.backends.redis.packing import (
     Outcome,
@@ -173,7 +173,10 @@ def test_a_record_reads_back_whole_and_stores_little_but_the_saga_s_own_values()
         b"%d:%s" % (len(f), f) for f in (b"3", b"compensating", "w:ü".encode(), event_digest("e").encode())
     )
     assert SagaContext.from_json(saga_json(full.transaction_id, record + body)) == full
-    stored = orjson.loads(body.replace(b"\x01", b"\\u0001"))  # read by JSON, the byte is a control character
+    expanded = body
+    for byte, word in packing._WORDS:  # the keys every saga repeats, one byte each
+        expanded = expanded.replace(byte, word)
+    stored = orjson.loads(expanded.replace(b"\x01", b"\\u0001"))  # the id's byte is a control character
     # Apart in the record, or at their defaults: left out. The id, where it recurs, is one byte.
     left_out = {"transaction_id", "workflow_id", "state", "version", "current_step", "error", "late_runs"}
     assert left_out.isdisjoint(stored)
@@ -188,6 +191,25 @@ def test_a_record_reads_back_whole_and_stores_little_but_the_saga_s_own_values()
         SagaContext.from_json(saga_json("t", b"1:0" + b"7:pending" + b"1:w" + b"0:" + compact_json(empty)))
         == empty
     )
+
+
+def test_the_head_of_a_runs_command_ids_is_one_byte_and_reads_back_beside_a_users_run_id_key() -> None:
+    run = saga('t"1', 3, WorkflowState.RUNNING)
+    run.run_id = "0f3a9c"
+    tx = run.transaction_id
+    run.data.update({"run_id": "not the saga's", "note": f"{tx}:0f3a9c:looks like a command id"})
+    # A user's keys and values spelled like the ones written as one byte read back as they were.
+    run.data.update({"status": "succeeded", "steps": {"data": {"attempt": 3}}, "x": ":execute::compensate:"})
+    run.step_results["a"] = {"run_id": "nor this"}
+    run.step("a").command_id = f"{tx}:0f3a9c:a:execute:1"
+    run.step("a").succeeded_command = f"{tx}:0f3a9c:a:execute:1"
+    body = compact_json(run)
+    assert body.count(b"0f3a9c") == 1  # the run id is written once, in its own field
+    record = b"".join(
+        b"%d:%s" % (len(f), f)
+        for f in (b"3", b"running", run.workflow_id.encode(), event_digest("e").encode())
+    )
+    assert SagaContext.from_json(saga_json(tx, record + body)) == run
 
 
 def test_a_record_is_its_fields_then_the_saga() -> None:
