@@ -43,8 +43,9 @@ MAX_REQUEST_BYTES = 1024 * 1024
 # Bytes a v2 record batch adds around its records (aiokafka's DefaultRecordBatchBuilder.HEADER_STRUCT).
 _BATCH_OVERHEAD = 61
 # Keys whose partition is remembered, per partition layout: a transaction id repeats over a saga's
-# messages and murmur2 in pure Python costs ~20 us a key. Cleared when full (bounded memory).
-_PARTITION_CACHE_SIZE = 65_536
+# messages and murmur2 in pure Python costs ~20 us a key. Cleared when full (bounded memory): the sagas
+# in flight are what need remembering, and 65,536 keys made a process's memory creep up for minutes.
+_PARTITION_CACHE_SIZE = 8_192
 
 _PARTITIONER = DefaultPartitioner()
 
