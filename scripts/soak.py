@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -211,6 +212,8 @@ async def _soak(args: argparse.Namespace, server: PrivateRedis) -> int:
 
 
 if __name__ == "__main__":
+    # A SIGTERM unwinds like Ctrl-C: the private Redis and the roles are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
