@@ -53,8 +53,10 @@ def workflow() -> Any:
     from orchestrator_kafka import WorkflowBuilder
 
     builder = WorkflowBuilder("bench")
+    # The worker case (--slow-step-ms): every step on one worker name, so one pool of slots serves all.
+    one = os.environ.get("BENCH_ONE_WORKER") == "1"
     for i in range(1, STEPS + 1):
-        builder.add_step(f"s{i}", f"w{i}", compensation=f"u{i}")
+        builder.add_step(f"s{i}", "w1" if one else f"w{i}", compensation=f"u{i}")
     return builder.build()
 
 
@@ -89,7 +91,8 @@ async def role_worker(prefix: str, partitions: int) -> None:
         return {ctx.step: ctx.attempt}
 
     for i in range(1, STEPS + 1):
-        worker.register(f"w{i}", handle)
+        if os.environ.get("BENCH_ONE_WORKER") != "1" or i == 1:
+            worker.register(f"w{i}", handle)
         worker.register(f"u{i}", handle)
     async with worker:
         await ready_and_wait()
@@ -440,7 +443,7 @@ async def run_sagas(
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     await create_topics([f"{prefix}.{t}" for t in ("start", "results", "events", "dlq")], partitions)
-    orchestrator = Child(role, prefix, partitions)
+    orchestrator = Child(role, prefix, partitions, worker_env)
     worker = Child("worker", prefix, partitions, worker_env)
     producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=0)
     tailed = [f"{prefix}.events", f"{prefix}.results"] if hops else [f"{prefix}.events"]
@@ -630,14 +633,18 @@ async def main(args: argparse.Namespace) -> None:
         report(floor, echo)
     if args.slow_step_ms:
         # The worker case: every handler awaits a slow call; the bound is concurrency / step time.
-        env = {"BENCH_STEP_MS": str(args.slow_step_ms), "BENCH_CONCURRENCY": str(args.slow_concurrency)}
+        env = {
+            "BENCH_STEP_MS": str(args.slow_step_ms),
+            "BENCH_CONCURRENCY": str(args.slow_concurrency),
+            "BENCH_ONE_WORKER": "1",
+        }
         bound = args.slow_concurrency / (args.slow_step_ms / 1e3)
         slow = await run_sagas(
             args.sagas, 2 * args.slow_concurrency, args.partitions, worker_env=env, name="slow steps"
         )
         report(slow, None)
         print(
-            f"# slow steps: each handler awaits {args.slow_step_ms:g} ms, worker concurrency "
+            f"# slow steps: each handler awaits {args.slow_step_ms:g} ms, one worker name of concurrency "
             f"{args.slow_concurrency}, {2 * args.slow_concurrency} sagas in flight: {slow.rate:.0f} steps/s "
             f"of the {bound:.0f} bound ({slow.rate / bound:.0%}); step p50 {slow.p50_ms:.1f} ms, "
             f"p99 {slow.p99_ms:.1f} ms"
