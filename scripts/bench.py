@@ -259,6 +259,21 @@ async def drop(prefix: str) -> None:
         await client.aclose()
 
 
+async def driver_clients(
+    topics: list[str], group: str, **producer_options: Any
+) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+    """The driver's producer (``acks=all``) and its consumer of ``topics`` from the earliest, both started,
+    the consumer assigned."""
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", **producer_options)
+    consumer = AIOKafkaConsumer(
+        *topics, bootstrap_servers=BOOTSTRAP, group_id=group, auto_offset_reset="earliest"
+    )
+    await producer.start()
+    await consumer.start()
+    await wait_assigned(consumer)
+    return producer, consumer
+
+
 async def wait_assigned(consumer: AIOKafkaConsumer) -> None:
     while not consumer.assignment():
         await consumer.getmany(timeout_ms=100)
@@ -371,18 +386,9 @@ async def run_echo(total: int, inflight: int, partitions: int) -> Result:
     # by the level).
     linger_ms = 0 if inflight < 50 else 2
     echo = Child("echo", prefix, partitions, {"BENCH_LINGER_MS": str(linger_ms)})
-    producer = AIOKafkaProducer(
-        bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=linger_ms
+    producer, consumer = await driver_clients(
+        [f"{prefix}.pong"], f"{prefix}.driver", enable_idempotence=True, linger_ms=linger_ms
     )
-    consumer = AIOKafkaConsumer(
-        f"{prefix}.pong",
-        bootstrap_servers=BOOTSTRAP,
-        group_id=f"{prefix}.driver",
-        auto_offset_reset="earliest",
-    )
-    await producer.start()
-    await consumer.start()
-    await wait_assigned(consumer)
     latencies: list[float] = []
     sent = received = 0
     services = ServiceCpu()
@@ -445,17 +451,8 @@ async def run_sagas(
     await create_topics([f"{prefix}.{t}" for t in ("start", "results", "events", "dlq")], partitions)
     orchestrator = Child(role, prefix, partitions, worker_env)
     worker = Child("worker", prefix, partitions, worker_env)
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=0)
     tailed = [f"{prefix}.events", f"{prefix}.results"] if hops else [f"{prefix}.events"]
-    consumer = AIOKafkaConsumer(
-        *tailed,
-        bootstrap_servers=BOOTSTRAP,
-        group_id=f"{prefix}.driver",
-        auto_offset_reset="earliest",
-    )
-    await producer.start()
-    await consumer.start()
-    await wait_assigned(consumer)
+    producer, consumer = await driver_clients(tailed, f"{prefix}.driver", linger_ms=0)
     dispatched: dict[tuple[str, str], datetime] = {}
     begun_at: dict[str, datetime] = {}
     latencies: list[float] = []

@@ -25,10 +25,9 @@ import uuid
 from datetime import UTC, datetime
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BOOTSTRAP, STEPS, Child, cpu_seconds, create_topics, drop, wait_assigned
+from bench import STEPS, Child, cpu_seconds, create_topics, driver_clients, drop
 
 LIMIT = 0.10  # flat: every sample after the first retention window within 10% of their mean
 
@@ -106,16 +105,7 @@ async def _soak(args: argparse.Namespace, server: PrivateRedis) -> int:
     env = {"BENCH_REDIS_URL": server.url, "BENCH_RETENTION": str(args.retention or "")}
     orchestrator = Child("orchestrator", prefix, args.partitions, env)
     worker = Child("worker", prefix, args.partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=2)
-    consumer = AIOKafkaConsumer(
-        f"{prefix}.events",
-        bootstrap_servers=BOOTSTRAP,
-        group_id=f"{prefix}.driver",
-        auto_offset_reset="earliest",
-    )
-    await producer.start()
-    await consumer.start()
-    await wait_assigned(consumer)
+    producer, consumer = await driver_clients([f"{prefix}.events"], f"{prefix}.driver", linger_ms=2)
     empty = int((await r.info("memory"))["used_memory"])
     sent = completed = 0
     started = time.monotonic()
