@@ -20,7 +20,7 @@ from .redrive import DeadLetter, Redrive, letters_of, plan, select
 from .telemetry import context_headers
 from .waiting import Waiters
 
-_PAGE = 500  # sagas loaded per round trip when counting versions
+_PAGE = 500  # statuses per page when counting versions
 _log = logging.getLogger("orchestrator_kafka.client")
 
 
@@ -150,10 +150,8 @@ class SagaClient:
         except ValidationError as exc:
             raise ValueError(str(exc)) from None
         if self._waiters is None:
-            if self._bus is None:
-                raise EventBusError("this SagaClient was made without an event bus")
-            store = self._require_store()
-            self._waiters = Waiters(self._bus, store.load_context, self.topics.events, _log)
+            bus, store = self._require_bus(), self._require_store()
+            self._waiters = Waiters(bus, store.load_context, self.topics.events, _log)
         return await self._waiters.wait_for(transaction_id, timeout)
 
     async def close(self) -> None:
@@ -177,13 +175,16 @@ class SagaClient:
         for state in WorkflowState:
             if state.is_final:
                 continue
-            ids = await store.list_contexts(workflow_id, state.value)
-            # In pages, so that a million sagas in flight are not one reply.
-            for at in range(0, len(ids), _PAGE):
-                for saga in (await store.load_contexts(ids[at : at + _PAGE])).values():
-                    row = counts.setdefault((saga.workflow_id, saga.workflow_version), [0, 0])
+            # Page by page, so that a million sagas in flight are never one reply.
+            cursor: str | None = None
+            while True:
+                page, cursor = await store.list_sagas(workflow_id, state.value, limit=_PAGE, cursor=cursor)
+                for status in page:
+                    row = counts.setdefault((status["workflow_id"], status["workflow_version"]), [0, 0])
                     row[0] += 1
-                    row[1] += saga.parked is not None
+                    row[1] += status["parked"] is not None
+                if cursor is None:
+                    break
         return [
             {"workflow_id": wf, "workflow_version": version, "in_flight": n, "parked": parked}
             for (wf, version), (n, parked) in sorted(counts.items())
@@ -198,13 +199,10 @@ class SagaClient:
         Raises:
             EventBusError: the topic cannot be read, or no bus was given.
         """
-        letters = letters_of([m async for m in self._require_bus().read(self.topics.dlq)])
-        return [
-            letter
-            for letter in letters
-            if (reason is None or letter.reason == reason)
-            and (transaction_id is None or letter.key == transaction_id)
-        ]
+        letters = await self._letters()
+        if reason is None and transaction_id is None:
+            return letters
+        return select(letters, reason=reason, transaction_id=transaction_id)
 
     async def redrive(
         self,
@@ -227,10 +225,7 @@ class SagaClient:
                 before the failure may be sent again by the next redrive: harmless, see the module).
         """
         chosen = select(
-            letters_of([m async for m in self._require_bus().read(self.topics.dlq)]),
-            positions=positions,
-            reason=reason,
-            transaction_id=transaction_id,
+            await self._letters(), positions=positions, reason=reason, transaction_id=transaction_id
         )
         copies, markers, report = plan(chosen, self.topics.dlq, request_id or str(uuid.uuid4()))
         if not dry_run and copies:
@@ -239,18 +234,20 @@ class SagaClient:
             await self._require_bus().publish(markers)
         return report
 
+    async def _letters(self) -> list[DeadLetter]:
+        """Every dead letter on the dead-letter topic, marked with the redrive that sent it back."""
+        return letters_of([m async for m in self._require_bus().read(self.topics.dlq)])
+
     def _require_bus(self) -> IEventBus:
         if self._bus is None:
             raise EventBusError("this SagaClient was made without an event bus")
         return self._bus
 
     async def _publish(self, request: StartSaga | CancelSaga) -> None:
-        if self._bus is None:
-            raise EventBusError("this SagaClient was made without an event bus")
         message = OutboxMessage(
             self.topics.start, request.transaction_id, codec.encode(request), context_headers()
         )
-        await self._bus.publish([message])
+        await self._require_bus().publish([message])
 
     async def _load(self, transaction_id: str) -> SagaContext:
         try:

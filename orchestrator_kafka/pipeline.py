@@ -248,17 +248,18 @@ class Pipeline:
         """Decide the events ``pending`` (indexes into ``work.events``) on the sagas as ``basis`` says;
         ``first``: the batch's first round."""
         ids = {_tx_of(work.events[i]) for i in pending}
-        if basis is Basis.DECIDED and not first:
-            sagas = await self._sagas_of(ids, set())
-        elif basis is Basis.DECIDED:
-            # A saga only start requests name is taken to be new, unread: the write expects version 0,
-            # which the store refuses (a conflict, decided again on the stored saga) if it exists. A
-            # new saga's first hop then makes no read, and a redelivered start costs one more round.
-            unread = {_tx_of(work.events[i]) for i in pending if isinstance(work.events[i], StartSaga)}
-            unread -= {_tx_of(work.events[i]) for i in pending if not isinstance(work.events[i], StartSaga)}
-            sagas = await self._sagas_of(ids, unread)
-        else:
+        if basis is Basis.STORED:
             sagas = await self._store.load_contexts(list(ids))
+        else:
+            # In a batch's first round, a saga only start requests name is taken to be new, unread: the
+            # write expects version 0, which the store refuses (a conflict, decided again on the stored
+            # saga, read, in the next round) if it exists. A new saga's first hop then makes no read.
+            unread: set[str] = set()
+            if first:
+                starts = {i for i in pending if isinstance(work.events[i], StartSaga)}
+                unread = {_tx_of(work.events[i]) for i in starts}
+                unread -= {_tx_of(work.events[i]) for i in pending if i not in starts}
+            sagas = await self._sagas_of(ids, unread)
         decided = _Round(self._clock(), basis)
         for i in pending:
             write = self.decide(work.events[i], sagas, decided.now, work.outcomes[i], work.headers_of(i))
