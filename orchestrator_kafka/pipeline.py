@@ -170,7 +170,7 @@ class Pipeline:
         before = self._in_flight()
         written: asyncio.Future[frozenset[str] | None] = asyncio.get_running_loop().create_future()
         try:
-            first = await self._decide_round(work, list(range(len(events))), Basis.DECIDED, first=True)
+            first = await self._decide_round(work, list(range(len(events))), Basis.DECIDED)
         except BaseException as exc:
             self._cache.clear()  # it may hold states decided for this batch
             if isinstance(exc, StoreFullError):  # a store that refuses even reads when full
@@ -242,24 +242,13 @@ class Pipeline:
 
     # ---------------------------------------------------------------- deciding and applying
 
-    async def _decide_round(
-        self, work: _Work, pending: list[int], basis: Basis, *, first: bool = False
-    ) -> _Round:
-        """Decide the events ``pending`` (indexes into ``work.events``) on the sagas as ``basis`` says;
-        ``first``: the batch's first round."""
+    async def _decide_round(self, work: _Work, pending: list[int], basis: Basis) -> _Round:
+        """Decide the events ``pending`` (indexes into ``work.events``) on the sagas as ``basis`` says."""
         ids = {_tx_of(work.events[i]) for i in pending}
-        if basis is Basis.STORED:
-            sagas = await self._store.load_contexts(list(ids))
+        if basis is Basis.DECIDED:
+            sagas = await self._sagas_of(ids)
         else:
-            # In a batch's first round, a saga only start requests name is taken to be new, unread: the
-            # write expects version 0, which the store refuses (a conflict, decided again on the stored
-            # saga, read, in the next round) if it exists. A new saga's first hop then makes no read.
-            unread: set[str] = set()
-            if first:
-                starts = {i for i in pending if isinstance(work.events[i], StartSaga)}
-                unread = {_tx_of(work.events[i]) for i in starts}
-                unread -= {_tx_of(work.events[i]) for i in pending if i not in starts}
-            sagas = await self._sagas_of(ids, unread)
+            sagas = await self._store.load_contexts(list(ids))
         decided = _Round(self._clock(), basis)
         for i in pending:
             write = self.decide(work.events[i], sagas, decided.now, work.outcomes[i], work.headers_of(i))
@@ -344,12 +333,11 @@ class Pipeline:
             self.refusals.accepted()
         return results
 
-    async def _sagas_of(self, transaction_ids: set[str], unread: set[str]) -> dict[str, SagaContext]:
-        """The sagas, from the cache where it has them, else from the store in one round trip; those of
-        ``unread`` the cache does not hold are taken to be new (absent)."""
+    async def _sagas_of(self, transaction_ids: set[str]) -> dict[str, SagaContext]:
+        """The sagas, from the cache where it has them, else from the store in one round trip."""
         cache = self._cache
         found = {tx: cache[tx] for tx in transaction_ids if tx in cache}
-        missing = [tx for tx in transaction_ids if tx not in found and tx not in unread]
+        missing = [tx for tx in transaction_ids if tx not in found]
         if missing:
             found.update(await self._store.load_contexts(missing))
         return found

@@ -7,7 +7,6 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
@@ -288,40 +287,6 @@ async def test_at_most_two_batches_are_publishing_when_the_next_is_handed_back()
             assert bus.published == ["one", "one", "two", "two", "three", "three"]
         finally:
             bus.gate = None
-
-
-async def test_a_start_of_a_saga_not_in_the_cache_is_taken_as_new_and_a_stored_one_wins() -> None:
-    """A start request is decided without a read when the cache does not hold its saga (the hot path of a
-    new saga). A second start request (another event id) of a saga that exists, reaching an instance that
-    has not seen it, conflicts with the stored saga and changes nothing; a start in the same batch as a
-    result of its saga is read first."""
-    bus = InMemoryEventBus()
-    store = InMemoryStateStore()
-    async with _one_step(bus, store) as orchestrator:
-        pipeline = orchestrator.pipeline
-        await (await pipeline.handle_batch([_inbound(orchestrator.topics.start, _start("x", "first"), 0)]))
-        stored = await store.load_context("x")
-        assert stored is not None and stored.version == 1
-    reads: list[list[str]] = []
-
-    class Counting(InMemoryStateStore):
-        async def load_contexts(self, transaction_ids: Sequence[str]) -> dict[str, Any]:
-            reads.append(list(transaction_ids))
-            return await store.load_contexts(transaction_ids)
-
-        async def apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:
-            return await store.apply(writes)
-
-    async with _one_step(InMemoryEventBus(), Counting()) as other:
-        assert "x" not in other.pipeline.cached
-        again = _inbound(other.topics.start, _start("x", "second"), 1)
-        fresh = _inbound(other.topics.start, _start("y", "third"), 2)
-        await (await other.pipeline.handle_batch([again, fresh]))
-    assert reads == [["x"]]  # no read for either start; the conflicting one is read in the next round
-    after = await store.load_context("x")
-    assert after is not None and after == stored
-    new = await store.load_context("y")
-    assert new is not None and new.version == 1
 
 
 async def test_the_cache_holds_the_sagas_in_flight_not_those_that_ended() -> None:
