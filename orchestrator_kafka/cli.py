@@ -1,4 +1,4 @@
-"""The ``orchestrator-kafka`` command line: run the services, start, inspect, cancel and audit sagas.
+"""The ``orchestrator-kafka`` command line: run the services, start, inspect, cancel, repair and audit sagas.
 
 Settings come from the environment (:mod:`settings` names the variables) and the group's flags, which
 win. A service that cannot be reached or a saga that does not exist is one line on stderr and exit
@@ -31,6 +31,7 @@ from .errors import DecodeError, OrchestratorError
 from .graph import mermaid
 from .loading import load_handlers, load_workflows
 from .models import SagaEvent
+from .repair_cli import retry, skip
 from .settings import ENV_VARS, Settings, parse_retention
 
 P = ParamSpec("P")
@@ -346,16 +347,24 @@ def versions(workflow: str | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("transaction_id")
 @click.option("--reason", help="Recorded with the request.")
-def cancel(transaction_id: str, reason: str | None) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also a saga stuck compensating: stop waiting for its steps in flight and compensate them.",
+)
+def cancel(transaction_id: str, reason: str | None, force: bool) -> None:
     """Cancel a pending or running saga: its steps are compensated, then it ends cancelled."""
 
     @_run
     async def main() -> None:
         async with _client() as client:
-            await client.cancel_saga(transaction_id, reason)
+            if force:
+                await client.force_cancel(transaction_id, reason)
+            else:
+                await client.cancel_saga(transaction_id, reason)
 
     main()
-    click.echo(f"cancel requested for {transaction_id}")
+    click.echo(f"{'force-' if force else ''}cancel requested for {transaction_id}")
 
 
 @cli.command()
@@ -443,6 +452,8 @@ def topics_create(spec: str | None) -> None:
 
 
 cli.add_command(dlq)
+cli.add_command(retry)
+cli.add_command(skip)
 
 
 @cli.command()

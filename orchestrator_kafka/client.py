@@ -1,4 +1,5 @@
-""":class:`SagaClient`: start, cancel and inspect sagas from any service, without running an orchestrator."""
+""":class:`SagaClient`: start, cancel, repair and inspect sagas from any service, without running an
+orchestrator."""
 
 from __future__ import annotations
 
@@ -13,10 +14,20 @@ from .checks import check_context, check_id
 from .constants import DEFAULT_TOPIC_PREFIX, Topics
 from .context import SagaContext, WorkflowState
 from .errors import EventBusError, StateStoreError, ValidationError, WorkflowExecutionError
-from .models import CancelBody, CancelSaga, StartBody, StartSaga, derived_event_id
+from .models import (
+    CancelBody,
+    CancelSaga,
+    RepairAction,
+    RepairBody,
+    RepairSaga,
+    StartBody,
+    StartSaga,
+    derived_event_id,
+)
 from .paging import DEFAULT_PAGE_LIMIT
 from .ports import IEventBus, IStateStore, OutboxMessage
 from .redrive import DeadLetter, Redrive, letters_of, plan, select
+from .repair import refusal
 from .telemetry import context_headers
 from .waiting import Waiters
 
@@ -25,9 +36,10 @@ _log = logging.getLogger("orchestrator_kafka.client")
 
 
 class SagaClient:
-    """Publishes start and cancel requests to the start topic, where the orchestrators consume them, and
-    reads sagas from the state store. The bus (and the store) belong to the caller, who starts and stops
-    them; either may be None when only the other is used (``topic_prefix`` then names the topics).
+    """Publishes start, cancel and repair requests to the start topic, where the orchestrators consume
+    them, and reads sagas from the state store. The bus (and the store) belong to the caller, who
+    starts and stops them; either may be None when only the other is used (``topic_prefix`` then names
+    the topics).
 
     A request is asynchronous: :meth:`start_saga` returns once the request is on the topic, and the saga
     exists once an orchestrator has taken it. Each request carries the caller's trace context, so the
@@ -91,6 +103,88 @@ class SagaClient:
             body=CancelBody(reason=reason or "cancelled by request"),
         )
         await self._publish(request)
+
+    async def retry(
+        self,
+        transaction_id: str,
+        *,
+        step: str | None = None,
+        reason: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Repair a saga by retrying it: a ``failed`` saga's failed compensations are sent again, one more
+        attempt each, and its rollback goes on (it is ``compensating`` until it ends); on a saga that is
+        not failed, each command it awaits is sent again as it was, and each attempt waiting to be
+        retried is sent now. ``step`` limits the retry to that step. Returns the request's id
+        (``request_id``, or a new one): a request sent again with it is applied once.
+
+        Like every repair, the request goes to the start topic and the orchestrator that owns the saga
+        decides it, checks it against the saga as it is then, and records it in the saga's audit.
+
+        Raises:
+            ValueError: no such saga.
+            ValidationError: a malformed id or step name.
+            WorkflowExecutionError: there is nothing to retry (the message says why).
+            StateStoreError, EventBusError: a backend failed.
+        """
+        return await self._repair("retry", transaction_id, step, reason, request_id)
+
+    async def skip_compensation(
+        self, transaction_id: str, step: str, reason: str, *, request_id: str | None = None
+    ) -> str:
+        """Repair a saga by counting the compensation of ``step`` (failed for good, or stuck) as done by
+        hand, for ``reason``: its rollback goes on, and a ``failed`` saga with nothing else failed ends as
+        its rollback would have (``compensated`` or ``cancelled``). Returns the request's id.
+
+        Raises:
+            ValueError: no such saga.
+            ValidationError: a malformed id or step name, or an empty reason.
+            WorkflowExecutionError: the step has no compensation failed or under way.
+            StateStoreError, EventBusError: a backend failed.
+        """
+        if not reason:
+            raise ValidationError("skip_compensation needs a reason, for the audit")
+        return await self._repair("skip_compensation", transaction_id, step, reason, request_id)
+
+    async def force_cancel(
+        self, transaction_id: str, reason: str | None = None, *, request_id: str | None = None
+    ) -> str:
+        """Cancel a saga that a plain cancel refuses because it is ``compensating``, such as one waiting
+        for a parallel step whose worker is gone: it stops waiting, the steps in flight are compensated
+        first (their outcome is unknown), then the rest, and it ends ``cancelled``. On a pending or
+        running saga it is a cancel. Returns the request's id.
+
+        Raises:
+            ValueError: no such saga.
+            WorkflowExecutionError: the saga has ended.
+            StateStoreError, EventBusError: a backend failed.
+        """
+        return await self._repair("force_cancel", transaction_id, None, reason, request_id)
+
+    async def _repair(
+        self,
+        action: RepairAction,
+        transaction_id: str,
+        step: str | None,
+        reason: str | None,
+        request_id: str | None,
+    ) -> str:
+        if step is not None:
+            check_id("step", step)
+        saga = await self._load(transaction_id)
+        body = RepairBody(action=action, run_id=saga.run_id or None, step=step, reason=reason)
+        refused = refusal(saga, body)
+        if refused is not None:
+            raise WorkflowExecutionError(f"cannot {action} {transaction_id!r}: {refused}")
+        request = RepairSaga(
+            event_id=check_id("request_id", request_id) if request_id is not None else str(uuid.uuid4()),
+            transaction_id=transaction_id,
+            workflow_id=saga.workflow_id,
+            occurred_at=self._clock(),
+            body=body,
+        )
+        await self._publish(request)
+        return request.event_id
 
     async def get_status(self, transaction_id: str) -> dict[str, Any]:
         """The saga's status, as ``Orchestrator.get_status`` gives it.
@@ -243,7 +337,7 @@ class SagaClient:
             raise EventBusError("this SagaClient was made without an event bus")
         return self._bus
 
-    async def _publish(self, request: StartSaga | CancelSaga) -> None:
+    async def _publish(self, request: StartSaga | CancelSaga | RepairSaga) -> None:
         message = OutboxMessage(
             self.topics.start, request.transaction_id, codec.encode(request), context_headers()
         )

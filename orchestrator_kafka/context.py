@@ -144,6 +144,9 @@ class SagaContext:
     # Why the saga is parked (its version is not loaded by the orchestrator that handled its last
     # event), or None. Cleared when an orchestrator that has the version handles it.
     parked: str | None = None
+    # The event ids of the operator repairs applied to the saga (the last REPAIRS_KEPT), so that a
+    # repair redelivered after more events than the store's dedupe remembers is still applied once.
+    repairs: list[str] = field(default_factory=list)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` in the saga's data, or ``default``."""
@@ -169,6 +172,7 @@ class SagaContext:
         fields["compensation_queue"] = list(self.compensation_queue)
         fields["late_compensations"] = list(self.late_compensations)
         fields["late_runs"] = {base: run.copy() for base, run in self.late_runs.items()}
+        fields["repairs"] = list(self.repairs)
         return new
 
     def to_json(self) -> bytes:

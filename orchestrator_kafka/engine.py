@@ -15,13 +15,14 @@ from typing import Any
 
 import orjson
 
-from . import late
+from . import late, repair
 from .constants import Topics
 from .context import LateCompensation, SagaContext, StepRuntime, StepStatus, WorkflowState
 from .late import AWAITING_EXECUTE
 from .models import (
     AuditActionName,
     CancelSaga,
+    RepairSaga,
     SagaEvent,
     StartSaga,
     StepCommand,
@@ -53,7 +54,7 @@ class TimerFired:
         return f"timer:{self.timer.timer_id}"
 
 
-Event = StartSaga | CancelSaga | StepResult | TimerFired
+Event = StartSaga | CancelSaga | RepairSaga | StepResult | TimerFired
 
 
 @dataclass(slots=True)
@@ -146,6 +147,8 @@ def decide(
     run = _Run(definition, saga.copy(), now, topics or _TOPICS, original=saga)
     if isinstance(event, CancelSaga):
         return run.cancel(event.body.reason)
+    if isinstance(event, RepairSaga):
+        return repair.repair(run, event.body, event.event_id)
     if isinstance(event, StepResult):
         return run.result(event)
     return run.timer(event.timer)
@@ -342,19 +345,7 @@ class _Run:
         """Send command ``cid`` to ``topic``, and set the step's timeout timer for it; the timer's id, if
         the step has a timeout."""
         saga = self.saga
-        payload = command_payload(
-            saga.transaction_id,
-            saga.workflow_id,
-            self.now,
-            cid,
-            step.name,
-            worker,
-            phase,
-            attempt,
-            dict(saga.data),  # a copy: the saga's data changes as later steps succeed
-            timeout := step.timeout_of(phase),
-        )
-        self.outgoing.append(Outgoing(topic, payload))
+        timeout = self.send(cid, step, phase, attempt, worker, topic)
         if timeout is None:
             return None
         timer = Timer(
@@ -369,6 +360,42 @@ class _Run:
         )
         self.timers.append(timer)
         return timer.timer_id
+
+    def send(
+        self, cid: str, step: WorkflowStep, phase: Phase, attempt: int, worker: str, topic: str
+    ) -> float | None:
+        """Send command ``cid`` to ``topic``; the attempt's timeout (seconds), which it carries."""
+        saga = self.saga
+        payload = command_payload(
+            saga.transaction_id,
+            saga.workflow_id,
+            self.now,
+            cid,
+            step.name,
+            worker,
+            phase,
+            attempt,
+            dict(saga.data),  # a copy: the saga's data changes as later steps succeed
+            timeout := step.timeout_of(phase),
+        )
+        self.outgoing.append(Outgoing(topic, payload))
+        return timeout
+
+    def resend(self, cid: str, step: WorkflowStep, phase: Phase, attempt: int) -> None:
+        """Send the awaited command ``cid`` again, as it was (an operator's retry of a stuck step): a
+        worker that ran it answers from its dedupe window. Its timeout timer, if any, runs on."""
+        if phase == "execute":
+            worker, topic = step.worker_name, self.topics.commands(step.worker_name)
+        else:
+            assert step.compensation is not None
+            worker, topic = step.compensation, self.topics.compensations(step.compensation)
+        self.send(cid, step, phase, attempt, worker, topic)
+        self.record(
+            AuditActionName.COMMAND_RESENT, step=step.name, kind=phase, attempt=attempt, worker=worker
+        )
+
+    def settle(self) -> None:
+        repair.settle(self)
 
     def drop_timer(self, record: StepRuntime | LateCompensation) -> None:
         if record.timer_id is not None:
@@ -529,14 +556,16 @@ class _Run:
                 rt.status = StepStatus.FAILED
         self.stage_progress()
 
-    def cancel(self, reason: str | None) -> Transition:
+    def cancel(
+        self, reason: str | None, action: AuditActionName = AuditActionName.CANCEL_REQUESTED
+    ) -> Transition:
         if self.saga.state not in (WorkflowState.PENDING, WorkflowState.RUNNING):
             return self.unchanged(
                 "cancel refused", rejected=f"a saga in state {self.saga.state.value!r} cannot be cancelled"
             )
         self.saga.cancel_requested = True
         self.saga.error = reason or "cancelled by request"
-        self.set_state(WorkflowState.COMPENSATING, AuditActionName.CANCEL_REQUESTED, error=self.saga.error)
+        self.set_state(WorkflowState.COMPENSATING, action, error=self.saga.error)
         for step in self.stage_steps():
             rt = self.saga.step(step.name)
             if rt.status in AWAITING_EXECUTE:

@@ -10,10 +10,13 @@ from .constants import Topics
 from .dead_letters import dead_letter
 from .engine import Event
 from .errors import DecodeError
-from .models import CancelSaga, StartSaga, StepResult
+from .models import CancelSaga, RepairSaga, StartSaga, StepResult
 from .ports import ILogger
 from .telemetry import Telemetry
 from .values import InboundMessage, OutboxMessage
+
+# What a client may send to the start topic.
+_REQUESTS = (StartSaga, CancelSaga, RepairSaga)
 
 
 class Intake:
@@ -38,7 +41,7 @@ class Intake:
             except DecodeError as exc:
                 dead.append(self.dead(message, exc.reason, exc.detail))
                 continue
-            expected = (StepResult,) if message.topic == self.topics.results else (StartSaga, CancelSaga)
+            expected = (StepResult,) if message.topic == self.topics.results else _REQUESTS
             if not isinstance(event, expected):
                 detail = f"{event.event_type} does not belong on {message.topic}"
                 dead.append(self.dead(message, codec.UNEXPECTED_EVENT_TYPE, detail))

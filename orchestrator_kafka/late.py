@@ -58,6 +58,7 @@ class Decision(Protocol[T_co]):
         self, step: WorkflowStep, rt: StepRuntime, result: dict[str, object], cid: str, attempt: int
     ) -> None: ...
     def compensation_succeeded(self, step: WorkflowStep, rt: StepRuntime, attempt: int) -> None: ...
+    def settle(self) -> None: ...
 
 
 # A step whose execute command is in flight or waiting to be retried.
@@ -98,22 +99,33 @@ def unawaited_result(run: Decision[T], step: WorkflowStep, rt: StepRuntime, body
     saga.late_compensations.append(body.command_id)
     base = command_id(saga.transaction_id, step.name, "compensate", f"late-{body.attempt}", saga.run_id)
     saga.late_runs[base] = LateCompensation(step.name)
-    _dispatch(run, step, base, 1, AuditActionName.LATE_SUCCESS_COMPENSATED, body.attempt)
+    dispatch(run, step, base, 1, AuditActionName.LATE_SUCCESS_COMPENSATED, body.attempt)
     return run.done()
 
 
-def _dispatch(
-    run: Decision[Any], step: WorkflowStep, base: str, attempt: int, action: AuditActionName, shown: int
+def dispatch(
+    run: Decision[Any],
+    step: WorkflowStep,
+    base: str,
+    attempt: int,
+    action: AuditActionName,
+    shown: int | None = None,
 ) -> None:
     """Send ``attempt`` of the late compensation ``base``, as command ``<base>.<attempt>``, and record it
-    as ``action`` of attempt ``shown``."""
+    as ``action`` of attempt ``shown`` (``attempt`` unless given)."""
     assert step.compensation is not None
     compensation = run.saga.late_runs[base]
     cid = f"{base}.{attempt}"
     compensation.attempt, compensation.command_id = attempt, cid
     topic = run.topics.compensations(step.compensation)
     compensation.timer_id = run.send_timed(cid, step, "compensate", attempt, step.compensation, topic)
-    run.record(action, step=step.name, kind="compensate", attempt=shown, worker=step.compensation)
+    run.record(
+        action,
+        step=step.name,
+        kind="compensate",
+        attempt=attempt if shown is None else shown,
+        worker=step.compensation,
+    )
 
 
 def on_result(run: Decision[T], body: ResultBody) -> T | None:
@@ -133,6 +145,8 @@ def on_result(run: Decision[T], body: ResultBody) -> T | None:
         run.record(
             AuditActionName.LATE_COMPENSATION_SUCCEEDED, step=step.name, kind="compensate", attempt=attempt
         )
+        if run.saga.state is WorkflowState.COMPENSATING:
+            run.settle()  # a saga an operator's retry sent it for ends once nothing else is under way
         return run.done()
     if compensation.failed or attempt != compensation.attempt or compensation.command_id is None:
         return run.unchanged("stale result")
@@ -167,7 +181,7 @@ def _timer_fired(run: Decision[T], base: str, compensation: LateCompensation, ti
         return run.unchanged("stale timer")
     compensation.timer_id = None
     if timer.kind == "retry":
-        _dispatch(run, step, base, timer.attempt, AuditActionName.LATE_COMPENSATION_DISPATCHED, timer.attempt)
+        dispatch(run, step, base, timer.attempt, AuditActionName.LATE_COMPENSATION_DISPATCHED)
     else:
         timeout = step.timeout_of("compensate")
         assert timeout is not None
@@ -208,8 +222,10 @@ def _attempt_failed(
         saga.error = with_failures(saga.error, [compensation])
     elif saga.state.is_final:
         fail_saga(run)
-    # Still rolling back: the rollback ends failed (finish_rollback), unless a late success of this
-    # compensation comes first.
+    else:
+        # Still rolling back: the rollback ends failed (finish_rollback), unless a late success of this
+        # compensation comes first; one an operator's retry sent, with the rollback over, ends now.
+        run.settle()
 
 
 def failures(saga: SagaContext) -> list[LateCompensation]:

@@ -117,6 +117,39 @@ class CancelSaga(Envelope):
     body: CancelBody = Field(default_factory=CancelBody)
 
 
+RepairAction = Literal["retry", "skip_compensation", "force_cancel"]
+
+
+class RepairBody(_Frozen):
+    action: RepairAction = Field(
+        description=(
+            "retry: re-run a failed saga's failed compensations and go on with its rollback, or send a"
+            " stuck step's awaited command again; skip_compensation: count one step's failed or stuck"
+            " compensation as done by hand; force_cancel: stop waiting for the steps in flight of a"
+            " saga stuck compensating, compensate them, and end it cancelled."
+        )
+    )
+    run_id: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The run repaired (a saga's status shows it); another run of the id is not repaired.",
+    )
+    step: Identifier | None = Field(
+        default=None, description="The step: required by skip_compensation; retry's only target if given."
+    )
+    reason: str | None = Field(
+        default=None, max_length=1000, description="Why, for the audit record; required by skip_compensation."
+    )
+
+
+class RepairSaga(Envelope):
+    """An operator's repair of a saga (topic ``<prefix>.start``), decided by the orchestrator like any
+    event: applied and audited, or refused (logged) where it does not apply."""
+
+    event_type: Literal["saga.repair"] = "saga.repair"
+    body: RepairBody
+
+
 class CommandBody(_Frozen):
     command_id: CommandId = Field(description="Unique per command; workers deduplicate on it.")
     step: Identifier = Field(description="The step's name in the workflow.")
@@ -213,6 +246,11 @@ class AuditActionName(StrEnum):
     # are dead-lettered (unknown_version) until one that has the version takes the saga back.
     SAGA_PARKED = "saga_parked"
     SAGA_RESUMED = "saga_resumed"
+    # An operator's repairs (saga.repair): what each did.
+    RETRY_REQUESTED = "retry_requested"
+    COMMAND_RESENT = "command_resent"
+    COMPENSATION_SKIPPED = "compensation_skipped"
+    FORCE_CANCEL_REQUESTED = "force_cancel_requested"
 
 
 # The actions that schedule a retry, of a step or compensation or of a late success's compensation.
@@ -248,10 +286,11 @@ class SagaEvent(Envelope):
     body: TransitionBody
 
 
-Message = StartSaga | CancelSaga | StepCommand | StepResult | SagaEvent
+Message = StartSaga | CancelSaga | RepairSaga | StepCommand | StepResult | SagaEvent
 MESSAGE_TYPES: dict[str, type[Envelope]] = {
     "saga.start": StartSaga,
     "saga.cancel": CancelSaga,
+    "saga.repair": RepairSaga,
     "step.command": StepCommand,
     "step.result": StepResult,
     "saga.transition": SagaEvent,

@@ -189,6 +189,14 @@ class Pipeline:
                 for outcome, message in zip(work.outcomes, sources, strict=True):
                     if outcome.problem:
                         dead.append(self._intake.dead(message, outcome.problem, outcome.detail))
+                    elif outcome.transition is not None and outcome.transition.rejected:
+                        self._log.warning(
+                            "request refused, from %s[%d]@%d: %s",
+                            message.topic,
+                            message.partition,
+                            message.offset,
+                            outcome.transition.rejected,
+                        )
                 if dead:
                     await self._bus.publish(dead)
             except BaseException:

@@ -37,6 +37,8 @@ from orchestrator_kafka.models import (
     CommandBody,
     Envelope,
     ErrorInfo,
+    RepairBody,
+    RepairSaga,
     ResultBody,
     SagaEvent,
     StartBody,
@@ -77,6 +79,12 @@ ROUTES: dict[str, Route] = {
         "any client cancelling a saga (the Python API: Orchestrator.cancel_workflow)",
         "the orchestrator",
     ),
+    "saga.repair": Route(
+        "<prefix>.start",
+        "an operator repairing a saga (SagaClient.retry, skip_compensation and force_cancel; the CLI's"
+        " retry, skip and cancel --force)",
+        "the orchestrator",
+    ),
     "step.command": Route(
         "<prefix>.commands.<worker_name> (kind execute) or <prefix>.compensations.<worker_name> "
         "(kind compensate)",
@@ -101,7 +109,8 @@ _ORDER: dict[str, Any] = {
     "amount": 42.5,
     "address": "1 Main St, Springfield",
 }
-_CHARGE_ID = command_id(_TX, "charge", "execute", 2)
+_RUN_ID = "5f0c2a9e71d3b846"
+_CHARGE_ID = command_id(_TX, "charge", "execute", 2, _RUN_ID)
 
 
 def examples() -> dict[str, Envelope]:
@@ -121,6 +130,18 @@ def examples() -> dict[str, Envelope]:
             workflow_id=_WORKFLOW,
             occurred_at=_AT,
             body=CancelBody(reason="cancelled by request"),
+        ),
+        "saga.repair": RepairSaga(
+            event_id="c4d3e2f1-a0b9-4c8d-9e7f-6a5b4c3d2e1f",
+            transaction_id=_TX,
+            workflow_id=_WORKFLOW,
+            occurred_at=_AT,
+            body=RepairBody(
+                action="skip_compensation",
+                run_id=_RUN_ID,
+                step="charge",
+                reason="refunded by hand (ticket OPS-4711)",
+            ),
         ),
         "step.command": StepCommand(
             event_id=derived_event_id(_CHARGE_ID),

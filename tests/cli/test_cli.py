@@ -201,6 +201,61 @@ def test_run_worker_start_status_list_tail_cancel_and_graceful_stop(cli: Cli) ->
     assert "LeaveGroup" in orchestrator_log and "Traceback" not in orchestrator_log + worker_log
 
 
+def test_retry_skip_and_force_cancel(cli: Cli) -> None:
+    prefix = cli.env["ORCHESTRATOR_TOPIC_PREFIX"]
+    assert cli("topics", "create", "--workflows", "tests.cli.app").returncode == 0
+    orchestrator_port, worker_port = free_port(), free_port()
+    health = ("--health-host", "127.0.0.1", "--health-port")
+    orchestrator = cli.spawn("run", "--workflows", "tests.cli.app", *health, str(orchestrator_port))
+    worker = cli.spawn("worker", "--handlers", "tests.cli.app", *health, str(worker_port))
+    gate = ROOT / "build" / f"{prefix}.gate"
+    gate.parent.mkdir(exist_ok=True)
+
+    def state_of(tx: str, wanted: str) -> str:
+        for _ in range(200):
+            state = str(json.loads(cli("status", tx, "--json").stdout)["state"])
+            if state == wanted:
+                break
+            time.sleep(0.1)
+        return state
+
+    try:
+        wait_ready(orchestrator_port, orchestrator)
+        wait_ready(worker_port, worker)
+        context = json.dumps({"amount": 500, "release_gate": str(gate)})
+        for tx in ("pay-retry", "pay-skip"):
+            failed = cli("start", "payment", "--context", context, "--id", tx, "--wait")
+            assert failed.returncode == 1 and "failed" in failed.stdout, failed.stdout + failed.stderr
+            error = json.loads(cli("status", tx, "--json").stdout)["error"]
+            assert "the release service is down" in error
+
+        refused = cli("cancel", "pay-retry", "--force")
+        assert refused.returncode == 1 and "cannot be force-cancelled" in refused.stderr, refused.stderr
+        unknown = cli("retry", "no-such-saga")
+        assert unknown.returncode == 1 and "unknown transaction id" in unknown.stderr
+
+        gate.touch()  # the release service is back
+        retried = cli("retry", "pay-retry", "--reason", "the release service is back")
+        assert retried.returncode == 0 and "retry requested for pay-retry" in retried.stdout, retried.stderr
+        assert state_of("pay-retry", "compensated") == "compensated"
+
+        skipped = cli("skip", "pay-skip", "hold", "--reason", "released by hand")
+        assert skipped.returncode == 0, skipped.stderr
+        assert state_of("pay-skip", "compensated") == "compensated"
+        audit = cli("tail", "--json", "--id", "pay-skip").stdout
+        assert "compensation_skipped" in audit and "released by hand" in audit
+
+        nothing = cli("retry", "pay-retry")
+        assert nothing.returncode == 1 and "no failed compensation" in nothing.stderr
+        missing_reason = cli("skip", "pay-skip", "hold")
+        assert missing_reason.returncode == 2 and "--reason" in missing_reason.stderr
+    finally:
+        gate.unlink(missing_ok=True)
+        orchestrator_code, orchestrator_log = stop(orchestrator)
+        worker_code, worker_log = stop(worker)
+    assert orchestrator_code == 0 and worker_code == 0, orchestrator_log + worker_log
+
+
 def test_errors_are_one_line_without_a_traceback(cli: Cli) -> None:
     unknown = cli("status", "no-such-saga")
     assert (
