@@ -22,7 +22,6 @@ from .models import (
     RepairSaga,
     StartBody,
     StartSaga,
-    derived_event_id,
 )
 from .paging import DEFAULT_PAGE_LIMIT
 from .ports import IEventBus, IStateStore, OutboxMessage
@@ -65,7 +64,8 @@ class SagaClient:
         self, workflow_id: str, context: dict[str, Any], *, transaction_id: str | None = None
     ) -> str:
         """Ask for a saga of ``workflow_id`` on ``context``; return its transaction id. A given
-        ``transaction_id`` is an idempotency key: a second request with it starts nothing.
+        ``transaction_id`` is an idempotency key: a second request with it starts nothing while the saga
+        is kept (see the store's retention); once it is deleted or expired, a request starts a new saga.
 
         Raises:
             ValidationError: a bad workflow id, transaction id or context.
@@ -75,7 +75,9 @@ class SagaClient:
         data = check_context(context)
         tx = check_id("transaction_id", transaction_id) if transaction_id is not None else str(uuid.uuid4())
         request = StartSaga(
-            event_id=derived_event_id(f"start:{tx}"),  # the same for a repeated request: deduplicated
+            # A request of its own: a repeated one is recognised by its saga, which exists; an id derived
+            # from the transaction id would make a start after the saga was deleted a duplicate.
+            event_id=str(uuid.uuid4()),
             transaction_id=tx,
             workflow_id=workflow_id,
             occurred_at=self._clock(),

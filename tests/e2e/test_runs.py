@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 
-from orchestrator_kafka import StepContext, WorkflowBuilder
+from orchestrator_kafka import SagaClient, StepContext, WorkflowBuilder
 from orchestrator_kafka.codec import encode
 from orchestrator_kafka.models import ResultBody, StepResult, command_id
 from orchestrator_kafka.ports import OutboxMessage
@@ -46,6 +46,26 @@ async def test_a_saga_started_again_under_a_deleted_sagas_id_completes(backend: 
     assert second["run_id"] != first["run_id"]
     # The worker ran every step again: the new commands are not the old ones its dedupe window knows.
     assert h.executed(tx) == [("a", 1), ("b", 1), ("a", 1), ("b", 1)]
+
+
+async def test_a_client_starts_a_saga_again_under_a_deleted_sagas_id(backend: Backend) -> None:
+    handlers = {"worker_a": ok({"a": 1}), "worker_b": ok({"b": 2})}
+    async with Harness(backend, [two_steps().build()], handlers) as h:
+        client = SagaClient(h.orchestrator.event_bus, backend.store)
+        tx = await client.start_saga("runs", {}, transaction_id=f"reused-{uuid.uuid4().hex[:8]}")
+        first = await client.wait_for(tx, timeout=30)
+        # A second request while the saga exists starts nothing.
+        await client.start_saga("runs", {"twice": True}, transaction_id=tx)
+        assert await backend.store.delete_context(tx)
+        # Once it is deleted, a start under its id is a new saga, not a duplicate of the first request.
+        await client.start_saga("runs", {"again": True}, transaction_id=tx)
+        async with asyncio.timeout(30):
+            while (saga := await backend.store.load_context(tx)) is None or saga.run_id == first["run_id"]:
+                await asyncio.sleep(0.02)
+        second = await client.wait_for(tx, timeout=30)
+        await client.close()
+    assert second["state"] == "completed" and second["run_id"] != first["run_id"]
+    assert "twice" not in second["step_results"] and len(h.executed(tx)) == 4
 
 
 async def test_late_results_of_a_deleted_saga_or_an_earlier_run_are_dead_lettered(backend: Backend) -> None:
