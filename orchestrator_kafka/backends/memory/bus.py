@@ -25,6 +25,38 @@ _log = logging.getLogger("orchestrator_kafka.memory")
 # ---------------------------------------------------------------- the event bus
 
 _STOP_GRACE = 30.0  # seconds a stopping member waits for the batch in hand
+# The messages each partition keeps by default, as Kafka's retention does by time or size: the newest.
+RETENTION_MESSAGES = 100_000
+
+
+class _PartitionLog:
+    """One partition's messages: offsets count from the first ever appended, and only the newest
+    ``retention`` are kept. The oldest go in chunks of a tenth, so trimming costs little per message."""
+
+    __slots__ = ("base", "entries", "retention")
+
+    def __init__(self, retention: int) -> None:
+        self.base = 0  # the offset of entries[0]
+        self.entries: list[InboundMessage] = []
+        self.retention = retention
+
+    @property
+    def end(self) -> int:
+        """The offset the next message gets."""
+        return self.base + len(self.entries)
+
+    def append(self, message: InboundMessage) -> None:
+        self.entries.append(message)
+        extra = len(self.entries) - self.retention
+        if extra > self.retention // 10:
+            del self.entries[:extra]
+            self.base += extra
+
+    def since(self, offset: int, limit: int | None = None) -> list[InboundMessage]:
+        """The messages from ``offset`` on (up to ``limit``); from the oldest kept when ``offset`` was
+        trimmed away, as a Kafka consumer resets to the earliest offset."""
+        start = max(offset - self.base, 0)
+        return self.entries[start : None if limit is None else start + limit]
 
 
 @dataclass(eq=False)
@@ -171,9 +203,10 @@ class _Consumer(Subscription):
 class _Broker:
     """The shared part: topic logs, committed offsets and group membership."""
 
-    def __init__(self, partitions: int) -> None:
+    def __init__(self, partitions: int, retention: int) -> None:
         self.partitions = partitions
-        self.logs: dict[str, list[list[InboundMessage]]] = {}
+        self.retention = retention
+        self.logs: dict[str, list[_PartitionLog]] = {}
         self.committed: dict[tuple[str, str, int], int] = defaultdict(int)
         # What a per-message member committed as done above each offset (Kafka: the commit's metadata).
         self.done_above: dict[tuple[str, str, int], tuple[int, ...]] = {}
@@ -183,10 +216,10 @@ class _Broker:
         # them until it has committed what finished (as Kafka waits for the revocation callback).
         self.held: dict[str, set[Partition]] = defaultdict(set)
 
-    def log(self, topic: str) -> list[list[InboundMessage]]:
+    def log(self, topic: str) -> list[_PartitionLog]:
         log = self.logs.get(topic)
         if log is None:
-            log = self.logs[topic] = [[] for _ in range(self.partitions)]
+            log = self.logs[topic] = [_PartitionLog(self.retention) for _ in range(self.partitions)]
         return log
 
     def append(self, messages: Sequence[OutboxMessage]) -> None:
@@ -195,7 +228,7 @@ class _Broker:
             key = m.key.encode()
             partition = zlib.crc32(key) % self.partitions
             log = self.log(m.topic)[partition]
-            log.append(InboundMessage(m.topic, partition, len(log), key, m.value, tuple(m.headers)))
+            log.append(InboundMessage(m.topic, partition, log.end, key, m.value, tuple(m.headers)))
             touched.add(m.topic)
         for members in self.members.values():
             for member in members:
@@ -252,8 +285,8 @@ class _Broker:
                 key = (member.group, where[0], where[1])
                 position = self.committed[key]
                 member.slots.skip(where, Position(position, self.done_above.get(key, ())))
-            got = self.logs[where[0]][where[1]][position : position + limit - len(out)]
-            member.positions[where] = position + len(got)
+            got = self.logs[where[0]][where[1]].since(position, limit - len(out))
+            member.positions[where] = got[-1].offset + 1 if got else position
             out.extend(got)
             if len(out) >= limit:
                 break
@@ -273,8 +306,7 @@ class _Broker:
             if (topic, partition) in held:
                 continue
             start = self.committed[(member.group, topic, partition)]
-            log = self.logs[topic][partition]
-            batch.extend(log[start : start + member.max_batch - len(batch)])
+            batch.extend(self.logs[topic][partition].since(start, member.max_batch - len(batch)))
             if len(batch) >= member.max_batch:
                 break
         return batch
@@ -300,11 +332,26 @@ class InMemoryEventBus(IEventBus):
     """
 
     def __init__(
-        self, *, topic_prefix: str = DEFAULT_TOPIC_PREFIX, partitions: int = 4, redelivery_delay: float = 0.05
+        self,
+        *,
+        topic_prefix: str = DEFAULT_TOPIC_PREFIX,
+        partitions: int = 4,
+        redelivery_delay: float = 0.05,
+        retention: int = RETENTION_MESSAGES,
     ) -> None:
+        """A bus on a broker of its own, whose topics have ``partitions`` partitions that each keep their
+        newest ``retention`` messages (a consumer behind that resumes from the oldest kept).
+
+        Raises:
+            ValidationError: ``partitions`` or ``retention`` is below 1.
+        """
+        if partitions < 1 or retention < 1:
+            raise ValidationError(
+                f"partitions and retention must be at least 1, not {partitions}, {retention}"
+            )
         self.topic_prefix = topic_prefix
         self.redelivery_delay = redelivery_delay
-        self._broker = _Broker(partitions)
+        self._broker = _Broker(partitions, retention)
         self._subscriptions: list[_Member | _Consumer | _Watch] = []
         self._started = False
 
@@ -394,16 +441,17 @@ class InMemoryEventBus(IEventBus):
             raise EventBusError(f"no topic {topic!r}")
         log = self._broker.logs[topic]
         positions = [0] * len(log)
-        ends = [len(entries) for entries in log]  # without follow: the end when the read began
+        ends = [entries.end for entries in log]  # without follow: the end when the read began
         wake = asyncio.Event()
         self._broker.readers.add(wake)
         try:
             while True:
                 wake.clear()
                 for partition, entries in enumerate(log):
-                    while positions[partition] < (len(entries) if follow else ends[partition]):
-                        positions[partition] += 1
-                        yield entries[positions[partition] - 1]
+                    while positions[partition] < (entries.end if follow else ends[partition]):
+                        (message,) = entries.since(positions[partition], 1)
+                        positions[partition] = message.offset + 1
+                        yield message
                 if not follow:
                     return
                 await wake.wait()
@@ -425,8 +473,9 @@ class InMemoryEventBus(IEventBus):
         return watch
 
     def messages(self, topic: str) -> list[InboundMessage]:
-        """Every message published to ``topic`` so far, partition by partition (for audits and tests)."""
-        return [m for log in self._broker.logs.get(topic, []) for m in log]
+        """Every message of ``topic`` kept (see ``retention``), partition by partition (for audits and
+        tests)."""
+        return [m for log in self._broker.logs.get(topic, []) for m in log.entries]
 
 
 class _Watch(Watch):
@@ -434,7 +483,7 @@ class _Watch(Watch):
 
     def __init__(self, broker: _Broker, topic: str, handler: WatchHandler) -> None:
         self._log = broker.logs[topic]
-        self._positions = [len(entries) for entries in self._log]
+        self._positions = [entries.end for entries in self._log]
         self._handler = handler
         self._broker = broker
         self._wake = asyncio.Event()
@@ -448,8 +497,8 @@ class _Watch(Watch):
                 self._wake.clear()
                 batch: list[InboundMessage] = []
                 for partition, entries in enumerate(self._log):
-                    batch.extend(entries[self._positions[partition] :])
-                    self._positions[partition] = len(entries)
+                    batch.extend(entries.since(self._positions[partition]))
+                    self._positions[partition] = entries.end
                 if batch:
                     self._handler(batch)
                 await self._wake.wait()
