@@ -5,7 +5,9 @@ workers reconnect by themselves and finish every saga; while Redis is down, no o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,8 +22,29 @@ from .test_crash import cancel_holds, mix
 
 pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.redis]
 
-KAFKA_PORT = int(os.environ.get("REL_KAFKA_PORT", "19292"))
-REDIS_PORT = int(os.environ.get("REL_REDIS_PORT", "16399"))
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports free now (Kafka takes its port and the next,
+    for its controller), so that test suites running side by side on one machine do not collide."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = int(probe.getsockname()[1])
+        if first + count > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + count):
+                    taken = held.enter_context(socket.socket())
+                    taken.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+KAFKA_PORT = int(os.environ.get("REL_KAFKA_PORT") or free_ports(2))
+REDIS_PORT = int(os.environ.get("REL_REDIS_PORT") or free_ports(1))
 
 
 def services(command: str, which: str) -> None:
@@ -49,7 +72,7 @@ def private_kafka() -> Iterator[str]:
     try:
         yield f"127.0.0.1:{KAFKA_PORT}"
     finally:
-        services("down", "kafka")
+        services("clean", "kafka")  # a port of its own each run: leave no data behind
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +81,7 @@ def private_redis() -> Iterator[str]:
     try:
         yield f"redis://127.0.0.1:{REDIS_PORT}/0"
     finally:
-        services("down", "redis")
+        services("clean", "redis")
 
 
 @pytest.fixture
