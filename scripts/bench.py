@@ -40,6 +40,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+# scripts/bench --cluster (scripts/cluster_bench.py): the three-broker Kafka and the Redis Cluster of
+# `scripts/services up --cluster`; the run's topics get this replication factor.
+CLUSTER = os.environ.get("BENCH_CLUSTER") == "1"
+REPLICATION = int(os.environ.get("BENCH_REPLICATION", "1"))
 PAYLOAD = b"x" * 200
 STEPS = 3
 STALL_SECONDS = 30.0
@@ -231,7 +235,7 @@ async def create_topics(topics: list[str], partitions: int) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        new = [NewTopic(t, partitions, REPLICATION) for t in topics if t not in existing]
         if new:
             await admin.create_topics(new)
     finally:
@@ -249,12 +253,17 @@ async def drop(prefix: str) -> None:
     finally:
         await admin.close()
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
 
-    client = aioredis.from_url(REDIS_URL)
+    # On a cluster, SCAN goes to every primary and a pipeline splits the deletes by node.
+    client = RedisCluster.from_url(REDIS_URL) if CLUSTER else aioredis.from_url(REDIS_URL)
     try:
         keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
         for i in range(0, len(keys), 1000):
-            await client.delete(*keys[i : i + 1000])
+            pipe = client.pipeline()
+            for key in keys[i : i + 1000]:
+                pipe.delete(key)
+            await pipe.execute()
     finally:
         await client.aclose()
 
@@ -319,31 +328,44 @@ class Child:
             self.proc.kill()
 
 
-def service_pids() -> dict[str, int]:
-    """The broker's and Redis's pids, from scripts/services' pidfiles, to count their CPU too."""
+def service_pids() -> dict[str, list[int]]:
+    """The brokers' and Redis servers' pids, from scripts/services' pidfiles, to count their CPU too: one
+    of each, or on a cluster (``--cluster``) every node's."""
     home = os.environ.get("ORCHESTRATOR_KAFKA_HOME", os.path.expanduser("~/.cache/orchestrator-kafka"))
-    kafka_port = BOOTSTRAP.split(",")[0].rsplit(":", 1)[1]
-    redis_port = REDIS_URL.rsplit(":", 1)[1].split("/")[0]
-    found = {}
-    for name, pidfile in (
-        ("kafka", f"{home}/run/kafka-{kafka_port}/kafka.pid"),
-        ("redis", f"{home}/run/redis-{redis_port}/redis.pid"),
-    ):
+    if CLUSTER:
+        run = f"{home}/run/cluster"
+        names = os.listdir(run) if os.path.isdir(run) else []
+        pidfiles = [(n.split("-")[0], f"{run}/{n}/{n.split('-')[0]}.pid") for n in sorted(names) if "-" in n]
+    else:
+        kafka_port = BOOTSTRAP.split(",")[0].rsplit(":", 1)[1]
+        redis_port = REDIS_URL.rsplit(":", 1)[1].split("/")[0]
+        pidfiles = [
+            ("kafka", f"{home}/run/kafka-{kafka_port}/kafka.pid"),
+            ("redis", f"{home}/run/redis-{redis_port}/redis.pid"),
+        ]
+    found: dict[str, list[int]] = {}
+    for name, pidfile in pidfiles:
         try:
             with open(pidfile) as f:
-                found[name] = int(f.read().strip())
+                pid = int(f.read().strip())
+            cpu_seconds(pid)  # still running
         except (OSError, ValueError):
-            pass
+            continue
+        found.setdefault(name, []).append(pid)
     return found
 
 
 class ServiceCpu:
     def __init__(self) -> None:
         self.pids = service_pids()
-        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.start = {name: self._cpu(pids) for name, pids in self.pids.items()}
+
+    @staticmethod
+    def _cpu(pids: list[int]) -> float:
+        return sum(cpu_seconds(pid) for pid in pids)
 
     def used(self) -> dict[str, float]:
-        return {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
+        return {name: self._cpu(pids) - self.start[name] for name, pids in self.pids.items()}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -441,15 +463,17 @@ async def run_sagas(
     hops: bool = False,
     worker_env: dict[str, str] | None = None,
     name: str | None = None,
+    orchestrators: int = 1,
 ) -> Result:
     """(b), or (c) with ``role="floor"``. ``hops``: also tail the results topic and split a saga's time
-    into its hops (see :class:`Hops`)."""
+    into its hops (see :class:`Hops`). With several ``orchestrators`` (processes sharing the work), the
+    CPU of each is counted apart, as ``<role>-<n>``."""
     from orchestrator_kafka.codec import encode
     from orchestrator_kafka.models import StartBody, StartSaga
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     await create_topics([f"{prefix}.{t}" for t in ("start", "results", "events", "dlq")], partitions)
-    orchestrator = Child(role, prefix, partitions, worker_env)
+    deciders = [Child(role, prefix, partitions, worker_env) for _ in range(orchestrators)]
     worker = Child("worker", prefix, partitions, worker_env)
     tailed = [f"{prefix}.events", f"{prefix}.results"] if hops else [f"{prefix}.events"]
     producer, consumer = await driver_clients(tailed, f"{prefix}.driver", linger_ms=0)
@@ -525,14 +549,15 @@ async def run_sagas(
             await start(min(done, total - sent))
     seconds = time.perf_counter() - started
     cpu = {
-        role: orchestrator.cpu(),
+        **{role if orchestrators == 1 else f"{role}-{i + 1}": d.cpu() for i, d in enumerate(deciders)},
         "worker": worker.cpu(),
         "driver": time.process_time() - driver_cpu,
         **services.used(),
     }
     await consumer.stop()
     await producer.stop()
-    orchestrator.stop()
+    for decider in deciders:
+        decider.stop()
     worker.stop()
     USED_PREFIXES.append(prefix)
     return Result(
