@@ -92,8 +92,12 @@ def unawaited_result(run: Decision[T], step: WorkflowStep, rt: StepRuntime, body
         return run.unchanged("duplicate result")
     if step.compensation is None or body.command_id in saga.late_compensations:
         return run.unchanged("stale result")
-    if rt.status is StepStatus.FAILED and saga.state is WorkflowState.COMPENSATING:
-        # Its own compensation is still to come in the rollback; that undoes this success too.
+    if rt.status is StepStatus.FAILED and (
+        saga.state is WorkflowState.COMPENSATING
+        or (saga.state is WorkflowState.FAILED and step.name in saga.compensation_queue)
+    ):
+        # Its own compensation is still to come in the rollback (in a failed saga, once an operator's
+        # repair lets the rollback go on); that undoes this success too.
         return run.unchanged("compensation pending")
     # A success of an attempt the saga gave up on: undo it so no side effect is left behind.
     saga.late_compensations.append(body.command_id)

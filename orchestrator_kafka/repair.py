@@ -1,12 +1,16 @@
 """An operator's repairs of a saga (``saga.repair``): the engine's rules for them (DESIGN section 10).
 
 - ``retry``: a ``failed`` saga's failed compensations (its own, and those of late successes) are sent
-  again, one more attempt each, and its rollback goes on; the saga is ``compensating`` until it ends. On
-  a saga that is not failed, each command it awaits is sent again as it was (same command id, so a
-  worker that ran it answers from its dedupe window), and each attempt waiting to be retried is sent now.
+  again, one more attempt each, and its rollback goes on; the saga is ``compensating`` until it ends. A
+  retry of one step while another step's own compensation stays failed sends that step's compensations
+  and leaves the saga ``failed``: its rollback cannot go on past the failed one. A failed saga whose
+  failures were all undone after all (a failed compensation's late success) has nothing to send: the
+  retry ends it as its rollback would have. On a saga that is not failed, each command it awaits is sent
+  again as it was (same command id, so a worker that ran it answers from its dedupe window), and each
+  attempt waiting to be retried is sent now.
 - ``skip_compensation``: one step's failed or stuck compensation (and any compensation of its late
   successes) counts as done by hand; the rollback goes on, and a failed saga with nothing else failed
-  ends as its rollback would have.
+  ends as its rollback would have. A failed saga whose rollback stopped at another step stays failed.
 - ``force_cancel``: a saga stuck ``compensating`` (waiting for a parallel step whose worker is gone)
   stops waiting: the steps in flight are taken as failed and compensated first, as a cancel does, and
   the saga ends ``cancelled``. On a running saga it is a cancel.
@@ -77,6 +81,8 @@ def refusal(saga: SagaContext, body: RepairBody, definition: WorkflowDefinition 
         if status not in _SKIPPABLE and not _late_of(saga, body.step):
             return f"step {body.step!r} has no compensation failed or under way (it is {status.value})"
         return None
+    if saga.state is WorkflowState.FAILED and not _failed(saga):
+        return None  # its failures were undone after all: the retry ends it as its rollback would have
     if not _retry_targets(saga, body.step, definition):
         what = f"step {body.step!r}" if body.step else f"the {saga.state.value} saga"
         return f"{what} has no failed compensation, and no command awaited or attempt waiting to be retried"
@@ -127,6 +133,22 @@ def _status(saga: SagaContext, step: str) -> StepStatus:
     return StepStatus.PENDING if rt is None else rt.status
 
 
+def _failed(saga: SagaContext) -> bool:
+    """Whether a compensation of ``saga`` (a step's own, or a late success's) failed for good."""
+    return bool(late.failures(saga)) or any(
+        rt.status is StepStatus.COMPENSATION_FAILED for rt in saga.steps.values()
+    )
+
+
+def _goes_on(saga: SagaContext, repaired: str | None) -> bool:
+    """Whether a repair of step ``repaired`` (None: of every step) lets a failed saga's rollback go on:
+    no other step's own compensation stays failed. Where one does, the saga stays failed (the rollback
+    stops at it) while the repair's compensations of late successes run."""
+    return repaired is None or not any(
+        rt.status is StepStatus.COMPENSATION_FAILED and name != repaired for name, rt in saga.steps.items()
+    )
+
+
 def _late_of(saga: SagaContext, step: str) -> list[tuple[str, LateCompensation]]:
     return [(base, c) for base, c in saga.late_runs.items() if c.step == step]
 
@@ -157,7 +179,7 @@ def _retry_targets(
 def _retry(run: Repairing[Any], only: str | None, reason: str | None) -> None:
     saga, definition = run.saga, run.definition
     targets = _retry_targets(saga, only, definition)
-    if saga.state is WorkflowState.FAILED:
+    if saga.state is WorkflowState.FAILED and _goes_on(saga, only):
         saga.error = f"retried after: {saga.error}"
         run.set_state(WorkflowState.COMPENSATING, AuditActionName.RETRY_REQUESTED, error=reason)
     else:
@@ -195,7 +217,7 @@ def _retry_late(run: Repairing[Any], step: WorkflowStep, base: str, compensation
 def _skip(run: Repairing[Any], name: str, reason: str) -> None:
     saga = run.saga
     rt = saga.step(name)
-    if saga.state is WorkflowState.FAILED:
+    if saga.state is WorkflowState.FAILED and _goes_on(saga, name):
         saga.state = WorkflowState.COMPENSATING
     for base, compensation in _late_of(saga, name):
         run.drop_timer(compensation)

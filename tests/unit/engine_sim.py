@@ -5,7 +5,8 @@ dispatched and the timers that are still set. It checks the version rule on ever
 
 :func:`simulate` runs a random "world" of workers against a workflow: results are delivered in any
 order, some twice, some never (the step's timeout fires instead), timers fire in any order (a few twice)
-and a cancel may arrive at any point. It returns a :class:`Run`, the full log, for the property tests.
+and a cancel may arrive at any point; with ``repairs``, an operator's repairs too (see :func:`simulate`).
+It returns a :class:`Run`, the full log, for the property tests.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from orchestrator_kafka import codec
-from orchestrator_kafka.context import SagaContext
+from orchestrator_kafka.context import SagaContext, WorkflowState
 from orchestrator_kafka.engine import Event, TimerFired, Transition, decide
 from orchestrator_kafka.models import (
     AuditAction,
@@ -26,6 +27,9 @@ from orchestrator_kafka.models import (
     CancelSaga,
     CommandBody,
     ErrorInfo,
+    RepairAction,
+    RepairBody,
+    RepairSaga,
     ResultBody,
     StartBody,
     StartSaga,
@@ -73,6 +77,26 @@ def cancel_event(definition: WorkflowDefinition, tx: str = TX, reason: str | Non
         workflow_id=definition.get_id(),
         occurred_at=T0,
         body=CancelBody(reason=reason),
+    )
+
+
+def repair_event(
+    definition: WorkflowDefinition,
+    action: RepairAction,
+    *,
+    step: str | None = None,
+    reason: str | None = None,
+    run_id: str | None = None,
+    event_id: str | None = None,
+    tx: str = TX,
+) -> RepairSaga:
+    """An operator's repair request of saga ``tx`` (a fresh event id unless given)."""
+    return RepairSaga(
+        event_id=event_id or _event_id(),
+        transaction_id=tx,
+        workflow_id=definition.get_id(),
+        occurred_at=T0,
+        body=RepairBody(action=action, run_id=run_id, step=step, reason=reason),
     )
 
 
@@ -281,6 +305,8 @@ class World:
     cancel_at: int | None
     p_hold: float = 0.0  # odds that an answer is held back until nothing else is left to happen
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    p_repair: float = 0.0  # odds that the next event is an operator's repair (simulate(repairs=True))
+    healed: bool = False  # every compensation sent from now on succeeds (the cause was fixed)
 
     @classmethod
     def draw(cls, rng: random.Random, slow: bool | None = None) -> World:
@@ -304,6 +330,9 @@ class World:
     def outcome(self, cmd: CommandBody, has_timeout: bool) -> Outcome:
         if cmd.command_id in self.outcomes:
             return self.outcomes[cmd.command_id]
+        if self.healed and cmd.kind == "compensate":
+            self.outcomes[cmd.command_id] = "ok"
+            return "ok"
         r = self.rng.random()
         if cmd.kind == "execute":
             outcome: Outcome = (
@@ -337,6 +366,10 @@ class Run:
     saga: SagaContext
     outcomes: dict[str, Outcome]
     timers_at_final: set[str]  # timers still set right after the saga reached a final state
+    # With repairs: (log index, timers still set) each time the saga entered a final state, and the
+    # saga's state each time nothing was left to happen (the world's end, then after each healed retry).
+    finals: list[tuple[int, set[str]]] = field(default_factory=list)
+    quiet: list[tuple[int, WorkflowState, set[str]]] = field(default_factory=list)
 
     def trace(self) -> str:
         """The run, one line per event: what came in, the state after, what the engine did."""
@@ -349,6 +382,9 @@ class Run:
                     what += " (non-retryable)"
             elif isinstance(event, TimerFired):
                 what = f"timer {event.timer.timer_id}"
+            elif isinstance(event, RepairSaga):
+                body = event.body
+                what = f"repair {event.event_id} {body.action} step={body.step} run={body.run_id}"
             else:
                 what = type(event).__name__
             state = t.saga.state.value if t.saga is not None else "-"
@@ -358,10 +394,27 @@ class Run:
         return "\n".join(lines)
 
 
-def simulate(shape: Shape, rng: random.Random, *, slow: bool | None = None, max_events: int = 3000) -> Run:
-    """Run a saga of ``shape`` against a random world (``slow``: always the slow-workers world)."""
+def simulate(
+    shape: Shape,
+    rng: random.Random,
+    *,
+    slow: bool | None = None,
+    max_events: int = 3000,
+    repairs: bool = False,
+) -> Run:
+    """Run a saga of ``shape`` against a random world (``slow``: always the slow-workers world).
+
+    With ``repairs``, an operator also sends repairs at random points (``random_repair``: retry with or
+    without a step, skip_compensation of a step, force_cancel; some for another run or without the
+    reason they need, so refused; some sent again with the same event id), and a few more once nothing
+    is left to happen. Then, while the saga is ``failed``, the world is healed (every compensation sent
+    from then on succeeds, and its answer comes before any timer) and the operator retries it, up to a
+    few times, each time until nothing is left to happen. ``Run.quiet`` has the saga's state at each of
+    those points, ``Run.finals`` the timers left each time the saga entered a final state."""
     definition = build(shape)
     world = World.draw(rng, slow)
+    if repairs:
+        world.p_repair = rng.choice([0.02, 0.05, 0.1])
     log: list[Entry] = []
     pool: list[StepResult] = []  # results on their way back, delivered in any order
     held: list[StepResult] = []  # results delivered only once nothing else is left (very late)
@@ -371,10 +424,15 @@ def simulate(shape: Shape, rng: random.Random, *, slow: bool | None = None, max_
     saga: SagaContext | None = None
     now = T0
     timers_at_final: set[str] | None = None
+    finals: list[tuple[int, set[str]]] = []
+    quiet: list[tuple[int, WorkflowState, set[str]]] = []
+    sent_repairs: list[RepairSaga] = []
+    steps = [step.name for step in definition.get_steps()]
 
     def feed(event: Event) -> None:
         nonlocal saga, timers_at_final
         stored = saga.to_json() if saga is not None else None
+        was_final = saga is not None and saga.state.is_final
         t = decide(definition, saga, event, now)
         assert stored is None or saga is None or saga.to_json() == stored, "decide changed its input saga"
         check_transition(saga, t)
@@ -388,6 +446,8 @@ def simulate(shape: Shape, rng: random.Random, *, slow: bool | None = None, max_
             timers[timer.timer_id] = timer
         if timers_at_final is None and saga is not None and saga.state.is_final:
             timers_at_final = set(timers)
+        if repairs and not was_final and saga is not None and saga.state.is_final:
+            finals.append((len(log) - 1, set(timers)))
         for _, cmd in t.commands:
             step = definition.step(cmd.body.step)
             assert step is not None
@@ -399,42 +459,88 @@ def simulate(shape: Shape, rng: random.Random, *, slow: bool | None = None, max_
                     result={f"r_{cmd.body.step}": cmd.body.attempt},
                     retryable=outcome != "fatal",
                 )
-                (held if rng.random() < world.p_hold else pool).append(answer)
+                # Healed workers answer at once, before any timer.
+                (held if not world.healed and rng.random() < world.p_hold else pool).append(answer)
+
+    def random_repair() -> RepairSaga:
+        if sent_repairs and rng.random() < 0.2:
+            return rng.choice(sent_repairs)  # sent again (a timeout at the client): the same event id
+        assert saga is not None
+        action: RepairAction = rng.choice(["retry", "retry", "skip_compensation", "force_cancel"])
+        # Mostly a step a repair applies to (a compensation under way or failed, a command awaited or
+        # waiting, a late success's compensation); else any step, which the engine may refuse.
+        targets = sorted(
+            {name for name, rt in saga.steps.items() if rt.status.value.startswith(("compensat", "r"))}
+            | {c.step for c in saga.late_runs.values()}
+        )
+        step = None
+        if action == "skip_compensation" or rng.random() < 0.3:
+            step = rng.choice(targets) if targets and rng.random() < 0.7 else rng.choice(steps)
+        reason = None if action == "skip_compensation" and rng.random() < 0.1 else "by hand"
+        r = rng.random()
+        run_id = None if r < 0.5 else saga.run_id if r < 0.9 else "0123456789abcdef"
+        request = repair_event(definition, action, step=step, reason=reason, run_id=run_id)
+        sent_repairs.append(request)
+        return request
+
+    def run_world(count: int, operator: bool) -> int:
+        """Deliver events until nothing is left to happen (``operator``: repairs at random, and a few
+        once all is quiet); the number of events delivered so far."""
+        nonlocal now
+        quiet_repairs = 3 if operator else 0
+        while count < max_events:
+            count += 1
+            if world.cancel_at is not None and count - 1 == world.cancel_at:
+                feed(cancel_event(definition, reason="user"))
+                continue
+            if operator and rng.random() < world.p_repair:
+                feed(random_repair())
+                continue
+            now += timedelta(milliseconds=rng.randrange(1, 500))
+            if fired and rng.random() < 0.03:
+                feed(TimerFired(rng.choice(fired)))  # a timer delivered twice (lease expired)
+            elif timers and (not pool or (not world.healed and rng.random() < world.p_timer)):
+                ordered = sorted(timers.values(), key=lambda t: (t.due_at, t.timer_id))
+                timer = ordered[0] if rng.random() < 0.7 else rng.choice(ordered)
+                del timers[timer.timer_id]
+                fired.append(timer)
+                now = max(now, datetime.fromtimestamp(timer.due_at, UTC))
+                feed(TimerFired(timer))
+            elif pool:
+                message = pool.pop(rng.randrange(len(pool)))
+                cid = message.body.command_id
+                if rng.random() < world.p_dup and copies.get(cid, 0) < 2:
+                    copies[cid] = copies.get(cid, 0) + 1
+                    again = (
+                        message.model_copy(update={"event_id": _event_id()})
+                        if rng.random() < 0.5
+                        else message
+                    )
+                    if rng.random() < world.p_hold:
+                        held.append(again)
+                    else:
+                        pool.insert(rng.randrange(len(pool) + 1), again)
+                feed(message)
+            elif held:
+                pool.extend(held)
+                held.clear()
+            elif quiet_repairs and rng.random() < 0.5:
+                quiet_repairs -= 1
+                feed(random_repair())
+            else:
+                return count - 1
+        raise AssertionError(f"not quiescent after {max_events} events")
 
     feed(start_event(definition, shape.data))
-    for count in range(max_events):
-        if world.cancel_at is not None and count == world.cancel_at:
-            feed(cancel_event(definition, reason="user"))
-            continue
-        now += timedelta(milliseconds=rng.randrange(1, 500))
-        if fired and rng.random() < 0.03:
-            feed(TimerFired(rng.choice(fired)))  # a timer delivered twice (lease expired)
-        elif timers and (not pool or rng.random() < world.p_timer):
-            ordered = sorted(timers.values(), key=lambda t: (t.due_at, t.timer_id))
-            timer = ordered[0] if rng.random() < 0.7 else rng.choice(ordered)
-            del timers[timer.timer_id]
-            fired.append(timer)
-            now = max(now, datetime.fromtimestamp(timer.due_at, UTC))
-            feed(TimerFired(timer))
-        elif pool:
-            message = pool.pop(rng.randrange(len(pool)))
-            cid = message.body.command_id
-            if rng.random() < world.p_dup and copies.get(cid, 0) < 2:
-                copies[cid] = copies.get(cid, 0) + 1
-                again = (
-                    message.model_copy(update={"event_id": _event_id()}) if rng.random() < 0.5 else message
-                )
-                if rng.random() < world.p_hold:
-                    held.append(again)
-                else:
-                    pool.insert(rng.randrange(len(pool) + 1), again)
-            feed(message)
-        elif held:
-            pool.extend(held)
-            held.clear()
-        else:
-            break
-    else:
-        raise AssertionError(f"not quiescent after {max_events} events")
+    count = run_world(0, repairs)
     assert saga is not None
-    return Run(definition, shape, log, saga, world.outcomes, timers_at_final or set())
+    if repairs:
+        quiet.append((len(log), saga.state, set(timers)))
+        world.healed, world.cancel_at = True, None
+        for _ in range(4):
+            if saga.state is not WorkflowState.FAILED:
+                break
+            feed(repair_event(definition, "retry", reason="fixed", run_id=saga.run_id))
+            count = run_world(count, operator=False)
+            quiet.append((len(log), saga.state, set(timers)))
+    return Run(definition, shape, log, saga, world.outcomes, timers_at_final or set(), finals, quiet)

@@ -267,3 +267,106 @@ def test_skip_of_a_failed_late_compensation_ends_the_failed_saga_as_its_rollback
     t = repair(d, "skip_compensation", step="a", reason="undone by hand")
     assert actions(t) == ["compensation_skipped", "saga_compensated"]
     assert d.saga is not None and d.saga.late_runs == {}
+
+
+# ====================================================================== regressions (repair property tests)
+
+
+def two_branches() -> Driver:
+    """A failed saga of two parallel branches: q timed out and p failed, so both are compensated, q
+    first; q's compensation succeeded, p's failed for good; then q's timed-out attempt succeeded after
+    all, and the compensation of that late success failed for good too."""
+    d = Driver(
+        WorkflowBuilder("wf")
+        .add_parallel_steps(
+            [
+                {"name": "p", "worker_name": "wp", "compensation": "up"},
+                {"name": "q", "worker_name": "wq", "compensation": "uq", "timeout": 5},
+            ]
+        )
+        .with_retry_config(max_retries=0)
+        .build()
+    )
+    d.start()
+    q1 = d.command("q")
+    d.fire(d.timer("q"))
+    d.fail("p", retryable=False)
+    d.succeed("q", kind="compensate")
+    d.fail("p", kind="compensate")
+    assert d.state == "failed"
+    d.feed(result_event(q1, result={}))
+    d.fail("q", kind="compensate", attempt="late-1.1")
+    assert d.state == "failed"
+    assert d.saga is not None and d.saga.step("p").status is StepStatus.COMPENSATION_FAILED
+    return d
+
+
+def test_skip_of_a_late_compensation_leaves_the_saga_failed_while_a_step_s_stays_failed() -> None:
+    # It made the saga compensating with nothing under way: stuck, and neither retry nor force_cancel
+    # took it out.
+    d = two_branches()
+    t = repair(d, "skip_compensation", step="q", reason="undone by hand")
+    assert actions(t) == ["compensation_skipped"] and d.state == "failed"
+    assert d.saga is not None and d.saga.late_runs == {}
+    assert sent(repair(d, "retry")) == [(comp("up"), cmd("p", "compensate", 2))]
+    d.succeed("p", kind="compensate", attempt=2)
+    assert d.state == "compensated"
+
+
+def test_retry_of_one_step_leaves_the_saga_failed_while_another_step_s_compensation_stays_failed() -> None:
+    d = two_branches()
+    t = repair(d, "retry", step="q")
+    assert sent(t) == [(comp("uq"), cmd("q", "compensate", "late-1.2"))] and d.state == "failed"
+    d.succeed("q", kind="compensate", attempt="late-1.2")
+    assert d.state == "failed"  # p's compensation is still failed: not compensating with nothing under way
+    assert d.saga is not None and d.saga.late_runs == {}
+    repair(d, "retry")
+    d.succeed("p", kind="compensate", attempt=2)
+    assert d.state == "compensated"
+
+
+def test_retry_ends_a_failed_saga_whose_failure_was_undone_after_all() -> None:
+    # The late compensation that failed the saga succeeded after all: a retry was refused (nothing
+    # failed) and the saga stayed failed for ever.
+    d = Driver(timeout_workflow(max_retries=0))
+    d.start()
+    a1 = d.command("a")
+    d.fire(d.timer("a"))
+    d.succeed("a", kind="compensate")
+    d.feed(result_event(a1, result={}))
+    late = d.command("a", "compensate", "late-1.1")
+    d.fire(d.timer("a"))  # the late compensation times out, for good
+    assert d.state == "failed"
+    d.feed(result_event(late, result={}))  # and succeeds after all
+    assert d.state == "failed" and d.saga is not None and d.saga.late_runs == {}
+    t = repair(d, "retry")
+    assert actions(t) == ["retry_requested", "saga_compensated"] and t.commands == ()
+
+
+def test_a_late_success_in_a_failed_saga_is_left_to_the_step_s_own_compensation() -> None:
+    # It was compensated as a late success, and again by the step's own compensation once a retry let
+    # the rollback go on.
+    d = Driver(
+        WorkflowBuilder("wf")
+        .add_parallel_steps(
+            [
+                {"name": "p", "worker_name": "wp", "compensation": "up", "timeout": 5},
+                {"name": "q", "worker_name": "wq", "compensation": "uq"},
+            ]
+        )
+        .with_retry_config(max_retries=0)
+        .build()
+    )
+    d.start()
+    p1 = d.command("p")
+    d.fire(d.timer("p"))
+    d.fail("q", retryable=False)
+    d.fail("q", kind="compensate")  # q's compensation fails for good before p's was sent
+    assert d.state == "failed"
+    t = d.feed(result_event(p1, result={}))
+    assert not t.changed and t.note == "compensation pending"
+    repair(d, "retry")
+    d.succeed("q", kind="compensate", attempt=2)
+    d.succeed("p", kind="compensate")
+    assert d.state == "compensated"
+    assert [c for _, c in d.commands if ":late-" in c.body.command_id] == []
