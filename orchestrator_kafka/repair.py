@@ -36,6 +36,7 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 REPAIRS_KEPT = 16
+_RETRIED = "retried after: "
 
 # A step whose compensation is under way, or failed for good.
 _COMPENSATION_STARTED = (
@@ -180,7 +181,8 @@ def _retry(run: Repairing[Any], only: str | None, reason: str | None) -> None:
     saga, definition = run.saga, run.definition
     targets = _retry_targets(saga, only, definition)
     if saga.state is WorkflowState.FAILED and _goes_on(saga, only):
-        saga.error = f"retried after: {saga.error}"
+        if not (saga.error or "").startswith(_RETRIED):  # once, however many retries
+            saga.error = f"{_RETRIED}{saga.error}"
         run.set_state(WorkflowState.COMPENSATING, AuditActionName.RETRY_REQUESTED, error=reason)
     else:
         run.record(AuditActionName.RETRY_REQUESTED, step=only, error=reason)

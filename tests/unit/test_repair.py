@@ -67,8 +67,9 @@ def test_a_retried_compensation_that_fails_again_fails_the_saga_again() -> None:
     repair(d, "retry")
     t = d.fail("charge", kind="compensate", attempt=2)
     assert d.state == "failed" and t.timers == ()
-    # and it can be retried once more
+    # and it can be retried once more; its error says so once
     assert sent(repair(d, "retry")) == [(comp("refund_payment"), cmd("charge", "compensate", 3))]
+    assert d.saga is not None and d.saga.error is not None and d.saga.error.count("retried after") == 1
 
 
 def test_retry_resends_a_stuck_step_s_awaited_command_unchanged() -> None:
