@@ -28,6 +28,8 @@ from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore
 from orchestrator_kafka.constants import DEDUPE_TTL_SECONDS
 from orchestrator_kafka.ports import IEventBus, IStateStore
 
+from .redis_cluster import Cluster, private_cluster, shared_cluster
+
 if TYPE_CHECKING:
     from orchestrator_kafka import RedisStateStore
 
@@ -152,8 +154,9 @@ class RedisStores:
     """Makes RedisStateStores on the test Redis under one key prefix of their own (so tests can share
     the server); :meth:`close` closes them and deletes every key under the prefix."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, cluster: bool = False) -> None:
         self.url = url
+        self.cluster = cluster  # a Redis Cluster: its keys are scanned and deleted node by node
         self.prefix = unique("k")
         self._made: list[RedisStateStore] = []
 
@@ -169,8 +172,11 @@ class RedisStores:
 
     async def _each_key(self, do: Callable[[Any, bytes], Awaitable[object]]) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.cluster import RedisCluster
 
-        client = aioredis.from_url(self.url)
+        client: Any = (
+            RedisCluster.from_url(self.url.split(",")[0]) if self.cluster else aioredis.from_url(self.url)
+        )
         try:
             async for key in client.scan_iter(match=f"{self.prefix}:*", count=1000):
                 await do(client, key)
@@ -199,6 +205,40 @@ class RedisStores:
 async def redis_stores() -> AsyncIterator[RedisStores]:
     """Makes Redis stores under a key prefix of their own, and cleans up after them."""
     stores = RedisStores(require_redis())
+    try:
+        yield stores
+    finally:
+        await stores.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """A Redis Cluster: the one ``CLUSTER_REDIS_URL`` names, else six redis-servers of this session's
+    own (tests/redis_cluster.py)."""
+    shared = shared_cluster()
+    if shared is not None:
+        yield shared
+        return
+    with private_cluster() as made:
+        yield made
+
+
+@pytest.fixture(scope="session")
+def faulty_cluster(redis_cluster: Cluster) -> Iterator[Cluster]:
+    """A Redis Cluster whose nodes a test may stop and kill: always a private one (never a shared
+    cluster), healthy again after each test that hurt it."""
+    if redis_cluster.private:
+        yield redis_cluster
+        return
+    with private_cluster() as made:
+        yield made
+
+
+@pytest.fixture
+async def cluster_stores(redis_cluster: Cluster) -> AsyncIterator[RedisStores]:
+    """Makes Redis stores on the Redis Cluster under a key prefix of their own, and cleans up after
+    them."""
+    stores = RedisStores(redis_cluster.url, cluster=True)
     try:
         yield stores
     finally:

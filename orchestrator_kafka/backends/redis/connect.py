@@ -126,7 +126,8 @@ async def _cluster_enabled(url: str) -> bool:
 async def connect(target: Target, cluster: bool | None, made: aioredis.Redis | None) -> Client:
     """The client for ``target``: a cluster client when ``cluster`` is True, or when it is None and the
     first start-up node that answers says it runs in cluster mode; else ``made`` (a client of the first
-    URL's server, made beforehand) when that server answered, else a client of the first that did.
+    URL's server, made beforehand) when that server answered, else a client of the first that did (the
+    caller closes ``made`` when it is not returned).
 
     Raises:
         StateStoreError: ``cluster`` is None and no start-up node answers.
@@ -148,11 +149,11 @@ async def connect(target: Target, cluster: bool | None, made: aioredis.Redis | N
             answered = url
             break
         else:
-            raise StateStoreError("Redis state store: no start-up node answered: " + "; ".join(failures))
+            raise StateStoreError(
+                "Redis state store: no start-up node answered: " + "; ".join(failures)
+            ) from last
     if cluster:
         return cluster_client(target)
     if made is not None and answered == target.urls[0]:
         return made
-    if made is not None:
-        await made.aclose()
     return server_client(answered)

@@ -35,7 +35,18 @@ from typing import Any, cast
 
 from redis.asyncio.cluster import RedisCluster
 from redis.client import NEVER_DECODE
-from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import NotReplicatedError, StateStoreError
 from .connect import Client
@@ -54,13 +65,30 @@ async def _on_one_connection(client: Client, slot_key: str, commands: Sequence[C
     in order; each one's reply, bytes undecoded, or the error Redis answered it with.
 
     Raises:
-        RedisError, OSError: the connection failed (then it is closed, not reused).
+        RedisError, OSError: the connection failed (then it is closed, not reused; on a cluster the
+            slot map is read again, so that a call after a failover goes to the promoted replica).
     """
     if not isinstance(client, RedisCluster):
         pipe = client.pipeline(transaction=False)
         for args in commands:
             pipe.execute_command(*args, **{NEVER_DECODE: True})
         return list(await pipe.execute(raise_on_error=False))
+    try:
+        return await _on_node(client, slot_key, commands)
+    except (RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError):
+        await _refresh(client)
+        raise
+
+
+async def _refresh(client: RedisCluster) -> None:
+    """Read the cluster's slot map again (best effort: the caller fails all the same)."""
+    try:
+        await client.nodes_manager.initialize()
+    except (RedisError, OSError) as exc:
+        _log.debug("could not read the Redis Cluster's slot map again: %s", exc)
+
+
+async def _on_node(client: RedisCluster, slot_key: str, commands: Sequence[Command]) -> list[Any]:
     await client.initialize()
     node = client.get_node_from_key(slot_key)
     if node is None:  # pragma: no cover - get_node_from_key raises for a slot not covered
@@ -113,8 +141,10 @@ async def write_and_wait(
             load = (("SCRIPT", "LOAD", script),)  # a node that never had it, or a promoted replica
             continue
         if isinstance(reply, (MovedError, AskError)) and isinstance(client, RedisCluster):
-            await client.nodes_manager.initialize()
+            await _refresh(client)
             continue
+        if isinstance(reply, (ClusterDownError, TryAgainError)) and isinstance(client, RedisCluster):
+            await _refresh(client)  # a failover under way: this call fails, the next one finds the new owner
         if isinstance(reply, Exception):
             raise reply
         if not wrote(reply):
