@@ -160,13 +160,15 @@ class RedisStores:
         self.prefix = unique("k")
         self._made: list[RedisStateStore] = []
 
-    def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS, **kwargs: Any) -> RedisStateStore:
-        """A store under the prefix, on 4 partitions unless told; ``kwargs`` go to RedisStateStore (a
-        ``client``, say)."""
+    def __call__(
+        self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS, url: str | None = None, **kwargs: Any
+    ) -> RedisStateStore:
+        """A store under the prefix, on 4 partitions unless told, on the stores' Redis unless ``url``
+        names its start-up nodes otherwise; ``kwargs`` go to RedisStateStore (a ``client``, say)."""
         from orchestrator_kafka import RedisStateStore
 
         kwargs.setdefault("partitions", 4)
-        made = RedisStateStore(self.url, key_prefix=self.prefix, dedupe_ttl=dedupe_ttl, **kwargs)
+        made = RedisStateStore(url or self.url, key_prefix=self.prefix, dedupe_ttl=dedupe_ttl, **kwargs)
         self._made.append(made)
         return made
 

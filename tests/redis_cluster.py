@@ -32,6 +32,7 @@ NODE_TIMEOUT_MS = 2000
 
 def _free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -123,9 +124,39 @@ class Cluster:
             if any("cluster_state:ok" not in (_ask(p, "CLUSTER", "INFO") or "") for p in self.ports):
                 return False
             primaries = self.primaries()
-            return len(primaries) == 3 and all(self.replicas_of(p) for p in primaries)
+            return len(primaries) == 3 and all(self.replicas_of(p) for p in primaries) and self._acks()
 
         _wait(healthy, "the cluster to be ok with a replica per primary", timeout)
+
+    def _acks(self) -> bool:
+        """Whether a write to each primary is acknowledged by its replica at once (WAIT 1 on the
+        connection of the write): a replica listed as in sync may still be loading what it was sent."""
+        import redis
+        from redis.cluster import RedisCluster
+
+        try:
+            client = RedisCluster(host="127.0.0.1", port=self.ports[0], socket_timeout=2.0)
+        except redis.RedisError:
+            return False
+        try:
+            probed: set[str] = set()
+            for n in range(1000):
+                key = f"wait-probe:{n}"
+                node = client.get_node_from_key(key)
+                if node is None or node.name in probed:
+                    continue
+                probed.add(node.name)
+                pipe = node.redis_connection.pipeline(transaction=False)
+                pipe.set(key, b"1").execute_command("WAIT", 1, 500)
+                if pipe.execute()[1] < 1:
+                    return False
+                if len(probed) == 3:
+                    return True
+            return False
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
 
 def _wait(predicate: object, what: str, timeout: float = 30.0) -> None:

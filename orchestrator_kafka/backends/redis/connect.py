@@ -8,6 +8,8 @@ answers is the one asked, so a client starting while a node is down still connec
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -18,14 +20,20 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ...errors import StateStoreError, ValidationError
 
-__all__ = ["Client", "Target", "connect", "is_cluster", "parse_target"]
+__all__ = ["FAILURES", "Client", "Target", "close_client", "connect", "is_cluster", "parse_target", "refresh"]
+
+_log = logging.getLogger("orchestrator_kafka.redis")
 
 Client = aioredis.Redis | RedisCluster
 """A client the store works through: one server's, or a cluster's."""
+
+FAILURES: Final = (RedisError, RedisClusterException, OSError)
+"""What a Redis client raises when Redis fails or cannot be reached. redis-py's cluster client raises
+RedisClusterException (not a RedisError) when no node answers or the slots are not all covered."""
 
 # A store of its own making fails fast on a dead Redis: 5 s to connect, 10 s per reply.
 _TIMEOUTS: Final[dict[str, Any]] = {"socket_connect_timeout": 5.0, "socket_timeout": 10.0}
@@ -142,7 +150,7 @@ async def connect(target: Target, cluster: bool | None, made: aioredis.Redis | N
                 cluster = await _cluster_enabled(url)
             except ResponseError:  # INFO refused (an ACL): not a cluster to be found out this way
                 cluster = False
-            except (RedisError, OSError) as exc:
+            except FAILURES as exc:
                 failures.append(f"{urlparse(url).netloc}: {type(exc).__name__}: {exc}")
                 last = exc
                 continue
@@ -157,3 +165,44 @@ async def connect(target: Target, cluster: bool | None, made: aioredis.Redis | N
     if made is not None and answered == target.urls[0]:
         return made
     return server_client(answered)
+
+
+# redis-py 7.4's cluster client maps each slot to the node objects of the reading of the slot map that
+# made it, not to the ones it keeps by name (and closes on aclose): a node object a new reading drops
+# keeps its sockets open, and they are only found (unclosed) by the garbage collector. So the store
+# closes the dropped ones itself, after each reading it asks for, and the last ones on close.
+
+
+def _slot_nodes(client: RedisCluster) -> dict[int, ClusterNode]:
+    manager = client.nodes_manager
+    found = {id(node): node for nodes in manager.slots_cache.values() for node in nodes}
+    for node in (*manager.nodes_cache.values(), *manager.startup_nodes.values()):
+        found[id(node)] = node
+    return found
+
+
+async def _disconnect(nodes: list[ClusterNode]) -> None:
+    await asyncio.gather(*(node.disconnect() for node in nodes), return_exceptions=True)
+
+
+async def refresh(client: RedisCluster) -> None:
+    """Read the cluster's slot map again, as after a failover or a MOVED (best effort: a caller that
+    failed fails all the same), and close the node objects the new map dropped."""
+    before = _slot_nodes(client)
+    try:
+        await client.nodes_manager.initialize()
+    except FAILURES as exc:
+        _log.debug("could not read the Redis Cluster's slot map again: %s", exc)
+    after = _slot_nodes(client)
+    await _disconnect([node for key, node in before.items() if key not in after])
+
+
+async def close_client(client: Client) -> None:
+    """Close ``client``: on a cluster, every node object its slot map holds too.
+
+    Raises:
+        RedisError, OSError: closing failed.
+    """
+    if isinstance(client, RedisCluster):
+        await _disconnect(list(_slot_nodes(client).values()))
+    await client.aclose()

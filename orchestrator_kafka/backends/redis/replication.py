@@ -33,25 +33,24 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
-from redis.asyncio.cluster import RedisCluster
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.client import NEVER_DECODE
 from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
     NoScriptError,
-    RedisError,
     ResponseError,
-    SlotNotCoveredError,
     TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import NotReplicatedError, StateStoreError
-from .connect import Client
+from .connect import FAILURES, Client, refresh
 
-__all__ = ["default_min_replicas", "write_and_wait"]
+__all__ = ["Replicas", "default_min_replicas", "load_everywhere"]
 
 _log = logging.getLogger("orchestrator_kafka.redis")
 
@@ -60,106 +59,114 @@ _ATTEMPTS = 3  # a slot that moved, then a script to load: no more than this in 
 Command = tuple[str | bytes | int, ...]
 
 
-async def _on_one_connection(client: Client, slot_key: str, commands: Sequence[Command]) -> list[Any]:
-    """Send ``commands`` together on one connection of the primary that holds ``slot_key``'s slot,
-    in order; each one's reply, bytes undecoded, or the error Redis answered it with.
+class Replicas:
+    """Writes that count once ``replicas`` replicas have them: :meth:`write_and_wait` on ``client``.
 
-    Raises:
-        RedisError, OSError: the connection failed (then it is closed, not reused; on a cluster the
-            slot map is read again, so that a call after a failover goes to the promoted replica).
+    On a cluster it keeps a client of its own per primary, to send a script call and its WAIT on one
+    connection of the node that owns the slot (redis-py's cluster client has no public way to do
+    that); :meth:`aclose` closes them.
     """
-    if not isinstance(client, RedisCluster):
-        pipe = client.pipeline(transaction=False)
+
+    def __init__(self, client: Client, replicas: int, timeout_ms: int) -> None:
+        self.replicas = replicas
+        self._client = client
+        self._wait: Command = ("WAIT", replicas, timeout_ms)
+        self._timeout_ms = timeout_ms
+        self._nodes: dict[str, aioredis.Redis] = {}
+
+    async def aclose(self) -> None:
+        """Close the clients of the nodes."""
+        nodes, self._nodes = list(self._nodes.values()), {}
+        for node in nodes:
+            await node.aclose()
+            await node.connection_pool.disconnect()  # a pool passed in is the caller's to close
+
+    def _of_node(self, node: ClusterNode) -> aioredis.Redis:
+        made = self._nodes.get(node.name)
+        if made is None:
+            # The node's own connection settings (credentials, TLS, timeouts), as the cluster client
+            # made them; no retry: a failed call fails, and the orchestrator retries the batch.
+            pool = aioredis.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+            made = self._nodes[node.name] = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+        return made
+
+    async def _on_one_connection(self, slot_key: str, commands: Sequence[Command]) -> list[Any]:
+        """Send ``commands`` together on one connection of the primary that holds ``slot_key``'s slot,
+        in order (a redis-py pipeline: one connection, one round trip); each one's reply, bytes
+        undecoded, or the error Redis answered it with.
+
+        Raises:
+            RedisError, OSError: the connection failed (on a cluster the slot map is read again, so
+                that a call after a failover goes to the promoted replica).
+        """
+        client = self._client
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            node = client.get_node_from_key(slot_key)
+            if node is None:  # pragma: no cover - get_node_from_key raises for a slot not covered
+                raise StateStoreError(f"Redis state store: no node holds the slot of {slot_key!r}")
+            target = self._of_node(node)
+        else:
+            target = client
+        pipe = target.pipeline(transaction=False)
         for args in commands:
             pipe.execute_command(*args, **{NEVER_DECODE: True})
-        return list(await pipe.execute(raise_on_error=False))
-    try:
-        return await _on_node(client, slot_key, commands)
-    except (RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError):
-        await _refresh(client)
-        raise
+        try:
+            return list(await pipe.execute(raise_on_error=False))
+        except FAILURES:
+            if isinstance(client, RedisCluster):
+                await refresh(client)
+            raise
 
+    async def write_and_wait(
+        self,
+        slot_key: str,
+        script_call: Command,
+        script: str,
+        *,
+        barrier_key: str,
+        wrote: Callable[[Any], bool],
+    ) -> Any:
+        """Run ``script_call`` (an EVALSHA of ``script``, on ``slot_key``'s slot) and WAIT for the
+        replicas on the same connection; its reply once they have acknowledged it. ``wrote(reply)``:
+        the call made a write (else, a barrier write and WAIT follow, covering what an earlier call
+        wrote).
 
-async def _refresh(client: RedisCluster) -> None:
-    """Read the cluster's slot map again (best effort: the caller fails all the same)."""
-    try:
-        await client.nodes_manager.initialize()
-    except (RedisError, OSError) as exc:
-        _log.debug("could not read the Redis Cluster's slot map again: %s", exc)
-
-
-async def _on_node(client: RedisCluster, slot_key: str, commands: Sequence[Command]) -> list[Any]:
-    await client.initialize()
-    node = client.get_node_from_key(slot_key)
-    if node is None:  # pragma: no cover - get_node_from_key raises for a slot not covered
-        raise StateStoreError(f"Redis state store: no node holds the slot of {slot_key!r}")
-    connection = node.acquire_connection()
-    try:
-        await node.disconnect_if_needed(connection)
-        await connection.send_packed_command(connection.pack_commands(commands), False)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await connection.read_response(disable_decoding=True))
-            except ResponseError as exc:  # one command's error: the replies behind it still come
-                replies.append(exc)
-    except BaseException:
-        # A connection whose replies were not all read must not serve another call.
-        await connection.disconnect()
-        raise
-    finally:
-        node.release(connection)
-    return replies
-
-
-async def write_and_wait(
-    client: Client,
-    slot_key: str,
-    script_call: Command,
-    script: str,
-    *,
-    replicas: int,
-    timeout_ms: int,
-    barrier_key: str,
-    wrote: Callable[[Any], bool],
-) -> Any:
-    """Run ``script_call`` (an EVALSHA of ``script``, on ``slot_key``'s slot) and WAIT for ``replicas``
-    replicas on the same connection; its reply once they have acknowledged it. ``wrote(reply)``: the
-    call made a write (else, a barrier write and WAIT follow, covering what an earlier call wrote).
-
-    Raises:
-        NotReplicatedError: fewer than ``replicas`` replicas acknowledged within ``timeout_ms``. The
-            script's writes stand on the primary; retried, they come back as duplicates.
-        ResponseError: the script failed (its error reply).
-        RedisError, OSError: Redis failed or could not be reached; the slot kept moving.
-    """
-    wait: Command = ("WAIT", replicas, timeout_ms)
-    load: tuple[Command, ...] = ()
-    for _ in range(_ATTEMPTS):
-        *_loaded, reply, acked = await _on_one_connection(client, slot_key, (*load, script_call, wait))
-        if isinstance(reply, NoScriptError):
-            load = (("SCRIPT", "LOAD", script),)  # a node that never had it, or a promoted replica
-            continue
-        if isinstance(reply, (MovedError, AskError)) and isinstance(client, RedisCluster):
-            await _refresh(client)
-            continue
-        if isinstance(reply, (ClusterDownError, TryAgainError)) and isinstance(client, RedisCluster):
-            await _refresh(client)  # a failover under way: this call fails, the next one finds the new owner
-        if isinstance(reply, Exception):
-            raise reply
-        if not wrote(reply):
-            _set, acked = await _on_one_connection(client, slot_key, (("SET", barrier_key, b"1"), wait))
-            if isinstance(_set, Exception):
-                raise _set
-        if isinstance(acked, Exception):
-            raise acked
-        if int(acked) < replicas:
-            raise NotReplicatedError(
-                f"Redis state store: the write was acknowledged by {int(acked)} of the {replicas} "
-                f"replicas it needs (min_replicas) within {timeout_ms} ms; it is not taken as written"
-            )
-        return reply
-    raise MovedError(f"the slot of {slot_key!r} kept moving, or the script could not be loaded")
+        Raises:
+            NotReplicatedError: fewer replicas acknowledged in time. The script's writes stand on the
+                primary; retried, they come back as duplicates.
+            ResponseError: the script failed (its error reply).
+            RedisError, OSError: Redis failed or could not be reached; the slot kept moving.
+        """
+        client = self._client
+        wait = self._wait
+        load: tuple[Command, ...] = ()
+        for _ in range(_ATTEMPTS):
+            *_loaded, reply, acked = await self._on_one_connection(slot_key, (*load, script_call, wait))
+            if isinstance(reply, NoScriptError):
+                load = (("SCRIPT", "LOAD", script),)  # a node that never had it, or a promoted replica
+                continue
+            if isinstance(reply, (MovedError, AskError)) and isinstance(client, RedisCluster):
+                await refresh(client)
+                continue
+            if isinstance(reply, (ClusterDownError, TryAgainError)) and isinstance(client, RedisCluster):
+                await refresh(client)  # a failover under way: this call fails, the next finds the new owner
+            if isinstance(reply, Exception):
+                raise reply
+            if not wrote(reply):
+                _set, acked = await self._on_one_connection(slot_key, (("SET", barrier_key, b"1"), wait))
+                if isinstance(_set, Exception):
+                    raise _set
+            if isinstance(acked, Exception):
+                raise acked
+            if int(acked) < self.replicas:
+                raise NotReplicatedError(
+                    f"Redis state store: the write was acknowledged by {int(acked)} of the {self.replicas} "
+                    f"replicas it needs (min_replicas) within {self._timeout_ms} ms; it is not taken as "
+                    "written"
+                )
+            return reply
+        raise MovedError(f"the slot of {slot_key!r} kept moving, or the script could not be loaded")
 
 
 async def default_min_replicas(client: Client) -> int:
@@ -201,9 +208,9 @@ async def load_everywhere(client: Client, script: str) -> None:
             for node in client.get_nodes():
                 try:
                     await client.execute_command("SCRIPT", "LOAD", script, target_nodes=node)
-                except (RedisError, OSError) as exc:
+                except FAILURES as exc:
                     _log.debug("could not load the script on %s: %s", node.name, exc)
         else:
             await cast("Callable[..., Awaitable[Any]]", client.execute_command)("SCRIPT", "LOAD", script)
-    except (RedisError, OSError) as exc:
+    except FAILURES as exc:
         _log.debug("could not load the script: %s", exc)

@@ -23,7 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.client import NEVER_DECODE
-from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 from ...constants import (
     DEDUPE_TTL_SECONDS,
@@ -40,7 +40,7 @@ from ...paging import DEFAULT_PAGE_LIMIT, merge_page, page_query
 from ...ports import IStateStore
 from ...values import ApplyResult, PendingOutbox, Timer, TransitionWrite
 from ..retention import check_retention
-from .connect import Client, connect, is_cluster, parse_target, server_client
+from .connect import FAILURES, Client, close_client, connect, is_cluster, parse_target, server_client
 from .keys import RedisKeys
 from .packing import (
     STATUS,
@@ -54,7 +54,7 @@ from .packing import (
     saga_json,
 )
 from .partitions import partition_of
-from .replication import default_min_replicas, load_everywhere, write_and_wait
+from .replication import Replicas, default_min_replicas, load_everywhere
 from .script import SCRIPT, SHA
 
 __all__ = ["RedisStateStore"]
@@ -188,6 +188,7 @@ class RedisStateStore(IStateStore):
             client = server_client(self._target.urls[0])
         self._client: Client = client
         self._connecting: asyncio.Lock | None = None
+        self._replicas: Replicas | None = None  # with min_replicas, once connected
         self._ready = False
         # Until the first call has found out what Redis is (connect()), every command goes there first;
         # then straight to the client. redis-py leaves execute_command untyped; every reply here is
@@ -243,8 +244,10 @@ class RedisStateStore(IStateStore):
                 self._cluster = is_cluster(client)
                 if self._min_replicas is None:
                     self._min_replicas = await default_min_replicas(client)
+                if self._min_replicas:
+                    self._replicas = Replicas(client, self._min_replicas, self._wait_ms)
                 await load_everywhere(client, SCRIPT)
-            except (RedisError, OSError) as exc:
+            except FAILURES as exc:
                 raise _failed("connect", exc) from exc
             self._execute = cast("Callable[..., Awaitable[Any]]", client.execute_command)
             self._ready = True
@@ -259,24 +262,21 @@ class RedisStateStore(IStateStore):
         :class:`NotReplicatedError` when fewer acknowledge it in time. ``wrote``: see
         :func:`~.replication.write_and_wait`."""
         await self.connect()
-        replicas = self._min_replicas
-        if not replicas:
+        replicas = self._replicas
+        if replicas is None:
             return await self._script(op, partition, *args)
         self._check_open()
         tagged = self._keys.tagged(partition)
         slot_key = self._keys.outboxes(partition)
         try:
-            return await write_and_wait(
-                self._client,
+            return await replicas.write_and_wait(
                 slot_key,
                 ("EVALSHA", SHA, 1, slot_key, op, tagged, *args),
                 SCRIPT,
-                replicas=replicas,
-                timeout_ms=self._wait_ms,
                 barrier_key=self._keys.barrier(partition),
                 wrote=wrote,
             )
-        except (RedisError, OSError) as exc:
+        except FAILURES as exc:
             raise _failed(op, exc) from exc
 
     def _check_open(self) -> None:
@@ -301,7 +301,7 @@ class RedisStateStore(IStateStore):
                 # First use on this server, or after SCRIPT FLUSH / a restart: NOSCRIPT means nothing ran.
                 await execute("SCRIPT", "LOAD", SCRIPT)
                 return await execute("EVALSHA", SHA, 1, slot_key, op, tagged, *args, **raw)
-        except (RedisError, OSError) as exc:
+        except FAILURES as exc:
             raise _failed(op, exc) from exc
 
     async def use_partitions(self, count: int) -> None:
@@ -373,7 +373,7 @@ class RedisStateStore(IStateStore):
         self._check_open()
         try:
             return await self._execute(*args, **({NEVER_DECODE: True} if raw else {}))
-        except (RedisError, OSError) as exc:
+        except FAILURES as exc:
             raise _failed(str(args[0]), exc) from exc
 
     @staticmethod
@@ -713,7 +713,7 @@ class RedisStateStore(IStateStore):
                     exc,
                 )
                 return
-            except (RedisError, OSError) as exc:
+            except FAILURES as exc:
                 raise _failed("CONFIG GET maxmemory-policy", exc) from exc
             # CONFIG GET answers a flat [name, value] list (RESP2) or a map (RESP3); redis-py may make
             # either a dict.
@@ -739,8 +739,11 @@ class RedisStateStore(IStateStore):
         if self._closed:
             return
         self._closed = True
-        if self._owned:
+        if self._owned or self._replicas is not None:
             try:
-                await self._client.aclose()
-            except (RedisError, OSError) as exc:
+                if self._replicas is not None:
+                    await self._replicas.aclose()
+                if self._owned:
+                    await close_client(self._client)
+            except FAILURES as exc:
                 raise StateStoreError(f"Redis state store: close failed: {exc}") from exc
