@@ -394,6 +394,8 @@ class RedisStateStore(IStateStore):
         Raises:
             ValidationError: ``context`` is not a valid saga; nothing was written.
             StateStoreError: Redis failed; nothing was written.
+            NotReplicatedError: too few replicas acknowledged it in time (``min_replicas``); it was
+                written on the primary.
         """
         storable(context)
         count = await self._partition_count(write=True)
@@ -450,6 +452,8 @@ class RedisStateStore(IStateStore):
 
         Raises:
             StateStoreError: Redis failed; nothing was deleted.
+            NotReplicatedError: too few replicas acknowledged it in time (``min_replicas``); it was
+                deleted on the primary.
         """
         count = await self._partition_count(write=False)
         if count is None:
@@ -558,6 +562,10 @@ class RedisStateStore(IStateStore):
                 partition's may be written and another's not; a script error half way (a key of the
                 wrong type written by someone else) keeps the writes before it. Both are safe:
                 redelivered, the writes that were made come back as duplicates.
+            NotReplicatedError: with ``min_replicas``, fewer replicas acknowledged the writes within
+                ``wait_timeout``: they stand on the primary but are not taken as written (a failover
+                could lose them); retried, they come back as duplicates, and count once the replicas
+                have them.
         """
         if not writes:
             return []
