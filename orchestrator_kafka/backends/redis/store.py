@@ -256,12 +256,15 @@ class RedisStateStore(IStateStore):
         await self.connect()
         return await self._execute(*args, **options)
 
-    async def _write(self, op: str, partition: int, *args: str | bytes | int, wrote: Any = _always) -> Any:
+    async def _write(
+        self, op: str, partition: int, *args: str | bytes | int, wrote: Callable[[Any], bool] = _always
+    ) -> Any:
         """Run ``op`` of the store's script on ``partition``'s keys as :meth:`_script` does; with
         ``min_replicas``, on the same connection then WAIT for them (replication.py), and raise
         :class:`NotReplicatedError` when fewer acknowledge it in time. ``wrote``: see
-        :func:`~.replication.write_and_wait`."""
-        await self.connect()
+        :meth:`~.replication.Replicas.write_and_wait`."""
+        if not self._ready:
+            await self.connect()
         replicas = self._replicas
         if replicas is None:
             return await self._script(op, partition, *args)
