@@ -32,7 +32,7 @@ from .graph import mermaid
 from .loading import load_handlers, load_workflows
 from .models import SagaEvent
 from .repair_cli import retry, skip
-from .settings import ENV_VARS, Settings, parse_retention
+from .settings import ENV_VARS, Settings, parse_min_replicas, parse_retention
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -77,7 +77,11 @@ def _configure_logging(level: str) -> None:
 @click.option(
     "--bootstrap-servers", metavar="HOST:PORT", help=f"Kafka brokers [env {ENV_VARS['bootstrap_servers']}]."
 )
-@click.option("--redis-url", metavar="URL", help=f"Redis [env {ENV_VARS['redis_url']}].")
+@click.option(
+    "--redis-url",
+    metavar="URL[,URL...]",
+    help=f"Redis, or start-up nodes of a Redis Cluster, comma-separated [env {ENV_VARS['redis_url']}].",
+)
 @click.option("--topic-prefix", metavar="PREFIX", help=f"Topic name prefix [env {ENV_VARS['topic_prefix']}].")
 @click.option("--key-prefix", metavar="PREFIX", help=f"Redis key prefix [env {ENV_VARS['key_prefix']}].")
 @click.option(
@@ -90,6 +94,12 @@ def _configure_logging(level: str) -> None:
     metavar="SECONDS|none",
     help=f"Keep a failed saga this long (default 30 days) [env {ENV_VARS['failed_retention']}].",
 )
+@click.option(
+    "--min-replicas",
+    metavar="N|auto",
+    help="Redis replicas each write waits for (default auto: 1 when every primary has one, else 0) "
+    f"[env {ENV_VARS['min_replicas']}].",
+)
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -99,6 +109,7 @@ def cli(
     key_prefix: str | None,
     retention: str | None,
     failed_retention: str | None,
+    min_replicas: str | None,
 ) -> None:
     """A saga orchestrator on Apache Kafka and Redis.
 
@@ -119,6 +130,8 @@ def cli(
         for name, raw in (("retention", retention), ("failed_retention", failed_retention)):
             if raw is not None:
                 overrides[name] = parse_retention("--" + name.replace("_", "-"), raw)
+        if min_replicas is not None:
+            overrides["min_replicas"] = parse_min_replicas("--min-replicas", min_replicas)
     except OrchestratorError as exc:
         raise _fail(str(exc)) from None
     ctx.obj = Settings(**{**_as_dict(settings), **overrides})

@@ -47,6 +47,8 @@ DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
 DEFAULT_FAILED_RETENTION_SECONDS = 30 * 24 * 3600
 # How long a claimed timer is leased before another orchestrator may fire it again.
 TIMER_LEASE_SECONDS = 30.0
+# How long a write waits for its min_replicas replicas to acknowledge it (Redis WAIT) before it fails.
+DEFAULT_WAIT_TIMEOUT = 1.0
 # Largest message accepted off the wire.
 MAX_MESSAGE_BYTES = 1_000_000
 

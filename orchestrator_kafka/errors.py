@@ -6,7 +6,8 @@ Every error the library raises on purpose derives from :class:`OrchestratorError
      ├── ValidationError          bad input: a definition, an argument, a message body
      ├── WorkflowExecutionError   a saga cannot do what was asked (start, cancel) in its state
      ├── StateStoreError          the state store failed or is unreachable
-     │    └── StoreFullError      the state store refuses writes: it is out of memory
+     │    ├── StoreFullError      the state store refuses writes: it is out of memory
+     │    └── NotReplicatedError  too few replicas acknowledged a write (min_replicas) in time
      ├── ConfigurationError       a backend is set up in a way that would break a promise
      ├── EventBusError            the event bus failed or is unreachable
      └── DecodeError              a message on the wire cannot be understood (goes to the DLQ)
@@ -40,6 +41,15 @@ class StoreFullError(StateStoreError):
 
     Nothing of the refused call was written. It passes once memory frees: the orchestrator commits
     nothing for what was refused, retries with backoff and resumes by itself.
+    """
+
+
+class NotReplicatedError(StateStoreError):
+    """Fewer replicas than the store's ``min_replicas`` acknowledged a write in time (Redis ``WAIT``).
+
+    The write was made on the primary, but a failover could lose it, so it is not taken as written: the
+    orchestrator publishes nothing of it, commits nothing, and retries with backoff; the retried writes
+    come back as duplicates and are published once the replicas have them.
     """
 
 

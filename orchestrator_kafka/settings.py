@@ -34,6 +34,7 @@ ENV_KEY_PREFIX = "ORCHESTRATOR_KEY_PREFIX"
 ENV_PARTITIONS = "ORCHESTRATOR_PARTITIONS"
 ENV_RETENTION = "ORCHESTRATOR_RETENTION"
 ENV_FAILED_RETENTION = "ORCHESTRATOR_FAILED_RETENTION"
+ENV_MIN_REPLICAS = "ORCHESTRATOR_MIN_REPLICAS"
 ENV_SECURITY_PROTOCOL = "KAFKA_SECURITY_PROTOCOL"
 ENV_SASL_MECHANISM = "KAFKA_SASL_MECHANISM"
 ENV_SASL_USERNAME = "KAFKA_SASL_USERNAME"
@@ -57,6 +58,8 @@ class Settings:
     retention: int | None = DEFAULT_RETENTION_SECONDS
     failed_retention: int | None = DEFAULT_FAILED_RETENTION_SECONDS
     partitions: int = 4
+    # Replicas each Redis write waits for (WAIT); None: 1 when every primary has a replica, else 0.
+    min_replicas: int | None = None
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -94,6 +97,7 @@ class Settings:
             key_prefix=self.key_prefix,
             retention=self.retention,
             failed_retention=self.failed_retention,
+            min_replicas=self.min_replicas,
         )
 
     @classmethod
@@ -111,6 +115,8 @@ class Settings:
                 continue
             if field.name in ("retention", "failed_retention"):
                 values[field.name] = parse_retention(ENV_VARS[field.name], raw)
+            elif field.name == "min_replicas":
+                values[field.name] = parse_min_replicas(ENV_VARS[field.name], raw)
             elif field.name in ("partitions", "health_port"):
                 try:
                     values[field.name] = int(raw)
@@ -137,6 +143,21 @@ def parse_retention(name: str, raw: str) -> int | None:
     return int(text)
 
 
+def parse_min_replicas(name: str, raw: str) -> int | None:
+    """A replica count as an operator writes it: a whole number of at least 0, or ``auto`` (1 when
+    every Redis primary has a replica, else 0).
+
+    Raises:
+        ValidationError: anything else, named ``name``.
+    """
+    text = raw.strip().lower()
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise ValidationError(f"{name} must be a whole number of at least 0 or 'auto', not {raw!r}")
+    return int(text)
+
+
 ENV_VARS: dict[str, str] = {
     "bootstrap_servers": ENV_BOOTSTRAP_SERVERS,
     "redis_url": ENV_REDIS_URL,
@@ -145,6 +166,7 @@ ENV_VARS: dict[str, str] = {
     "retention": ENV_RETENTION,
     "failed_retention": ENV_FAILED_RETENTION,
     "partitions": ENV_PARTITIONS,
+    "min_replicas": ENV_MIN_REPLICAS,
     "security_protocol": ENV_SECURITY_PROTOCOL,
     "sasl_mechanism": ENV_SASL_MECHANISM,
     "sasl_username": ENV_SASL_USERNAME,

@@ -28,6 +28,8 @@ from orchestrator_kafka import InMemoryEventBus, InMemoryStateStore
 from orchestrator_kafka.constants import DEDUPE_TTL_SECONDS
 from orchestrator_kafka.ports import IEventBus, IStateStore
 
+from .redis_cluster import Cluster, private_cluster, shared_cluster
+
 if TYPE_CHECKING:
     from orchestrator_kafka import RedisStateStore
 
@@ -152,25 +154,31 @@ class RedisStores:
     """Makes RedisStateStores on the test Redis under one key prefix of their own (so tests can share
     the server); :meth:`close` closes them and deletes every key under the prefix."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, cluster: bool = False) -> None:
         self.url = url
+        self.cluster = cluster  # a Redis Cluster: its keys are scanned and deleted node by node
         self.prefix = unique("k")
         self._made: list[RedisStateStore] = []
 
-    def __call__(self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS, **kwargs: Any) -> RedisStateStore:
-        """A store under the prefix, on 4 partitions unless told; ``kwargs`` go to RedisStateStore (a
-        ``client``, say)."""
+    def __call__(
+        self, *, dedupe_ttl: int = DEDUPE_TTL_SECONDS, url: str | None = None, **kwargs: Any
+    ) -> RedisStateStore:
+        """A store under the prefix, on 4 partitions unless told, on the stores' Redis unless ``url``
+        names its start-up nodes otherwise; ``kwargs`` go to RedisStateStore (a ``client``, say)."""
         from orchestrator_kafka import RedisStateStore
 
         kwargs.setdefault("partitions", 4)
-        made = RedisStateStore(self.url, key_prefix=self.prefix, dedupe_ttl=dedupe_ttl, **kwargs)
+        made = RedisStateStore(url or self.url, key_prefix=self.prefix, dedupe_ttl=dedupe_ttl, **kwargs)
         self._made.append(made)
         return made
 
     async def _each_key(self, do: Callable[[Any, bytes], Awaitable[object]]) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.cluster import RedisCluster
 
-        client = aioredis.from_url(self.url)
+        client: Any = (
+            RedisCluster.from_url(self.url.split(",")[0]) if self.cluster else aioredis.from_url(self.url)
+        )
         try:
             async for key in client.scan_iter(match=f"{self.prefix}:*", count=1000):
                 await do(client, key)
@@ -199,6 +207,40 @@ class RedisStores:
 async def redis_stores() -> AsyncIterator[RedisStores]:
     """Makes Redis stores under a key prefix of their own, and cleans up after them."""
     stores = RedisStores(require_redis())
+    try:
+        yield stores
+    finally:
+        await stores.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """A Redis Cluster: the one ``CLUSTER_REDIS_URL`` names, else six redis-servers of this session's
+    own (tests/redis_cluster.py)."""
+    shared = shared_cluster()
+    if shared is not None:
+        yield shared
+        return
+    with private_cluster() as made:
+        yield made
+
+
+@pytest.fixture(scope="session")
+def faulty_cluster(redis_cluster: Cluster) -> Iterator[Cluster]:
+    """A Redis Cluster whose nodes a test may stop and kill: always a private one (never a shared
+    cluster), healthy again after each test that hurt it."""
+    if redis_cluster.private:
+        yield redis_cluster
+        return
+    with private_cluster() as made:
+        yield made
+
+
+@pytest.fixture
+async def cluster_stores(redis_cluster: Cluster) -> AsyncIterator[RedisStores]:
+    """Makes Redis stores on the Redis Cluster under a key prefix of their own, and cleans up after
+    them."""
+    stores = RedisStores(redis_cluster.url, cluster=True)
     try:
         yield stores
     finally:

@@ -33,7 +33,7 @@ from orchestrator_kafka.backends.redis.packing import (
 from orchestrator_kafka.backends.redis.partitions import partition_of
 from orchestrator_kafka.backends.redis.script import SCRIPT
 from orchestrator_kafka.context import LateCompensation, SagaContext, StepStatus, WorkflowState
-from orchestrator_kafka.errors import StateStoreError, ValidationError
+from orchestrator_kafka.errors import NotReplicatedError, StateStoreError, ValidationError
 from orchestrator_kafka.ports import OutboxMessage, Timer, TransitionWrite
 
 from ..contract.test_state_store import every_method, msg, saga
@@ -303,3 +303,21 @@ async def test_unreachable_redis_raises_state_store_error() -> None:
         assert "Connection" in str(info.value)
     assert time.monotonic() - started < 10.0
     await dead.close()
+
+
+def test_start_up_nodes_from_a_url_list_and_startup_nodes() -> None:
+    from orchestrator_kafka.backends.redis.connect import parse_target
+
+    target = parse_target("redis://:pw@a:7000/0, b:7001,rediss://c", ["d:7003", "redis://e:7004"])
+    assert target.nodes == [("a", 7000), ("b", 7001), ("c", 6379), ("d", 7003), ("e", 7004)]
+    assert target.urls[1] == "redis://b:7001"  # a bare host:port takes the first URL's scheme
+    for bad in ("", "http://a:1", "redis://a:port"):
+        with pytest.raises(ValidationError):
+            parse_target(bad)
+    with pytest.raises(ValidationError, match="min_replicas"):
+        RedisStateStore(min_replicas=-1)
+    with pytest.raises(ValidationError, match="wait_timeout"):
+        RedisStateStore(wait_timeout=0)
+    made = RedisStateStore("redis://a:7000,b:7001", cluster=True, min_replicas=2)
+    assert (made.cluster, made.min_replicas) == (True, 2)  # told: nothing to ask on first use
+    assert issubclass(NotReplicatedError, StateStoreError)

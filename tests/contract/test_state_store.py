@@ -836,3 +836,14 @@ class TestRedisStateStore(StateStoreContract):
     @pytest.fixture
     async def stores(self, redis_stores: RedisStores) -> AsyncIterator[Stores]:
         yield redis_stores
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+class TestRedisClusterStateStore(StateStoreContract):
+    """The same contract on a Redis Cluster (three primaries with a replica each): the store finds
+    out it is one, and waits for a replica after each write (min_replicas 1 by default there)."""
+
+    @pytest.fixture
+    async def stores(self, cluster_stores: RedisStores) -> AsyncIterator[Stores]:
+        yield cluster_stores

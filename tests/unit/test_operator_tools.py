@@ -49,6 +49,19 @@ def test_retention_settings_flags_and_their_errors() -> None:
     assert result.exit_code == 1 and "--failed-retention must be" in result.output
 
 
+def test_min_replicas_setting_flag_and_their_errors() -> None:
+    assert Settings().min_replicas is None  # auto: decided by the store on first use
+    assert Settings.from_env({"ORCHESTRATOR_MIN_REPLICAS": "auto"}).min_replicas is None
+    settings = Settings.from_env({"ORCHESTRATOR_MIN_REPLICAS": "2"})
+    assert settings.min_replicas == 2 and settings.state_store().min_replicas == 2
+    assert Settings.from_env({"ORCHESTRATOR_MIN_REPLICAS": "0"}).state_store().min_replicas == 0
+    for bad in ("-1", "one", "1.5"):
+        with pytest.raises(ValidationError, match=f"ORCHESTRATOR_MIN_REPLICAS must be .* not '{bad}'"):
+            Settings.from_env({"ORCHESTRATOR_MIN_REPLICAS": bad})
+    result = CliRunner().invoke(cli, ["--min-replicas", "many", "list"])
+    assert result.exit_code == 1 and "--min-replicas must be" in result.output
+
+
 def graph_of(*args: str) -> str:
     result = CliRunner().invoke(cli, ["graph", *args])
     assert result.exit_code == 0, result.output

@@ -38,6 +38,7 @@ EXPECTED = {
     "InMemoryStateStore",
     "KafkaEventBus",
     "NonRetryableError",
+    "NotReplicatedError",
     "Orchestrator",
     "OrchestratorError",
     "RedisStateStore",

@@ -30,6 +30,7 @@ _OUTBOXES: Final = ":outboxes"
 _TIMERS: Final = ":timers"
 _TIMER_ENTRIES: Final = ":timer"
 _PARTITIONS: Final = ":partitions"
+_BARRIER: Final = ":barrier"
 
 
 class RedisKeys:
@@ -52,6 +53,8 @@ class RedisKeys:
                                                           st, score = when the saga entered st (its
                                                           updated_at, epoch ms)
         workflows(n)        P:{pn}:workflows        set   every workflow id that has had a saga here
+        barrier(n)          P:{pn}:barrier          str   "1", written before a WAIT that must cover
+                                                          an earlier write (replication.py)
 
     A saga's partition is its Kafka partition (murmur2 of its id modulo the partition count), so one
     partition's batch touches one Redis Cluster slot, and one script call writes it. A saga's own keys
@@ -110,9 +113,13 @@ class RedisKeys:
     def index(self, partition: int, state: str, workflow_id: str) -> str:
         return f"{self.tagged(partition)}{_INDEX}{state!s}:{workflow_id}"
 
+    def barrier(self, partition: int) -> str:
+        return self.tagged(partition) + _BARRIER
 
-# Built by Python alone: the script never reads the partition count or makes a partition's prefix.
-PYTHON_ONLY: Final = frozenset({"partitions", "tagged"})
+
+# Built by Python alone: the script never reads the partition count or the barrier, or makes a
+# partition's prefix.
+PYTHON_ONLY: Final = frozenset({"barrier", "partitions", "tagged"})
 
 
 def _lua(text: str) -> str:

@@ -21,11 +21,9 @@ from typing import Any, Final, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.client import NEVER_DECODE
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 from ...constants import (
     DEDUPE_TTL_SECONDS,
@@ -33,6 +31,7 @@ from ...constants import (
     DEFAULT_KEY_PREFIX,
     DEFAULT_REDIS_URL,
     DEFAULT_RETENTION_SECONDS,
+    DEFAULT_WAIT_TIMEOUT,
     ENV_REDIS_URL,
 )
 from ...context import SagaContext, WorkflowState, storable
@@ -41,9 +40,21 @@ from ...paging import DEFAULT_PAGE_LIMIT, merge_page, page_query
 from ...ports import IStateStore
 from ...values import ApplyResult, PendingOutbox, Timer, TransitionWrite
 from ..retention import check_retention
+from .connect import FAILURES, Client, close_client, connect, is_cluster, parse_target, server_client
 from .keys import RedisKeys
-from .packing import STATUS, Messages, compact_json, epoch_ms, load_timer, messages_of, pack, saga_json
+from .packing import (
+    STATUS,
+    Messages,
+    Outcome,
+    compact_json,
+    epoch_ms,
+    load_timer,
+    messages_of,
+    pack,
+    saga_json,
+)
 from .partitions import partition_of
+from .replication import Replicas, default_min_replicas, load_everywhere
 from .script import SCRIPT, SHA
 
 __all__ = ["RedisStateStore"]
@@ -69,6 +80,17 @@ def _failed(op: str, exc: Exception) -> StateStoreError:
     return StateStoreError(message)
 
 
+def _wrote(reply: Any) -> bool:
+    """Whether an apply reply shows the call wrote, or had nothing to guard: only duplicates (their
+    outboxes published again) with no write beside them need a barrier before WAIT (replication.py)."""
+    statuses = {r[0] for r in reply}
+    return Outcome.APPLIED in statuses or Outcome.DUPLICATE not in statuses
+
+
+def _always(reply: Any) -> bool:
+    return True
+
+
 def _corrupt(op: str, exc: Exception) -> StateStoreError:
     return StateStoreError(f"Redis state store: {op}: a stored entry or the reply cannot be decoded: {exc}")
 
@@ -77,7 +99,22 @@ class RedisStateStore(IStateStore):
     """A state store in Redis: versioned atomic transitions, event dedupe, outboxes, timers, indexes.
 
     ``url`` defaults to the ``REDIS_URL`` environment variable, else ``redis://localhost:6379/0``; pass
-    ``client`` to use a client of your own (then :meth:`close` leaves it open). A saga's record
+    ``client`` to use a client of your own, one server's or a ``redis.asyncio.cluster.RedisCluster``
+    (then :meth:`close` leaves it open).
+
+    **Redis Cluster.** On first use the store asks the first start-up node that answers whether it runs
+    in cluster mode (``INFO cluster``), and on a cluster works through redis-py's cluster client, with
+    the same API and guarantees; ``cluster=True`` (or False) says so instead of asking. Start-up nodes
+    are ``url`` (one URL, or several separated by commas; any node of the cluster will do) and
+    ``startup_nodes`` (URLs or ``host:port``): name several, and a store starting while one is down
+    still connects. Every key one script call touches is one partition's, so in one slot.
+
+    **Replicas.** After each write (:meth:`apply`, :meth:`save_context`, :meth:`delete_context`) the store
+    waits, with Redis ``WAIT``, until ``min_replicas`` replicas of the primary that took it have it, for
+    at most ``wait_timeout`` seconds; fewer is a failed write (:class:`NotReplicatedError`), never a
+    silent pass. ``min_replicas=None`` (the default) is decided on first use: 1 when every primary has a
+    replica connected, else 0 (0 waits for nothing). It narrows what a failover can lose; it does not
+    make Redis linearizable (see :mod:`.replication`). A saga's record
     remembers its last ``EVENTS_KEPT`` (16) applied events, as digests, to recognise a redelivered one;
     an older duplicate is the engine's to recognise from the saga itself. A deleted saga's recent
     events stay known for ``dedupe_ttl`` seconds.
@@ -97,8 +134,9 @@ class RedisStateStore(IStateStore):
 
     Raises:
         ValidationError: ``dedupe_ttl`` is not positive, a retention is not a positive whole number of
-            seconds or None, ``partitions`` is not a positive whole number, or ``key_prefix`` is empty
-            or holds a brace.
+            seconds or None, ``partitions`` is not a positive whole number, ``key_prefix`` is empty
+            or holds a brace, a start-up node is not a Redis URL, ``min_replicas`` is not a whole
+            number of at least 0 or None, or ``wait_timeout`` is not positive.
     """
 
     def __init__(
@@ -109,8 +147,12 @@ class RedisStateStore(IStateStore):
         retention: int | None = DEFAULT_RETENTION_SECONDS,
         failed_retention: int | None = DEFAULT_FAILED_RETENTION_SECONDS,
         partitions: int | None = None,
-        client: aioredis.Redis | None = None,
+        client: Client | None = None,
         dedupe_ttl: int = DEDUPE_TTL_SECONDS,
+        startup_nodes: Sequence[str] = (),
+        cluster: bool | None = None,
+        min_replicas: int | None = None,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     ) -> None:
         if partitions is not None and (
             isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1
@@ -128,23 +170,30 @@ class RedisStateStore(IStateStore):
         self._retain = (str(retention or 0), str(failed_retention or 0))
         self._keys = RedisKeys(key_prefix)
         self._ttl = str(int(dedupe_ttl))
+        if min_replicas is not None and (
+            isinstance(min_replicas, bool) or not isinstance(min_replicas, int) or min_replicas < 0
+        ):
+            raise ValidationError(f"min_replicas must be a whole number of at least 0, not {min_replicas!r}")
+        if not wait_timeout > 0:
+            raise ValidationError(f"wait_timeout must be a positive number of seconds, not {wait_timeout!r}")
+        self._min_replicas = min_replicas
+        self._wait_ms = max(1, round(wait_timeout * 1000))  # WAIT's 0 would wait for ever
         self._owned = client is None
         self._closed = False
+        self._target = parse_target(url or os.environ.get(ENV_REDIS_URL) or DEFAULT_REDIS_URL, startup_nodes)
+        self._cluster = cluster if client is None else is_cluster(client)
         if client is None:
-            client = aioredis.Redis.from_url(
-                url or os.environ.get(ENV_REDIS_URL) or DEFAULT_REDIS_URL,
-                socket_connect_timeout=5.0,
-                socket_timeout=10.0,
-                health_check_interval=30,
-                # One retry on a dropped connection only: a timeout is not retried (a dead Redis must
-                # fail fast). Re-sending a script whose reply was lost is safe: its applied writes come
-                # back as duplicates (their event ids are recorded), acks are idempotent, and timers a
-                # lost claim leased fire again when the lease ends.
-                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1, (RedisConnectionError,)),
-            )
-        self._client: aioredis.Redis = client
-        # redis-py leaves execute_command untyped; every reply here is decoded by its caller.
-        self._execute = cast("Callable[..., Awaitable[Any]]", client.execute_command)
+            # One server's client, made now (it connects on first use); replaced on first use by a
+            # cluster client if the server says it runs in cluster mode.
+            client = server_client(self._target.urls[0])
+        self._client: Client = client
+        self._connecting: asyncio.Lock | None = None
+        self._replicas: Replicas | None = None  # with min_replicas, once connected
+        self._ready = False
+        # Until the first call has found out what Redis is (connect()), every command goes there first;
+        # then straight to the client. redis-py leaves execute_command untyped; every reply here is
+        # decoded by its caller.
+        self._execute: Callable[..., Awaitable[Any]] = self._first_execute
 
     @property
     def key_prefix(self) -> str:
@@ -156,7 +205,82 @@ class RedisStateStore(IStateStore):
         """The names of the keys this store uses (for operators and tests)."""
         return self._keys
 
+    @property
+    def min_replicas(self) -> int | None:
+        """How many replicas must acknowledge each write; None until found out on first use."""
+        return self._min_replicas
+
+    @property
+    def cluster(self) -> bool | None:
+        """Whether Redis is a Redis Cluster; None until found out on first use."""
+        return self._cluster
+
     # ------------------------------------------------------------ plumbing
+
+    async def connect(self) -> None:
+        """Find out what Redis is, once: a cluster or one server (unless told), and ``min_replicas``
+        (unless given); load the script on every node. Every method does this first by itself.
+
+        Raises:
+            StateStoreError: Redis failed, or no start-up node answered.
+            ValidationError: a cluster named with a database other than 0.
+        """
+        self._check_open()
+        if self._ready:
+            return
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._ready:
+                return
+            try:
+                client = self._client
+                if self._owned:
+                    made = cast("aioredis.Redis", client)
+                    client = await connect(self._target, self._cluster, made)
+                    if client is not made:
+                        self._client = client
+                        await made.aclose()
+                self._cluster = is_cluster(client)
+                if self._min_replicas is None:
+                    self._min_replicas = await default_min_replicas(client)
+                if self._min_replicas:
+                    self._replicas = Replicas(client, self._min_replicas, self._wait_ms)
+                await load_everywhere(client, SCRIPT)
+            except FAILURES as exc:
+                raise _failed("connect", exc) from exc
+            self._execute = cast("Callable[..., Awaitable[Any]]", client.execute_command)
+            self._ready = True
+
+    async def _first_execute(self, *args: Any, **options: Any) -> Any:
+        await self.connect()
+        return await self._execute(*args, **options)
+
+    async def _write(
+        self, op: str, partition: int, *args: str | bytes | int, wrote: Callable[[Any], bool] = _always
+    ) -> Any:
+        """Run ``op`` of the store's script on ``partition``'s keys as :meth:`_script` does; with
+        ``min_replicas``, on the same connection then WAIT for them (replication.py), and raise
+        :class:`NotReplicatedError` when fewer acknowledge it in time. ``wrote``: see
+        :meth:`~.replication.Replicas.write_and_wait`."""
+        if not self._ready:
+            await self.connect()
+        replicas = self._replicas
+        if replicas is None:
+            return await self._script(op, partition, *args)
+        self._check_open()
+        tagged = self._keys.tagged(partition)
+        slot_key = self._keys.outboxes(partition)
+        try:
+            return await replicas.write_and_wait(
+                slot_key,
+                ("EVALSHA", SHA, 1, slot_key, op, tagged, *args),
+                SCRIPT,
+                barrier_key=self._keys.barrier(partition),
+                wrote=wrote,
+            )
+        except FAILURES as exc:
+            raise _failed(op, exc) from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -180,7 +304,7 @@ class RedisStateStore(IStateStore):
                 # First use on this server, or after SCRIPT FLUSH / a restart: NOSCRIPT means nothing ran.
                 await execute("SCRIPT", "LOAD", SCRIPT)
                 return await execute("EVALSHA", SHA, 1, slot_key, op, tagged, *args, **raw)
-        except (RedisError, OSError) as exc:
+        except FAILURES as exc:
             raise _failed(op, exc) from exc
 
     async def use_partitions(self, count: int) -> None:
@@ -252,7 +376,7 @@ class RedisStateStore(IStateStore):
         self._check_open()
         try:
             return await self._execute(*args, **({NEVER_DECODE: True} if raw else {}))
-        except (RedisError, OSError) as exc:
+        except FAILURES as exc:
             raise _failed(str(args[0]), exc) from exc
 
     @staticmethod
@@ -273,11 +397,13 @@ class RedisStateStore(IStateStore):
         Raises:
             ValidationError: ``context`` is not a valid saga; nothing was written.
             StateStoreError: Redis failed; nothing was written.
+            NotReplicatedError: too few replicas acknowledged it in time (``min_replicas``); it was
+                written on the primary.
         """
         storable(context)
         count = await self._partition_count(write=True)
         assert count is not None  # a write has a count, or raised
-        await self._script(
+        await self._write(
             "save",
             partition_of(context.transaction_id, count),
             context.transaction_id,
@@ -329,12 +455,14 @@ class RedisStateStore(IStateStore):
 
         Raises:
             StateStoreError: Redis failed; nothing was deleted.
+            NotReplicatedError: too few replicas acknowledged it in time (``min_replicas``); it was
+                deleted on the primary.
         """
         count = await self._partition_count(write=False)
         if count is None:
             return False
         return bool(
-            await self._script("delete", partition_of(transaction_id, count), transaction_id, self._ttl)
+            await self._write("delete", partition_of(transaction_id, count), transaction_id, self._ttl)
         )
 
     async def list_contexts(self, workflow_id: str | None = None, state: str | None = None) -> list[str]:
@@ -437,6 +565,10 @@ class RedisStateStore(IStateStore):
                 partition's may be written and another's not; a script error half way (a key of the
                 wrong type written by someone else) keeps the writes before it. Both are safe:
                 redelivered, the writes that were made come back as duplicates.
+            NotReplicatedError: with ``min_replicas``, fewer replicas acknowledged the writes within
+                ``wait_timeout``: they stand on the primary but are not taken as written (a failover
+                could lose them); retried, they come back as duplicates, and count once the replicas
+                have them.
         """
         if not writes:
             return []
@@ -447,7 +579,7 @@ class RedisStateStore(IStateStore):
         try:
             for p, at in groups.items():
                 batch, data = pack([writes[i] for i in at])
-                calls.append(self._script("apply", p, batch, data, *self._retain))
+                calls.append(self._write("apply", p, batch, data, *self._retain, wrote=_wrote))
         except orjson.JSONEncodeError as exc:  # an id
             for call in calls:
                 call.close()
@@ -567,36 +699,46 @@ class RedisStateStore(IStateStore):
         """Refuse a Redis that evicts keys when full: it would drop sagas (running ones included)
         silently. Only ``noeviction`` is safe; then a full Redis refuses writes, and the orchestrator
         retries until memory frees. A server that does not allow ``CONFIG GET`` (a managed Redis, an
-        ACL) cannot be checked: that is logged, and the check passes.
+        ACL) cannot be checked: that is logged, and the check passes. On a Redis Cluster every node is
+        asked, replicas included (a replica is promoted in a failover).
 
         Raises:
-            ConfigurationError: ``maxmemory-policy`` is not ``noeviction``.
+            ConfigurationError: ``maxmemory-policy`` is not ``noeviction`` (on a node of a cluster).
             StateStoreError: Redis could not be reached.
         """
-        self._check_open()
-        try:
-            reply = await self._execute("CONFIG", "GET", "maxmemory-policy")
-        except ResponseError as exc:  # NOPERM from an ACL, or CONFIG renamed or disabled
-            _log.warning(
-                "cannot read Redis's maxmemory-policy (%s): make sure it is noeviction, or a full Redis "
-                "will evict saga state",
-                exc,
-            )
-            return
-        except (RedisError, OSError) as exc:
-            raise _failed("CONFIG GET maxmemory-policy", exc) from exc
-        # CONFIG GET answers a flat [name, value] list (RESP2) or a map (RESP3); redis-py may make
-        # either a dict.
-        pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
-        policy = next((_text(v) for k, v in pairs if _text(k) == "maxmemory-policy"), None)
-        if policy is None:
-            _log.warning("Redis did not report its maxmemory-policy: make sure it is noeviction")
-        elif policy != "noeviction":
-            raise ConfigurationError(
-                f"Redis has maxmemory-policy {policy!r}: when full it would evict keys, and with them "
-                "sagas, their outboxes and timers, silently. Set 'maxmemory-policy noeviction' (a full "
-                "Redis then refuses writes, and the orchestrator waits and retries until memory frees)"
-            )
+        await self.connect()
+        client = self._client
+        # None: the one server; on a cluster, each node by its name.
+        nodes: list[Any] = client.get_nodes() if isinstance(client, RedisCluster) else [None]
+        for node in nodes:
+            where = "Redis" if node is None else f"the Redis Cluster node {node.name}"
+            whose = "Redis's" if node is None else f"{where}'s"
+            target = {} if node is None else {"target_nodes": node}
+            try:
+                reply = await self._execute("CONFIG", "GET", "maxmemory-policy", **target)
+            except ResponseError as exc:  # NOPERM from an ACL, or CONFIG renamed or disabled
+                _log.warning(
+                    "cannot read %s maxmemory-policy (%s): make sure it is noeviction, or a full Redis "
+                    "will evict saga state",
+                    whose,
+                    exc,
+                )
+                return
+            except FAILURES as exc:
+                raise _failed("CONFIG GET maxmemory-policy", exc) from exc
+            # CONFIG GET answers a flat [name, value] list (RESP2) or a map (RESP3); redis-py may make
+            # either a dict.
+            pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+            policy = next((_text(v) for k, v in pairs if _text(k) == "maxmemory-policy"), None)
+            if policy is None:
+                _log.warning("%s did not report its maxmemory-policy: make sure it is noeviction", where)
+            elif policy != "noeviction":
+                raise ConfigurationError(
+                    f"{where} has maxmemory-policy {policy!r}: when full it would evict keys, and with "
+                    "them sagas, their outboxes and timers, silently. Set 'maxmemory-policy noeviction' "
+                    "(a full Redis then refuses writes, and the orchestrator waits and retries until "
+                    "memory frees)"
+                )
 
     async def close(self) -> None:
         """Release the connections of a client this store made (a client passed in stays open);
@@ -608,8 +750,11 @@ class RedisStateStore(IStateStore):
         if self._closed:
             return
         self._closed = True
-        if self._owned:
+        if self._owned or self._replicas is not None:
             try:
-                await self._client.aclose()
-            except (RedisError, OSError) as exc:
+                if self._replicas is not None:
+                    await self._replicas.aclose()
+                if self._owned:
+                    await close_client(self._client)
+            except FAILURES as exc:
                 raise StateStoreError(f"Redis state store: close failed: {exc}") from exc
