@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import struct
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import IntEnum
@@ -27,6 +28,7 @@ from ...values import ApplyStatus, OutboxMessage, Timer, TransitionWrite
 from ..writes import check_write
 
 __all__ = [
+    "ACK_FORMAT",
     "DIGEST_LEN",
     "STATUS",
     "Outcome",
@@ -44,6 +46,7 @@ __all__ = [
     "lua_definitions",
     "messages_of",
     "pack",
+    "pack_acks",
     "retention_kind",
     "saga_json",
 ]
@@ -118,8 +121,8 @@ def retention_kind(state: WorkflowState) -> int | None:
 def lua_definitions() -> str:
     """Lua source that defines ``W``, ``T``, ``R`` and ``RF``: the names of :class:`WriteField`,
     :class:`TimerField`, :class:`Outcome` and :class:`RecordField` with their numbers;
-    ``RECORD_FIELDS``, ``EVENTS_KEPT``, ``DIGEST_LEN`` and ``SEP`` (:data:`RECORD_SEP`); and
-    ``FINAL``, each ended state's :func:`retention_kind`."""
+    ``RECORD_FIELDS``, ``EVENTS_KEPT``, ``DIGEST_LEN`` and ``SEP`` (:data:`RECORD_SEP`);
+    ``ACK_FORMAT`` (:data:`ACK_FORMAT`); and ``FINAL``, each ended state's :func:`retention_kind`."""
     enums = "\n".join(
         f"local {name} = {{{', '.join(f'{m.name} = {m.value}' for m in enum)}}}"
         for name, enum in (("W", WriteField), ("T", TimerField), ("R", Outcome), ("RF", RecordField))
@@ -127,9 +130,39 @@ def lua_definitions() -> str:
     enums += (
         f"\nlocal RECORD_FIELDS = {len(RecordField)}\nlocal EVENTS_KEPT = {EVENTS_KEPT}"
         f"\nlocal DIGEST_LEN = {DIGEST_LEN}\nlocal SEP = '{RECORD_SEP.decode()}'"
+        f"\nlocal ACK_FORMAT = '{ACK_FORMAT}'"
     )
     final = ", ".join(f"{s.value} = {kind}" for s in WorkflowState if (kind := retention_kind(s)) is not None)
     return f"{enums}\nlocal FINAL = {{{final}}}"
+
+
+# ---------------------------------------------------------------- acknowledgements
+#
+# A batch of outbox acknowledgements is packed with Lua's struct library's format (struct.unpack reads it
+# in C): per acknowledgement the outbox id, a double (exact to 2**53, as Lua's numbers are), then the
+# transaction id's length and bytes ('c0' takes the length read just before it). Acknowledgements are
+# sent once per batch: a JSON document would cost the script a cjson.decode and a table per entry.
+
+#: The format of one acknowledgement, as Lua's struct.unpack and Python's struct (without the 'c0') read it.
+ACK_FORMAT: Final = ">dHc0"
+_ACK_HEAD: Final = struct.Struct(ACK_FORMAT[:-2])
+
+
+def pack_acks(acks: Sequence[tuple[str, int]]) -> bytes:
+    """``acks``, (transaction id, outbox id) pairs, as the script's ``ack`` operation reads them.
+
+    Raises:
+        ValidationError: an outbox id is not a whole number, or a transaction id is too long.
+    """
+    parts: list[bytes] = []
+    head = _ACK_HEAD.pack
+    try:
+        for tx, outbox_id in acks:
+            raw = tx.encode()
+            parts += (head(int(outbox_id), len(raw)), raw)
+    except (struct.error, TypeError, ValueError) as exc:
+        raise ValidationError(f"an outbox acknowledgement cannot be packed: {exc}") from None
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------- entries
