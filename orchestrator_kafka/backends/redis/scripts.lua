@@ -149,8 +149,9 @@ end
 -- `only`, that entry alone (an older one may be another writer's, not published yet). Returns how many.
 -- An acknowledgement `only` (the orchestrator's own, after every batch) leaves the saga in K.outboxes:
 -- its next write would add it back, and the sweep ('pending') takes out a saga whose outbox is empty.
--- Checking for an empty outbox and taking the saga out here cost two commands per step (a tenth of
--- Redis's CPU per step, measured by replaying the hot path's calls).
+-- Checking for an empty outbox and taking the saga out here cost two commands per step: 3.4-3.9 us of
+-- Redis's ~45 us per step in a replay of the hot path's calls, of which the sweep's taking out the
+-- saga later costs back ~7 us once per saga (BENCHMARKS.md, 2026-12-06, night).
 local function ack(acks, only)
   local pos, n, count = 1, #acks, 0
   while pos <= n do
