@@ -120,6 +120,26 @@ async def test_the_script_writes_exactly_the_keys_redis_keys_names(
     }
 
 
+async def test_an_own_acknowledgement_rides_on_the_next_write_and_the_sweep_drops_the_empty_outbox(
+    store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    """The orchestrator's acknowledgement of its own entry waits for the partition's next write and goes
+    with it; it leaves the saga in the set of outboxes, which the sweep (pending_outboxes) tidies."""
+    k, p = store.keys, partition_of("t1", 4)
+    await store.apply([create("t1", outbox=(msg(1),))])
+    acked = asyncio.ensure_future(store.ack_outbox([("t1", 1)], only=True))
+    await asyncio.sleep(0)
+    assert not acked.done()  # held for the next write of t1's partition
+    await store.apply([step("t1", 1, "e2", outbox=(msg(2),))])
+    await asyncio.wait_for(acked, 1.0)  # that write carried it
+    assert await cmd(raw, "ZCOUNT", k.outbox(p, "t1"), "-inf", "+inf") == 1  # entry 2 only
+    assert [(o.transaction_id, o.outbox_id) for o in await store.pending_outboxes()] == [("t1", 2)]
+    await store.ack_outbox([("t1", 2)], only=True)  # no write comes: sent alone
+    assert await cmd(raw, "SMEMBERS", k.outboxes(p)) == {b"t1"}
+    assert await store.pending_outboxes() == []
+    assert await cmd(raw, "SMEMBERS", k.outboxes(p)) == set()
+
+
 async def test_deleting_a_saga_deletes_its_keys(store: RedisStateStore, raw: aioredis.Redis) -> None:
     await store.apply([create("d1", outbox=(msg(1),), timers=(timer("d1", "dt", 1.0),))])
     assert await store.delete_context("d1") is True

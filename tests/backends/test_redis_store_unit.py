@@ -4,6 +4,7 @@ every state store does in tests/contract/test_state_store.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 import time
@@ -191,6 +192,32 @@ def test_a_record_reads_back_whole_and_stores_little_but_the_saga_s_own_values()
         SagaContext.from_json(saga_json("t", b"1:0" + b"7:pending" + b"1:w" + b"0:" + compact_json(empty)))
         == empty
     )
+
+
+def test_the_generated_field_filters_keep_exactly_the_fields_off_their_defaults() -> None:
+    """compact_json leaves defaults out through code generated from the dataclasses' fields: it must keep
+    what a plain comparison of every field with its default keeps."""
+
+    def reference(obj: object, apart: frozenset[str] = frozenset()) -> dict[str, Any]:
+        defaults: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory in (list, dict):
+                defaults[f.name] = {} if f.default_factory is dict else []
+        return {k: v for k, v in vars(obj).items() if k not in apart and defaults.get(k, reference) != v}
+
+    full = saga("t1", 4, WorkflowState.COMPENSATING)
+    full.error, full.cancel_requested, full.stage, full.parked = "boom", True, 2, "why"
+    full.late_runs["c"] = LateCompensation("a", command_id="c")
+    full.step("a").status = StepStatus.SUCCEEDED
+    full.step("a").dispatched_at = 3.5
+    full.step("b")
+    for s in (full, saga("t2", 1), SagaContext("t3", "w")):
+        assert packing._saga_fields(vars(s)) == reference(s, packing._IN_RECORD)
+        for rt in s.steps.values():
+            assert packing._step_fields(vars(rt)) == reference(rt)
+    assert packing._step_fields(vars(full.step("b"))) == {}
 
 
 def test_the_head_of_a_runs_command_ids_is_one_byte_and_reads_back_beside_a_users_run_id_key() -> None:

@@ -45,7 +45,8 @@ class RedisKeys:
         outbox(n, tx)       P:{pn}:o:<tx>           zset  score = outbox id (the version that wrote
                                                           it), member = an encoded outbox entry
         saga_timers(n, tx)  P:{pn}:t:<tx>           set   ids of the saga's live timers
-        outboxes(n)         P:{pn}:outboxes         set   tx ids whose outbox is not empty
+        outboxes(n)         P:{pn}:outboxes         set   tx ids whose outbox may not be empty (the
+                                                          sweep takes out those whose outbox is)
         timers(n)           P:{pn}:timers           zset  score = due time (epoch seconds), member =
                                                           timer id
         timer_entries(n)    P:{pn}:timer            hash  timer id -> an encoded Timer (packing.py)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import IntEnum
 from typing import Any, Final
@@ -27,6 +28,7 @@ from ...values import ApplyStatus, OutboxMessage, Timer, TransitionWrite
 from ..writes import check_write
 
 __all__ = [
+    "ACK_FORMAT",
     "DIGEST_LEN",
     "STATUS",
     "Outcome",
@@ -44,6 +46,7 @@ __all__ = [
     "lua_definitions",
     "messages_of",
     "pack",
+    "pack_acks",
     "retention_kind",
     "saga_json",
 ]
@@ -118,8 +121,8 @@ def retention_kind(state: WorkflowState) -> int | None:
 def lua_definitions() -> str:
     """Lua source that defines ``W``, ``T``, ``R`` and ``RF``: the names of :class:`WriteField`,
     :class:`TimerField`, :class:`Outcome` and :class:`RecordField` with their numbers;
-    ``RECORD_FIELDS``, ``EVENTS_KEPT``, ``DIGEST_LEN`` and ``SEP`` (:data:`RECORD_SEP`); and
-    ``FINAL``, each ended state's :func:`retention_kind`."""
+    ``RECORD_FIELDS``, ``EVENTS_KEPT``, ``DIGEST_LEN`` and ``SEP`` (:data:`RECORD_SEP`);
+    ``ACK_FORMAT`` (:data:`ACK_FORMAT`); and ``FINAL``, each ended state's :func:`retention_kind`."""
     enums = "\n".join(
         f"local {name} = {{{', '.join(f'{m.name} = {m.value}' for m in enum)}}}"
         for name, enum in (("W", WriteField), ("T", TimerField), ("R", Outcome), ("RF", RecordField))
@@ -127,9 +130,39 @@ def lua_definitions() -> str:
     enums += (
         f"\nlocal RECORD_FIELDS = {len(RecordField)}\nlocal EVENTS_KEPT = {EVENTS_KEPT}"
         f"\nlocal DIGEST_LEN = {DIGEST_LEN}\nlocal SEP = '{RECORD_SEP.decode()}'"
+        f"\nlocal ACK_FORMAT = '{ACK_FORMAT}'"
     )
     final = ", ".join(f"{s.value} = {kind}" for s in WorkflowState if (kind := retention_kind(s)) is not None)
     return f"{enums}\nlocal FINAL = {{{final}}}"
+
+
+# ---------------------------------------------------------------- acknowledgements
+#
+# A batch of outbox acknowledgements is packed with Lua's struct library's format (struct.unpack reads it
+# in C): per acknowledgement the outbox id, a double (exact to 2**53, as Lua's numbers are), then the
+# transaction id's length and bytes ('c0' takes the length read just before it). Acknowledgements are
+# sent once per batch: a JSON document would cost the script a cjson.decode and a table per entry.
+
+#: The format of one acknowledgement, as Lua's struct.unpack and Python's struct (without the 'c0') read it.
+ACK_FORMAT: Final = ">dHc0"
+_ACK_HEAD: Final = struct.Struct(ACK_FORMAT[:-2])
+
+
+def pack_acks(acks: Sequence[tuple[str, int]]) -> bytes:
+    """``acks``, (transaction id, outbox id) pairs, as the script's ``ack`` operation reads them.
+
+    Raises:
+        ValidationError: an outbox id is not a whole number, or a transaction id is too long.
+    """
+    parts: list[bytes] = []
+    head = _ACK_HEAD.pack
+    try:
+        for tx, outbox_id in acks:
+            raw = tx.encode()
+            parts += (head(int(outbox_id), len(raw)), raw)
+    except (struct.error, TypeError, ValueError) as exc:
+        raise ValidationError(f"an outbox acknowledgement cannot be packed: {exc}") from None
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------- entries
@@ -217,24 +250,46 @@ def event_digest(event_id: str) -> str:
     return base64.b64encode(raw).decode()
 
 
-def _defaults(cls: type) -> dict[str, Any]:
-    # The defaults a value can be compared with: constants and empty containers, not a timestamp.
-    found: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+def _default_dropper(
+    cls: type, apart: frozenset[str] = frozenset()
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A function from the ``__dict__`` of a ``cls`` to its fields that are neither in ``apart`` nor at
+    their default. A default is comparable when it is a constant or an empty container; a field whose
+    default is made otherwise (a timestamp) is always kept.
+
+    Generated code, one test per field, as :mod:`dataclasses` makes an ``__init__``: it runs for the saga
+    and each of its steps on every write, and a comprehension over the fields that looked each default up
+    took twice as long (4.4 against 2.0 us for a 3-step saga).
+    """
+    namespace: dict[str, Any] = {}
+    lines = ["def drop(d):", "    out = {}"]
+    for i, f in enumerate(dataclasses.fields(cls)):
+        name = f.name
+        if name in apart:
+            continue
         if f.default is not dataclasses.MISSING:
-            found[f.name] = f.default
+            default: Any = f.default
         elif f.default_factory in (list, dict):
-            found[f.name] = f.default_factory()
-    return found
-
-
-_NONE: Final = object()
-_SAGA_DEFAULTS: Final = _defaults(SagaContext)
-_STEP_DEFAULTS: Final = _defaults(StepRuntime)
+            default = f.default_factory()
+        else:
+            lines.append(f"    out[{name!r}] = d[{name!r}]")
+            continue
+        if default is None:
+            test = "v is not None"
+        else:
+            namespace[f"default_{i}"] = default
+            test = f"v != default_{i}"
+        lines += [f"    v = d[{name!r}]", f"    if {test}:", f"        out[{name!r}] = v"]
+    lines.append("    return out")
+    exec("\n".join(lines), namespace)  # the source is made above, from the class's own fields
+    drop: Callable[[dict[str, Any]], dict[str, Any]] = namespace["drop"]
+    return drop
 
 
 # The fields a record holds before the saga's JSON (and its key, the transaction id): left out of the JSON.
 _IN_RECORD: Final = frozenset({"transaction_id", "workflow_id", "state", "version"})
+_saga_fields: Final = _default_dropper(SagaContext, _IN_RECORD)
+_step_fields: Final = _default_dropper(StepRuntime)
 # Stands for the transaction id inside the JSON, where command ids repeat it. orjson escapes every
 # control character, so this byte never occurs in its output and the substitution reverses exactly.
 _TX: Final = b"\x01"
@@ -268,14 +323,11 @@ def compact_json(saga: SagaContext) -> bytes:
     Raises:
         orjson.JSONEncodeError: a value in the saga is not JSON-serialisable.
     """
-    saga_defaults, step_defaults, apart = _SAGA_DEFAULTS, _STEP_DEFAULTS, _IN_RECORD
-    fields = {k: v for k, v in saga.__dict__.items() if k not in apart and saga_defaults.get(k, _NONE) != v}
+    fields = _saga_fields(saga.__dict__)
     steps = fields.get("steps")
     if steps:
-        fields["steps"] = {
-            name: {k: v for k, v in rt.__dict__.items() if step_defaults.get(k, _NONE) != v}
-            for name, rt in steps.items()
-        }
+        step_fields = _step_fields
+        fields["steps"] = {name: step_fields(rt.__dict__) for name, rt in steps.items()}
     raw = orjson.dumps(fields, option=orjson.OPT_UTC_Z)
     tx = _escaped(saga.transaction_id)
     if saga.run_id:

@@ -40,6 +40,7 @@ from ...paging import DEFAULT_PAGE_LIMIT, merge_page, page_query
 from ...ports import IStateStore
 from ...values import ApplyResult, PendingOutbox, Timer, TransitionWrite
 from ..retention import check_retention
+from .acks import HOLD_SECONDS, Held, HeldAcks
 from .connect import FAILURES, Client, close_client, connect, is_cluster, parse_target, server_client
 from .keys import RedisKeys
 from .packing import (
@@ -51,6 +52,7 @@ from .packing import (
     load_timer,
     messages_of,
     pack,
+    pack_acks,
     saga_json,
 )
 from .partitions import partition_of
@@ -194,6 +196,8 @@ class RedisStateStore(IStateStore):
         # then straight to the client. redis-py leaves execute_command untyped; every reply here is
         # decoded by its caller.
         self._execute: Callable[..., Awaitable[Any]] = self._first_execute
+        # The acknowledgements of published entries, until the next write of their partition takes them.
+        self._held = HeldAcks(self._send_acks, HOLD_SECONDS)
 
     @property
     def key_prefix(self) -> str:
@@ -575,20 +579,32 @@ class RedisStateStore(IStateStore):
         groups = await self._grouped([w.transaction_id for w in writes], write=True)
         assert groups is not None  # a write has a count, or raised
         # Every partition's writes are packed, so checked, before any is sent.
-        calls = []
         try:
-            for p, at in groups.items():
-                batch, data = pack([writes[i] for i in at])
-                calls.append(self._write("apply", p, batch, data, *self._retain, wrote=_wrote))
+            packed = [(p, *pack([writes[i] for i in at])) for p, at in groups.items()]
         except orjson.JSONEncodeError as exc:  # an id
-            for call in calls:
-                call.close()
             raise ValidationError(f"a write cannot be encoded: {exc}") from exc
-        except ValidationError:
-            for call in calls:
-                call.close()
+        # Each call also carries the acknowledgements held for its partition (HeldAcks).
+        taken: list[Held] = []
+        calls = []
+        for p, batch, data in packed:
+            held = self._held.take(p)
+            acks = b""
+            if held is not None:
+                taken.append(held)
+                acks = held.packed
+            calls.append(self._write("apply", p, batch, data, *self._retain, acks, wrote=_wrote))
+        try:
+            by_partition = await asyncio.gather(*calls)
+        except Exception as exc:
+            for held in taken:
+                held.settle(exc)
             raise
-        by_partition = await asyncio.gather(*calls)
+        except BaseException:
+            for held in taken:
+                held.settle(StateStoreError("the write carrying outbox acknowledgements was cancelled"))
+            raise
+        for held in taken:
+            held.settle()
         replies: list[Any] = [None] * len(writes)
         for at, got in zip(groups.values(), by_partition, strict=True):
             if len(got) != len(at):
@@ -620,24 +636,32 @@ class RedisStateStore(IStateStore):
 
     async def ack_outbox(self, acks: Sequence[tuple[str, int]], *, only: bool = False) -> None:
         """Forget each saga's outbox entries up to ``outbox_id`` (with ``only``, just that one), in one
-        script call per partition.
+        script call per partition. Acknowledgements ``only`` of their own entries (the orchestrator's,
+        after each batch) wait up to 50 ms for the next write of their partition and go with it, so as
+        not to cost a call of their own (:mod:`.acks`); this returns once they are in Redis.
 
         Raises:
-            StateStoreError: Redis failed; nothing was acknowledged.
+            ValidationError: an outbox id is not a whole number.
+            StateStoreError: Redis failed; the acknowledgements of a partition whose call failed were
+                not made.
         """
         if not acks:
             return
         groups = await self._grouped([tx for tx, _ in acks], write=False)
         if groups is None:
             return
-        await asyncio.gather(
-            *(
-                self._script(
-                    "ack", p, orjson.dumps([[acks[i][0], int(acks[i][1])] for i in at]), "1" if only else "0"
-                )
-                for p, at in groups.items()
-            )
-        )
+        packed = {p: pack_acks([acks[i] for i in at]) for p, at in groups.items()}
+        if only:
+            held = {self._held.hold(p, data) for p, data in packed.items()}
+            # Shielded: a future is shared by every caller of its partition, and one caller cancelled
+            # must not cancel the others' acknowledgements.
+            await asyncio.gather(*(asyncio.shield(sent) for sent in held))
+            return
+        await asyncio.gather(*(self._script("ack", p, data, "0") for p, data in packed.items()))
+
+    async def _send_acks(self, partition: int, acks: bytes) -> None:
+        """Send held acknowledgements of ``partition`` (each of its entry alone) in a call of their own."""
+        await self._script("ack", partition, acks, "1")
 
     async def pending_outboxes(self, limit: int = 1000) -> list[PendingOutbox]:
         """Up to ``limit`` sagas whose outbox is not empty, each with all its messages, oldest first.
@@ -749,6 +773,7 @@ class RedisStateStore(IStateStore):
         """
         if self._closed:
             return
+        await self._held.flush()  # errors go to the acknowledgements' callers, who log them
         self._closed = True
         if self._owned or self._replicas is not None:
             try:
