@@ -6,7 +6,7 @@
 # Layout under $ORCHESTRATOR_KAFKA_HOME/run/cluster:
 #   cluster.id                                      the Kafka cluster id every node is formatted with
 #   kafka-<port>/{data,logs,kafka.pid,server.properties,log4j2.yaml}
-#   redis-<port>/{data,logs,redis.pid}              data/nodes.conf is the node's cluster state
+#   redis-<port>/{data,logs,redis.pid,redis.conf}   data/nodes.conf is the node's cluster state
 
 CLUSTER_RUN="$RUN_DIR/cluster"
 KAFKA_CLUSTER_PORT="${KAFKA_CLUSTER_PORT:-19092}"
@@ -177,11 +177,12 @@ cr_start() {
   port_open "$port" && die "redis-$port: port $port is taken by another program: free it"
   mkdir -p "$run/data" "$run/logs"
   rm -f "$run/redis.pid"
+  # the single node's redis.conf (AOF, noeviction) and cluster.conf (cluster mode) as one file: a
+  # redis-server reads one; nodes.conf lives in --dir
+  cat "$DEPLOY/redis/redis.conf" "$DEPLOY/redis/cluster.conf" >"$run/redis.conf"
   say "redis-$port: starting"
-  # the single node's redis.conf (AOF, noeviction) plus cluster mode; nodes.conf lives in --dir
-  if ! redis-server "$DEPLOY/redis/redis.conf" --port "$port" --dir "$run/data" \
+  if ! redis-server "$run/redis.conf" --port "$port" --dir "$run/data" \
       --pidfile "$run/redis.pid" --logfile "$run/logs/redis.log" --daemonize yes \
-      --cluster-enabled yes --cluster-config-file nodes.conf \
       --cluster-node-timeout "$REDIS_CLUSTER_NODE_TIMEOUT" \
       >"$run/logs/redis.out" 2>&1 </dev/null 8>&- 9>&-; then
     tail_log "$run/logs/redis.out" "$run/logs/redis.log"

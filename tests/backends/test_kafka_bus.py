@@ -667,8 +667,9 @@ def _services(command: str) -> int:
 @pytest.mark.kafka
 @pytest.mark.reliability
 async def test_publish_and_subscription_survive_a_broker_crash() -> None:
-    """On a private broker (KAFKA_OUTAGE_PORT, default 19392; never the shared one nor the cluster): SIGKILL it while
-    a publisher and a subscriber run, start it again, and check every acknowledged message arrives."""
+    """On a private broker (KAFKA_OUTAGE_PORT, default 19392; never the shared one, nor the cluster's
+    19092-19094): SIGKILL it while a publisher and a subscriber run, start it again, and check every
+    acknowledged message arrives."""
     was_up = await asyncio.to_thread(_services, "status") == 0
     if not was_up:
         assert await asyncio.to_thread(_services, "up") == 0, "could not start the private broker"
