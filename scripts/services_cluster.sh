@@ -123,23 +123,6 @@ ck_wait() {
   say "kafka cluster: ready, 3 brokers on 127.0.0.1:${KAFKA_CLUSTER_PORTS[0]}-${KAFKA_CLUSTER_PORTS[2]} ($((SECONDS - start))s)"
 }
 
-# ck_stop PORT TERM|KILL
-ck_stop() {
-  local port="$1" signal="$2" pid
-  if pid="$(ck_pid "$port")"; then
-    say "kafka-$port: SIG$signal pid $pid"
-    if [ "$signal" = KILL ]; then
-      kill -KILL "$pid" 2>/dev/null || true
-      STOP_TIMEOUT=5 stop_pid "kafka-$port" "$pid"
-    else
-      stop_pid "kafka-$port" "$pid"
-    fi
-  else
-    say "kafka-$port: already down"
-  fi
-  rm -f "$(ck_run "$port")/kafka.pid"
-}
-
 ck_status() {
   local port pid rc=0
   for port in "${KAFKA_CLUSTER_PORTS[@]}"; do
@@ -241,22 +224,6 @@ cr_wait() {
   say "redis cluster: ready, 6 nodes on 127.0.0.1:${REDIS_CLUSTER_PORTS[0]}-${REDIS_CLUSTER_PORTS[5]} ($((SECONDS - start))s)"
 }
 
-cr_stop() {
-  local port="$1" signal="$2" pid
-  if pid="$(cr_pid "$port")"; then
-    say "redis-$port: SIG$signal pid $pid"
-    if [ "$signal" = KILL ]; then
-      kill -KILL "$pid" 2>/dev/null || true
-      STOP_TIMEOUT=5 stop_pid "redis-$port" "$pid"
-    else
-      stop_pid "redis-$port" "$pid"
-    fi
-  else
-    say "redis-$port: already down"
-  fi
-  rm -f "$(cr_run "$port")/redis.pid"
-}
-
 cr_status() {
   local port pid rc=0 role
   for port in "${REDIS_CLUSTER_PORTS[@]}"; do
@@ -273,6 +240,35 @@ cr_status() {
 }
 
 # ---------------------------------------------------------------------------------------------
+
+node_run() { case "$1" in kafka-*) ck_run "${1#kafka-}" ;; redis-*) cr_run "${1#redis-}" ;; esac; }
+node_pid() { case "$1" in kafka-*) ck_pid "${1#kafka-}" ;; redis-*) cr_pid "${1#redis-}" ;; esac; }
+
+# cluster_stop TERM|KILL NODE...: signal every node first, then wait for each (SIGKILL after
+# SERVICES_STOP_TIMEOUT s). One at a time, the second Kafka node to stop would wait for a quorum that
+# the first took away; all at once they stop together, in seconds.
+cluster_stop() {
+  local signal="$1" node pid names=() pids=() i
+  shift
+  for node in "$@"; do
+    if pid="$(node_pid "$node")"; then
+      say "$node: SIG$signal pid $pid"
+      kill "-$signal" "$pid" 2>/dev/null || true
+      names+=("$node")
+      pids+=("$pid")
+    else
+      say "$node: already down"
+    fi
+    rm -f "$(node_run "$node")"/*.pid
+  done
+  for ((i = 0; i < ${#pids[@]}; i++)); do
+    if [ "$signal" = KILL ]; then
+      STOP_TIMEOUT=5 stop_pid "${names[i]}" "${pids[i]}"
+    else
+      stop_pid "${names[i]}" "${pids[i]}"
+    fi
+  done
+}
 
 # cluster_nodes TARGET: the nodes TARGET names (all, kafka, redis, kafka-<port>, redis-<port>)
 cluster_nodes() {
@@ -346,14 +342,7 @@ cluster_main() {
       ;;
     down | kill)
       cluster_lock
-      local signal=TERM
-      [ "$cmd" = kill ] && signal=KILL
-      for node in "${nodes[@]}"; do
-        case "$node" in
-          kafka-*) ck_stop "${node#kafka-}" "$signal" ;;
-          redis-*) cr_stop "${node#redis-}" "$signal" ;;
-        esac
-      done
+      if [ "$cmd" = kill ]; then cluster_stop KILL "${nodes[@]}"; else cluster_stop TERM "${nodes[@]}"; fi
       ;;
     restart)
       cluster_main down "$target"
@@ -368,13 +357,9 @@ cluster_main() {
       [ "$target" = all ] || [ "$target" = kafka ] || [ "$target" = redis ] ||
         die "clean --cluster takes all, kafka or redis (a single node cannot rejoin wiped)"
       cluster_main down "$target"
-      for node in "${nodes[@]}"; do
-        case "$node" in
-          kafka-*) rm -rf "$(ck_run "${node#kafka-}")" ;;
-          redis-*) rm -rf "$(cr_run "${node#redis-}")" ;;
-        esac
-      done
+      for node in "${nodes[@]}"; do rm -rf "$(node_run "$node")"; done
       if [ "$target" != redis ]; then rm -f "$CLUSTER_RUN/cluster.id"; fi
+      if [ "$target" != kafka ]; then rm -f "$CLUSTER_RUN/redis-create.out"; fi
       say "cluster: wiped ${target} under $CLUSTER_RUN"
       ;;
     env) cluster_print_env ;;
