@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/services for `--cluster`: a three-node Kafka and a six-node Redis Cluster on
 # loopback, for the multi-broker tests (issue 14). It reuses the helpers of scripts/services (pid_of,
 # alive, stop_pid, port_open, kafka_probe, kafka_fetch_jars, need_cmd, tail_log, say/warn/die); its
@@ -90,7 +91,7 @@ ck_start() {
   fi
   say "kafka-$port: starting (node $((idx + 1)), controller 127.0.0.1:$controller)"
   (
-    cd "$run"
+    cd "$run" || exit 1
     exec setsid nohup java "${jvm[@]}" -cp "$KAFKA_LIBS/*" kafka.Kafka "$run/server.properties"
   ) >"$run/logs/kafka.out" 2>&1 </dev/null 8>&- 9>&- &
   printf '%s\n' "$!" >"$run/kafka.pid"
