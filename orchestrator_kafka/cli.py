@@ -85,6 +85,13 @@ def _configure_logging(level: str) -> None:
 @click.option("--topic-prefix", metavar="PREFIX", help=f"Topic name prefix [env {ENV_VARS['topic_prefix']}].")
 @click.option("--key-prefix", metavar="PREFIX", help=f"Redis key prefix [env {ENV_VARS['key_prefix']}].")
 @click.option(
+    "--replication-factor",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Replicas of each topic created (default min(3, brokers); from 3 on, min.insync.replicas=2)"
+    f" [env {ENV_VARS['replication_factor']}].",
+)
+@click.option(
     "--retention",
     metavar="SECONDS|none",
     help=f"Keep an ended saga this long (default 7 days) [env {ENV_VARS['retention']}].",
@@ -107,6 +114,7 @@ def cli(
     redis_url: str | None,
     topic_prefix: str | None,
     key_prefix: str | None,
+    replication_factor: int | None,
     retention: str | None,
     failed_retention: str | None,
     min_replicas: str | None,
@@ -125,6 +133,7 @@ def cli(
             "redis_url": redis_url,
             "topic_prefix": topic_prefix,
             "key_prefix": key_prefix,
+            "replication_factor": replication_factor,
         }
         overrides = {k: v for k, v in overrides.items() if v}
         for name, raw in (("retention", retention), ("failed_retention", failed_retention)):

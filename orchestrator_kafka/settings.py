@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 ENV_TOPIC_PREFIX = "ORCHESTRATOR_TOPIC_PREFIX"
 ENV_KEY_PREFIX = "ORCHESTRATOR_KEY_PREFIX"
 ENV_PARTITIONS = "ORCHESTRATOR_PARTITIONS"
+ENV_REPLICATION_FACTOR = "ORCHESTRATOR_REPLICATION_FACTOR"
 ENV_RETENTION = "ORCHESTRATOR_RETENTION"
 ENV_FAILED_RETENTION = "ORCHESTRATOR_FAILED_RETENTION"
 ENV_MIN_REPLICAS = "ORCHESTRATOR_MIN_REPLICAS"
@@ -60,6 +61,9 @@ class Settings:
     partitions: int = 4
     # Replicas each Redis write waits for (WAIT); None: 1 when every primary has a replica, else 0.
     min_replicas: int | None = None
+    # Replicas of each topic the bus creates; None means min(3, brokers), with min.insync.replicas=2
+    # from three replicas on (see KafkaEventBus).
+    replication_factor: int | None = None
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -68,6 +72,10 @@ class Settings:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        if self.replication_factor is not None and self.replication_factor < 1:
+            raise ValidationError(
+                f"{ENV_REPLICATION_FACTOR} must be at least 1, not {self.replication_factor}"
+            )
         if not isinstance(logging.getLevelName(self.log_level.upper()), int):
             raise ValidationError(
                 f"{ENV_LOG_LEVEL} must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}"
@@ -81,6 +89,7 @@ class Settings:
             self.bootstrap_servers,
             topic_prefix=self.topic_prefix,
             partitions=self.partitions,
+            replication_factor=self.replication_factor,
             security_protocol=self.security_protocol,
             sasl_mechanism=self.sasl_mechanism,
             sasl_plain_username=self.sasl_username,
@@ -117,7 +126,7 @@ class Settings:
                 values[field.name] = parse_retention(ENV_VARS[field.name], raw)
             elif field.name == "min_replicas":
                 values[field.name] = parse_min_replicas(ENV_VARS[field.name], raw)
-            elif field.name in ("partitions", "health_port"):
+            elif field.name in ("partitions", "replication_factor", "health_port"):
                 try:
                     values[field.name] = int(raw)
                 except ValueError:
@@ -167,6 +176,7 @@ ENV_VARS: dict[str, str] = {
     "failed_retention": ENV_FAILED_RETENTION,
     "partitions": ENV_PARTITIONS,
     "min_replicas": ENV_MIN_REPLICAS,
+    "replication_factor": ENV_REPLICATION_FACTOR,
     "security_protocol": ENV_SECURITY_PROTOCOL,
     "sasl_mechanism": ENV_SASL_MECHANISM,
     "sasl_username": ENV_SASL_USERNAME,

@@ -289,14 +289,19 @@ def delete_test_topics() -> Iterator[None]:
     """Delete the session's topics at its end, so a long-lived broker does not pile up thousands; only
     this session's (named by unique()), never those of another session running on the same broker."""
     yield
-    host, _, port = KAFKA.split(",")[0].rpartition(":")
+    delete_session_topics(KAFKA)
+
+
+def delete_session_topics(bootstrap: str) -> None:
+    """Delete, on the brokers at ``bootstrap`` (when reachable), the topics this session made."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
     if not _reachable(host or "127.0.0.1", int(port)):
         return
 
     async def delete() -> None:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
             doomed = [

@@ -653,7 +653,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 # ---------------------------------------------------------------- broker outage (own broker)
 
-OUTAGE_PORT = int(os.environ.get("KAFKA_OUTAGE_PORT", "19092"))
+OUTAGE_PORT = int(os.environ.get("KAFKA_OUTAGE_PORT", "19392"))
 SERVICES = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "services")
 
 
@@ -667,8 +667,9 @@ def _services(command: str) -> int:
 @pytest.mark.kafka
 @pytest.mark.reliability
 async def test_publish_and_subscription_survive_a_broker_crash() -> None:
-    """On a private broker (KAFKA_OUTAGE_PORT, default 19092; never the shared one): SIGKILL it while
-    a publisher and a subscriber run, start it again, and check every acknowledged message arrives."""
+    """On a private broker (KAFKA_OUTAGE_PORT, default 19392; never the shared one, nor the cluster's
+    19092-19094): SIGKILL it while a publisher and a subscriber run, start it again, and check every
+    acknowledged message arrives."""
     was_up = await asyncio.to_thread(_services, "status") == 0
     if not was_up:
         assert await asyncio.to_thread(_services, "up") == 0, "could not start the private broker"

@@ -12,6 +12,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from orchestrator_kafka.backends.kafka import KafkaEventBus, publisher
+from orchestrator_kafka.backends.kafka.admin import replication
 from orchestrator_kafka.errors import EventBusError, ValidationError
 from orchestrator_kafka.values import InboundMessage, OutboxMessage
 
@@ -97,6 +98,32 @@ def test_settings_are_validated_and_env_is_read(monkeypatch: pytest.MonkeyPatch)
         sasl_plain_username="u",
         sasl_plain_password="p",
     )
+
+
+def test_replication_is_min_of_three_and_the_brokers_with_two_in_sync_from_three_replicas() -> None:
+    # The default: as many copies as there are brokers, up to three.
+    assert replication(None, 1) == (1, {})
+    assert replication(None, 2) == (2, {})
+    assert replication(None, 3) == (3, {"min.insync.replicas": "2"})
+    assert replication(None, 7) == (3, {"min.insync.replicas": "2"})
+    # A given factor wins; min.insync.replicas=2 only where a broker can be lost and 2 remain.
+    assert replication(1, 5) == (1, {})
+    assert replication(2, 5) == (2, {})
+    assert replication(5, 5) == (5, {"min.insync.replicas": "2"})
+    assert replication(None, 0) == (1, {})  # no broker listed yet: Kafka refuses with a clear error
+    assert KafkaEventBus().replication_factor is None
+    assert KafkaEventBus(replication_factor=2).replication_factor == 2
+    with pytest.raises(ValidationError, match="replication_factor"):
+        KafkaEventBus(replication_factor=0)
+
+
+async def test_the_producer_waits_for_every_in_sync_replica() -> None:
+    # acks=all (-1) with min.insync.replicas=2: an acknowledged message is on two brokers at least.
+    producer = KafkaEventBus("127.0.0.1:1")._make_producer()
+    try:
+        assert producer._sender._acks == -1
+    finally:
+        await producer.stop()
 
 
 # Kafka's own murmur2 test vectors (org.apache.kafka.common.utils.UtilsTest.testMurmur2): signed 32-bit.

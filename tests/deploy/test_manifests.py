@@ -21,6 +21,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import click
 import pytest
@@ -581,3 +582,105 @@ def test_dockerfile_healthcheck_gets_healthz_on_the_health_port(
     assert handler.paths == ["/healthz"]
     handler.status = 503
     assert run() != 0, "the healthcheck passes on a 503"
+
+
+# ---- the cluster variant: k8s/cluster, a kustomize overlay of k8s/ -------------------------------------
+
+CLUSTER = K8S / "cluster"
+# min_replicas (Redis WAIT before publishing) comes with the Redis Cluster store. Until Settings has it,
+# the overlay's variable is the name it is expected under; from then on it must be the setting's own.
+MIN_REPLICAS_VAR = ENV_VARS.get("min_replicas", "ORCHESTRATOR_MIN_REPLICAS")
+
+
+def overlay() -> dict[str, Any]:
+    (doc,) = load_yaml(CLUSTER / "kustomization.yaml")
+    assert doc["kind"] == "Kustomization"
+    assert isinstance(doc, dict)
+    return doc
+
+
+def overlay_patch(kind: str) -> dict[str, Any]:
+    (found,) = [
+        doc
+        for item in overlay()["patches"]
+        for doc in load_yaml(CLUSTER / item["path"])
+        if doc["kind"] == kind
+    ]
+    assert isinstance(found, dict)
+    return found
+
+
+def merged(base: Any, patch: Any) -> Any:
+    """A strategic-merge patch as far as these files use it: maps merge, everything else is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {k: merged(base[k], v) if k in base else v for k, v in patch.items()} | {
+            k: v for k, v in base.items() if k not in patch
+        }
+    return patch
+
+
+def cluster_configmap() -> dict[str, str]:
+    data = merged(configmap()["data"], overlay_patch("ConfigMap")["data"])
+    assert isinstance(data, dict)
+    return data
+
+
+def test_cluster_overlay_builds_on_the_base_and_patches_what_it_has() -> None:
+    doc = overlay()
+    assert (CLUSTER / doc["resources"][0]).resolve() == K8S, "the overlay does not start from deploy/k8s"
+    used = {*doc["resources"][1:], *(item["path"] for item in doc["patches"])}
+    present = {p.name for p in CLUSTER.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert used == present, f"listed {sorted(used)}, present {sorted(present)}"
+    base = {
+        (d["kind"], d["metadata"]["name"])
+        for p in K8S.glob("*.yaml")
+        if p.name != "kustomization.yaml"
+        for d in load_yaml(p)
+    }
+    for item in doc["patches"]:
+        for patch in load_yaml(CLUSTER / item["path"]):
+            assert (patch["kind"], patch["metadata"]["name"]) in base, f"{item['path']} patches nothing"
+
+
+def test_cluster_configmap_points_at_several_brokers_and_a_redis_cluster_with_replication() -> None:
+    data = cluster_configmap()
+    assert all(isinstance(v, str) for v in data.values()), "ConfigMap values must be strings (quote numbers)"
+    unknown = set(data) - APP_VARS - {MIN_REPLICAS_VAR}
+    assert not unknown, f"the cluster ConfigMap sets {sorted(unknown)}, not settings of the code"
+    settings = Settings.from_env(data)
+    brokers = settings.bootstrap_servers.split(",")
+    assert len(set(brokers)) >= 3, "list every broker: a client must start while one is down"
+    assert settings.replication_factor == 3
+    assert int(data[MIN_REPLICAS_VAR]) >= 1, "no Redis replica must hold a write before it counts"
+    url = urlparse(settings.redis_url)
+    assert url.scheme in ("redis", "rediss") and url.path in ("", "/", "/0"), "a Redis Cluster has db 0 only"
+    orchestrators = merged(deployment("orchestrator.yaml"), overlay_patch("Deployment"))["spec"]["replicas"]
+    assert settings.partitions >= 2 * orchestrators, "give each orchestrator several partitions"
+
+
+def test_cluster_orchestrators_spread_over_nodes_and_leave_one_at_a_time() -> None:
+    base = deployment("orchestrator.yaml")
+    doc = merged(base, overlay_patch("Deployment"))
+    assert doc["spec"]["replicas"] >= 3
+    labels = base["spec"]["template"]["metadata"]["labels"]
+    (spread,) = doc["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert doc["spec"]["template"]["spec"]["containers"] == base["spec"]["template"]["spec"]["containers"]
+    (pdb,) = load_yaml(CLUSTER / "pdb.yaml")
+    assert pdb["kind"] == "PodDisruptionBudget"
+    assert pdb["spec"]["selector"]["matchLabels"] == base["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["maxUnavailable"] == 1 < doc["spec"]["replicas"]
+
+
+def test_redis_cluster_conf_adds_cluster_mode_to_the_single_nodes_durability() -> None:
+    config = {
+        words[0].lower(): words[1:]
+        for name in ("redis.conf", "cluster.conf")
+        for line in (DEPLOY / "redis" / name).read_text(encoding="utf-8").splitlines()
+        if (words := shlex.split(line, comments=True))
+    }
+    assert config["cluster-enabled"] == ["yes"]
+    assert config["cluster-require-full-coverage"] == ["yes"]
+    assert (config["appendonly"], config["appendfsync"]) == (["yes"], ["always"])
+    assert config["maxmemory-policy"] == ["noeviction"]

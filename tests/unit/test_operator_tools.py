@@ -35,6 +35,23 @@ def test_settings_come_from_the_environment_and_keep_defaults_otherwise() -> Non
     assert set(ENV_VARS) == set(Settings.__dataclass_fields__)
 
 
+def test_replication_factor_setting_flag_and_errors() -> None:
+    assert Settings().replication_factor is None and Settings().event_bus().replication_factor is None
+    settings = Settings.from_env({"ORCHESTRATOR_REPLICATION_FACTOR": "2"})
+    assert settings.replication_factor == 2 and settings.event_bus().replication_factor == 2
+    for bad in ("0", "-1"):
+        with pytest.raises(ValidationError, match="ORCHESTRATOR_REPLICATION_FACTOR must be at least 1"):
+            Settings.from_env({"ORCHESTRATOR_REPLICATION_FACTOR": bad})
+    with pytest.raises(ValidationError, match="ORCHESTRATOR_REPLICATION_FACTOR must be a whole number"):
+        Settings.from_env({"ORCHESTRATOR_REPLICATION_FACTOR": "three"})
+    ctx = cli.make_context("orchestrator-kafka", ["--replication-factor", "3", "list"])
+    with ctx:
+        ctx.invoke(cli.callback, **ctx.params)  # type: ignore[arg-type]
+        assert ctx.obj.replication_factor == 3
+    result = CliRunner().invoke(cli, ["--replication-factor", "0", "list"])
+    assert result.exit_code == 2 and "--replication-factor" in result.output
+
+
 def test_retention_settings_flags_and_their_errors() -> None:
     defaults = Settings()
     assert (defaults.retention, defaults.failed_retention) == (7 * 24 * 3600, 30 * 24 * 3600)

@@ -1,5 +1,6 @@
-"""Topic admin: creating the bus's topics (``partitions`` x ``replication_factor``) when first used, and
-waiting until their partitions have leaders that serve them, with aiokafka's admin client."""
+"""Topic admin: creating the bus's topics (``partitions`` x ``replication_factor``, see
+:func:`replication`) when first used, and waiting until their partitions have leaders that serve them,
+with aiokafka's admin client."""
 
 from __future__ import annotations
 
@@ -20,21 +21,43 @@ from aiokafka.errors import (
 from ...errors import EventBusError
 from .aiokafka_workarounds import partitions_served
 
-__all__ = ["TopicAdmin"]
+__all__ = ["TopicAdmin", "replication"]
 
 _log = logging.getLogger("orchestrator_kafka.kafka")
 
 # Poll interval while waiting for a new topic's partitions to get leaders.
 _LEADER_POLL = 0.05
 
+# The default replication: three copies where there are three brokers (DESIGN section 10), and a write
+# acknowledged (acks=all) only once two of them have it, so one broker can be lost, or down for a
+# restart, without losing an acknowledged message or refusing writes.
+DEFAULT_MAX_REPLICAS = 3
+_MIN_INSYNC = 2
+
+
+def replication(replication_factor: int | None, brokers: int) -> tuple[int, dict[str, str]]:
+    """The replication factor and topic configs of a new topic.
+
+    ``replication_factor`` None means min(3, ``brokers``). A topic of three replicas or more gets
+    ``min.insync.replicas=2``: with the producer's ``acks=all`` a write then survives the loss of any one
+    broker. Fewer replicas keep the broker's default (1), since 2 of 2 would refuse every write while
+    one broker is down. ``brokers`` are those in the metadata when the topic is created: while one of
+    three is down, a new topic gets two replicas (Kafka would refuse three).
+    """
+    factor = replication_factor if replication_factor is not None else min(DEFAULT_MAX_REPLICAS, brokers)
+    factor = max(factor, 1)
+    configs = {"min.insync.replicas": str(_MIN_INSYNC)} if factor >= DEFAULT_MAX_REPLICAS else {}
+    return factor, configs
+
 
 class TopicAdmin:
     """The bus's admin client and the topics known to exist; :meth:`ensure` creates the others.
 
-    ``timeout`` bounds a CreateTopics request and the wait for the new partitions' leaders.
+    ``timeout`` bounds a CreateTopics request and the wait for the new partitions' leaders;
+    ``replication_factor`` None means min(3, brokers) (see :func:`replication`).
     """
 
-    def __init__(self, *, partitions: int, replication_factor: int, timeout: float) -> None:
+    def __init__(self, *, partitions: int, replication_factor: int | None, timeout: float) -> None:
         self._partitions = partitions
         self._replication_factor = replication_factor
         self._timeout = timeout
@@ -65,7 +88,12 @@ class TopicAdmin:
         """Issue one CreateTopics request; the names created now or already there. A topic "already
         there" may have been created by another client an instant ago, so its leaders are awaited too;
         topics this client may not create are left out (the operator manages them)."""
-        new = [NewTopic(n, self._partitions, self._replication_factor) for n in names]
+        brokers = 0
+        if self._replication_factor is None:
+            # Asked at each creation, not cached: a broker added since the last one counts.
+            brokers = len((await self.client.describe_cluster())["brokers"])
+        factor, configs = replication(self._replication_factor, brokers)
+        new = [NewTopic(n, self._partitions, factor, topic_configs=configs) for n in names]
         response = await self.client.create_topics(new, timeout_ms=int(self._timeout * 1000))
         present: list[str] = []
         for entry in response.topic_errors:

@@ -49,9 +49,11 @@ class KafkaEventBus(IEventBus):
     """An :class:`IEventBus` on Apache Kafka through aiokafka.
 
     ``bootstrap_servers`` None means ``$KAFKA_BOOTSTRAP_SERVERS`` or ``localhost:9092``. New topics get
-    ``partitions`` partitions and ``replication_factor`` replicas. The security settings go to the
-    producer, every consumer and the admin client alike. ``start_timeout`` bounds connecting, waiting for
-    a partition assignment, and how long ``stop`` waits for a batch in hand.
+    ``partitions`` partitions and ``replication_factor`` replicas; None (the default) means min(3, the
+    brokers in the metadata), and a topic of three replicas or more gets ``min.insync.replicas=2``, so
+    with the producer's ``acks=all`` an acknowledged message survives the loss of one broker. The security
+    settings go to the producer, every consumer and the admin client alike. ``start_timeout`` bounds
+    connecting, waiting for a partition assignment, and how long ``stop`` waits for a batch in hand.
 
     ``linger_ms`` (default 2) is how long the producer waits between two requests, but only under load
     (about 2,000 messages a second and more; see :mod:`.publisher`): when idle, each message goes at once.
@@ -73,7 +75,7 @@ class KafkaEventBus(IEventBus):
         *,
         topic_prefix: str = DEFAULT_TOPIC_PREFIX,
         partitions: int = 4,
-        replication_factor: int = 1,
+        replication_factor: int | None = None,
         client_id: str = "orchestrator-kafka",
         security_protocol: str = "PLAINTEXT",
         sasl_mechanism: str | None = None,
@@ -86,7 +88,7 @@ class KafkaEventBus(IEventBus):
         fetch_max_wait_ms: int = _FETCH_MAX_WAIT_MS,
         start_timeout: float = 30.0,
     ) -> None:
-        if partitions < 1 or replication_factor < 1:
+        if partitions < 1 or (replication_factor is not None and replication_factor < 1):
             raise ValidationError("partitions and replication_factor must be at least 1")
         if start_timeout <= 0:
             raise ValidationError("start_timeout must be positive")

@@ -1,0 +1,167 @@
+"""The Kafka backend on three brokers (``scripts/services up --cluster``), with the single-node Redis: the
+event-bus contract, the topics' replication, sagas end to end, and a broker SIGKILLed under load.
+
+The Redis Cluster store is tested where it is built; here the saga state stays on the single Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from orchestrator_kafka import KafkaEventBus
+from orchestrator_kafka.ports import IEventBus
+
+from ..conftest import require_redis, unique
+from ..contract import test_event_bus as contract
+from ..reliability.harness import World
+from ..reliability.test_crash import cancel_holds, mix
+from .conftest import BROKERS, services
+
+pytestmark = [pytest.mark.cluster, pytest.mark.kafka]
+
+
+class TestClusterKafkaEventBus(contract.TestKafkaEventBus):
+    """Every event-bus contract test (and the Kafka bus's own) on the three brokers."""
+
+    @pytest.fixture
+    async def make_bus(self, cluster_kafka: str) -> AsyncIterator[contract.BusFactory]:
+        made: list[IEventBus] = []
+
+        def make() -> IEventBus:
+            bus = KafkaEventBus(cluster_kafka, topic_prefix=unique("c"), partitions=4)
+            made.append(bus)
+            return bus
+
+        yield make
+        for bus in made:
+            await bus.stop()
+
+
+# ---------------------------------------------------------------- replication
+
+
+async def layout(bootstrap: str, topics: list[str]) -> dict[str, tuple[set[int], str]]:
+    """Each topic's replica counts (over its partitions) and its min.insync.replicas."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+        replicas = {t["topic"]: {len(p["replicas"]) for p in t["partitions"]} for t in described}
+        answers = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, {"min.insync.replicas": None}) for t in topics]
+        )
+        insync: dict[str, str] = {}
+        for answer in answers:
+            # (error_code, error_message, resource_type, resource_name, [(name, value, ...), ...])
+            for resource in answer.resources:
+                entries = {entry[0]: entry[1] for entry in resource[4]}
+                insync[resource[3]] = entries["min.insync.replicas"]
+        return {t: (replicas[t], insync[t]) for t in topics}
+    finally:
+        await admin.close()
+
+
+async def test_topics_get_three_replicas_and_two_in_sync_by_default(cluster_kafka: str) -> None:
+    assert BROKERS == 3
+    default = KafkaEventBus(cluster_kafka, topic_prefix=unique("c"), partitions=4)
+    single = KafkaEventBus(cluster_kafka, topic_prefix=unique("c"), partitions=4, replication_factor=1)
+    try:
+        await default.start()
+        await single.start()
+        replicated, unreplicated = unique("topic"), unique("topic")
+        await default.ensure_topics([replicated])
+        await single.ensure_topics([unreplicated])
+        got = await layout(cluster_kafka, [replicated, unreplicated])
+    finally:
+        await default.stop()
+        await single.stop()
+    assert got[replicated] == ({3}, "2")
+    assert got[unreplicated] == ({1}, "1")  # the brokers' default: 2 of 1 would refuse every write
+
+
+# ---------------------------------------------------------------- sagas
+
+
+@pytest.fixture
+async def world(cluster_kafka: str, tmp_path: Path) -> AsyncIterator[World]:
+    """Orchestrator and worker processes on the three brokers, the saga state on the single Redis."""
+    redis_url = require_redis()
+    made = World(cluster_kafka, redis_url, redis_url, tmp_path)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+async def world_topics(world: World) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=world.bootstrap)
+    await admin.start()
+    try:
+        return sorted(t for t in await admin.list_topics() if t.startswith(f"{world.prefix}."))
+    finally:
+        await admin.close()
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(300)
+async def test_sagas_run_end_to_end_on_three_brokers(world: World) -> None:
+    await world.up(orchestrators=1, workers=1)
+    ids = await world.submit(mix(60))
+    await cancel_holds(world, ids)
+    report = await world.verify(ids)
+    assert sum(report.states.values()) == 60 and report.states.get("completed", 0) >= 30
+    topics = await world_topics(world)
+    assert {f"{world.prefix}.results", f"{world.prefix}.events", f"{world.prefix}.start"} <= set(topics)
+    # Every topic the orchestrator, the workers and the client made: three copies, two in sync.
+    got = await layout(world.bootstrap, topics)
+    assert all(replicas == ({3}, "2") for replicas in got.values()), got
+
+
+async def leader_of(bootstrap: str, topic: str) -> int:
+    """The broker port that leads partition 0 of ``topic``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+        leader = next(p["leader"] for p in described["partitions"] if p["partition"] == 0)
+        cluster: Any = await admin.describe_cluster()
+        return int(next(b["port"] for b in cluster["brokers"] if b["node_id"] == leader))
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def whole_cluster_after() -> Iterator[None]:
+    """Whatever a fault test does, the cluster is whole again after it (for the tests that follow)."""
+    yield
+    services("up", "kafka")
+
+
+@pytest.mark.redis
+@pytest.mark.reliability
+@pytest.mark.timeout(420)
+async def test_a_broker_killed_under_load_loses_and_repeats_no_transition(
+    world: World, whole_cluster_after: None
+) -> None:
+    """SIGKILL the broker leading the results' partition 0 while sagas run, start more while it is down
+    (two of three replicas in sync suffice for acks=all), bring it back: every saga ends, and each
+    transition was applied once (World.verify reads the audit topic against the saga versions)."""
+    await world.up(orchestrators=1, workers=1)
+    ids = await world.submit(mix(200))
+    await world.wait_progress(ids, at_least=40)
+    victim = await leader_of(world.bootstrap, f"{world.prefix}.results")
+    await asyncio.to_thread(services, "kill", f"kafka-{victim}")
+    more = await world.submit(mix(50))  # published with one broker of three down
+    await world.wait_progress(more, at_least=10)
+    await asyncio.to_thread(services, "up", "kafka")
+    await cancel_holds(world, [*ids, *more])
+    report = await world.verify([*ids, *more])
+    assert sum(report.states.values()) == 250
+    assert all(p.alive() for p in world.procs), world.tails()
