@@ -275,6 +275,7 @@ class Pipeline:
                 writes stand and are published again from the outbox when it is redelivered.
         """
         diverged: set[str] = set()
+        rechecked = False
         after, redo = order.after, order.redo
         for _ in range(_MAX_ROUNDS):
             retry: list[int] = []
@@ -322,9 +323,20 @@ class Pipeline:
             if publish:
                 await self._bus.publish(publish)
                 self._ack_later(written, list(acks.items()))
+            basis = decided.basis
+            if not retry and not rechecked:
+                # A result refused as another run's was decided on the state this instance kept, which
+                # may be its own guess: another instance that had the partition meanwhile may have
+                # started the saga under another run. Decided again on the stored saga, once the
+                # batch's own writes stand, it is a dead letter only if the store says so too.
+                rechecked, basis = True, Basis.STORED
+                if decided.basis is Basis.DECIDED or diverged:
+                    retry = [i for i, o in enumerate(work.outcomes) if o.problem == codec.OTHER_RUN]
+                    for i in retry:
+                        work.outcomes[i] = Outcome()
             if not retry:
                 return
-            decided = await self._decide_round(work, sorted(retry), decided.basis)
+            decided = await self._decide_round(work, sorted(retry), basis)
         raise StateStoreError(f"{len(decided.owners)} events still conflicted after {_MAX_ROUNDS} rounds")
 
     async def _apply(self, writes: Sequence[TransitionWrite]) -> list[ApplyResult]:

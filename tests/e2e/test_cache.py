@@ -325,3 +325,35 @@ async def test_an_instance_that_writes_over_another_ones_unpublished_write_leave
         await b.pipeline.drain(5.0)  # the acknowledgements are done
         left = {p.transaction_id: p.outbox_id for p in await store.pending_outboxes()}
     assert left.get("tx") == 1  # A's entry, unpublished, is still there
+
+
+async def test_a_result_of_the_run_another_instance_started_is_not_dead_lettered_on_a_stale_guess() -> None:
+    """This instance started the saga (run A) and keeps that state; meanwhile the saga was started under
+    another run (B) by an instance that had the partition, and B's is the one stored. A result of run B
+    decided on the kept run A looks like another run's: it is decided again on the stored saga, and
+    applied, rather than dead-lettered."""
+    workflow = WorkflowBuilder("wf").add_step("a", "wa").add_step("b", "wb").build()
+    store = InMemoryStateStore()
+    mine = Orchestrator(workflow, InMemoryEventBus(), store)
+    other = Orchestrator(workflow, InMemoryEventBus(), store)
+    await mine.start()
+    await other.event_bus.start()
+    try:
+        topics = mine.topics
+        await (await mine.pipeline.handle_batch([_inbound(topics.start, _start("tx", "s1"), 0)]))
+        assert "tx" in mine.pipeline.cached
+        guessed = await store.load_context("tx")
+        assert guessed is not None
+        # The other instance's run is the one stored (as if its write had won).
+        assert await store.delete_context("tx")
+        await other.process([_start("tx", "s2")])
+        stored = await store.load_context("tx")
+        assert stored is not None and stored.run_id != guessed.run_id
+        answer = InboundMessage(topics.results, 0, 0, b"tx", encode(result("tx", "a", stored.run_id)))
+        await (await mine.pipeline.handle_batch([answer]))
+        saga = await store.load_context("tx")
+        assert saga is not None and saga.completed == ["a"] and saga.run_id == stored.run_id
+        assert mine.event_bus.messages(topics.dlq) == []  # type: ignore[attr-defined]
+    finally:
+        await mine.stop()
+        await other.event_bus.stop()
