@@ -60,6 +60,32 @@ def cluster_kafka() -> str:
     return require_cluster_kafka()
 
 
+async def cluster_state(url: str, timeout: float = 5.0) -> str:
+    """What the Redis Cluster node at ``url`` says of the cluster (``CLUSTER INFO``), or why not."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        info = await client.execute_command("CLUSTER", "INFO")
+        return info.decode() if isinstance(info, bytes) else str(info)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not there"
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def cluster_redis() -> str:
+    """The Redis Cluster, once it says ``cluster_state:ok``; else the test fails."""
+    state = asyncio.run(cluster_state(CLUSTER_REDIS))
+    if "cluster_state:ok" not in state:
+        pytest.fail(
+            f"the Redis Cluster at {CLUSTER_REDIS} is not whole ({state.splitlines()[:2]}): run"
+            " 'scripts/services up --cluster' (or 'scripts/test')"
+        )
+    return CLUSTER_REDIS
+
+
 def services(*args: str, timeout: float = 300) -> str:
     """Run ``scripts/services ARGS --cluster`` (kill or bring back a node); its output."""
     done = subprocess.run(

@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from orchestrator_kafka import KafkaEventBus, RedisStateStore, SagaClient
 from orchestrator_kafka.context import SagaContext
@@ -137,6 +138,7 @@ class World:
     record_url: str  # where the handlers record their invocations; never restarted by a test
     logdir: Path
     partitions: int = 4
+    redis_cluster: bool = False  # the saga state is on a Redis Cluster (redis_url names a node of it)
     # Not unique("t"): the session-end cleanup of any other pytest session on this broker deletes every
     # "t-..." topic, including those of a test still running here. close() deletes these topics.
     prefix: str = field(default_factory=lambda: unique("rel"))
@@ -413,11 +415,16 @@ class World:
         await self._delete_topics()
         keys_of = f"{self.prefix}:*"
         for url in {self.redis_url, self.record_url}:
-            client = aioredis.from_url(url)
+            # On a Redis Cluster, SCAN goes to every primary and a pipeline splits the deletes by node.
+            cluster = self.redis_cluster and url == self.redis_url
+            client = RedisCluster.from_url(url) if cluster else aioredis.from_url(url)
             try:
                 keys = [k async for k in client.scan_iter(match=keys_of, count=1000)]
                 for i in range(0, len(keys), 1000):
-                    await client.delete(*keys[i : i + 1000])
+                    pipe = client.pipeline()
+                    for key in keys[i : i + 1000]:
+                        pipe.delete(key)
+                    await pipe.execute()
             except Exception:  # noqa: BLE001 - a private Redis may be gone already
                 pass
             finally:

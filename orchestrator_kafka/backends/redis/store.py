@@ -305,8 +305,10 @@ class RedisStateStore(IStateStore):
             try:
                 return await execute("EVALSHA", SHA, 1, slot_key, op, tagged, *args, **raw)
             except NoScriptError:
-                # First use on this server, or after SCRIPT FLUSH / a restart: NOSCRIPT means nothing ran.
-                await execute("SCRIPT", "LOAD", SCRIPT)
+                # First use on this server, or after SCRIPT FLUSH / a restart / a failover to a replica
+                # that never had it: NOSCRIPT means nothing ran. On a cluster SCRIPT LOAD has no key
+                # to route it by: it goes to every node.
+                await load_everywhere(self._client, SCRIPT)
                 return await execute("EVALSHA", SHA, 1, slot_key, op, tagged, *args, **raw)
         except FAILURES as exc:
             raise _failed(op, exc) from exc
