@@ -47,6 +47,9 @@ DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
 DEFAULT_FAILED_RETENTION_SECONDS = 30 * 24 * 3600
 # How long a claimed timer is leased before another orchestrator may fire it again.
 TIMER_LEASE_SECONDS = 30.0
+# How long a Redis store trusts what it knows of a partition's earliest timer (see claim_due_timers): at
+# most this much later than due, a timer another store wrote is fired.
+TIMER_RECHECK_SECONDS = 1.0
 # How long a write waits for its min_replicas replicas to acknowledge it (Redis WAIT) before it fails.
 DEFAULT_WAIT_TIMEOUT = 1.0
 # Largest message accepted off the wire.

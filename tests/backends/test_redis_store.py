@@ -351,3 +351,63 @@ async def test_client_cpu_per_transition(store: RedisStateStore, size: int) -> N
     )
     # Generous bound: DESIGN section 7 expects ~11-14 us; this only catches a gross regression.
     assert least < 100
+
+
+# ---------------------------------------------------------------- idle timer claims
+
+
+def counting_claims(store: RedisStateStore) -> list[int]:
+    """The partitions each of ``store``'s claim script calls went to, as they are made."""
+    calls: list[int] = []
+    script = store._script
+
+    async def counted(op: str, partition: int, *args: Any) -> Any:
+        if op == "claim":
+            calls.append(partition)
+        return await script(op, partition, *args)
+
+    store._script = counted  # type: ignore[method-assign]
+    return calls
+
+
+async def test_an_idle_store_asks_each_partition_once_a_recheck_interval(
+    redis_stores: RedisStores, store: RedisStateStore
+) -> None:
+    await store.apply([create("t1")])  # the partition count is known
+    calls = counting_claims(store)
+    assert await store.claim_due_timers(100.0, 10, 30.0) == []
+    assert sorted(calls) == [0, 1, 2, 3]
+    for now in (100.05, 100.5, 100.95):  # ticks of an idle orchestrator: nothing is due, nothing asked
+        assert await store.claim_due_timers(now, 10, 30.0) == []
+    assert len(calls) == 4
+    assert await store.claim_due_timers(101.0, 10, 30.0) == []  # a second later, asked again
+    assert len(calls) == 8
+
+
+async def test_a_timer_this_store_writes_is_claimed_when_due_without_waiting_for_the_recheck(
+    store: RedisStateStore,
+) -> None:
+    await store.apply([create("t0")])
+    assert await store.claim_due_timers(100.0, 10, 30.0) == []
+    await store.apply([create("t1", timers=(timer("t1", "tm", 100.2),))])
+    assert await store.claim_due_timers(100.1, 10, 30.0) == []
+    assert await store.claim_due_timers(100.2, 10, 30.0) == [timer("t1", "tm", 100.2)]
+
+
+async def test_a_timer_another_store_writes_is_claimed_after_the_recheck_at_most(
+    redis_stores: RedisStores, store: RedisStateStore
+) -> None:
+    other = redis_stores()
+    await store.apply([create("t0")])
+    assert await store.claim_due_timers(100.0, 10, 30.0) == []
+    await other.apply([create("t1", timers=(timer("t1", "tm", 100.2),))])
+    assert await store.claim_due_timers(100.5, 10, 30.0) == []  # not known here yet
+    assert await store.claim_due_timers(101.0, 10, 30.0) == [timer("t1", "tm", 100.2)]
+
+
+async def test_a_claim_that_meets_the_limit_asks_again_at_the_next_tick(store: RedisStateStore) -> None:
+    await store.apply([create(f"t{i}", timers=(timer(f"t{i}", f"tm{i}", 50.0),)) for i in range(8)])
+    got = await store.claim_due_timers(100.0, 3, 30.0)
+    assert len(got) == 3
+    rest = await store.claim_due_timers(100.05, 10, 30.0)
+    assert len(got) + len(rest) == 8

@@ -445,9 +445,10 @@ elseif op == 'pending' then
 
 elseif op == 'claim' then
   -- ARGV[3..5] = now, limit, lease end. Each due timer is pushed to the lease end (hidden from other
-  -- claims until then, and due again if its claimer dies) and returned. Reply: timer entries.
+  -- claims until then, and due again if its claimer dies) and returned. Reply: the due time of the
+  -- partition's earliest timer after the claim ('' for none), then the claimed timers' entries.
   local ids = redis.call('ZRANGEBYSCORE', K.timers, '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
-  local out = {}
+  local out = {''}
   for i = 1, #ids do
     local entry = redis.call('HGET', K.timer_entries, ids[i])
     if entry then
@@ -456,6 +457,10 @@ elseif op == 'claim' then
     else
       redis.call('ZREM', K.timers, ids[i])  -- no fields: nothing to fire
     end
+  end
+  local first = redis.call('ZRANGE', K.timers, 0, 0, 'WITHSCORES')
+  if first[2] then
+    out[1] = first[2]
   end
   return out
 end

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -33,6 +34,7 @@ from ...constants import (
     DEFAULT_RETENTION_SECONDS,
     DEFAULT_WAIT_TIMEOUT,
     ENV_REDIS_URL,
+    TIMER_RECHECK_SECONDS,
 )
 from ...context import SagaContext, WorkflowState, storable
 from ...errors import ConfigurationError, StateStoreError, StoreFullError, ValidationError
@@ -164,6 +166,11 @@ class RedisStateStore(IStateStore):
         self._wanted = partitions
         self._count: int | None = None
         self._next_claim = 0
+        # Per partition, the earliest due time of a timer known to this store and when it last asked
+        # (both on the clock claim_due_timers is given), and how often apply has lowered the first
+        # since (it writes timers while a claim is out): see claim_due_timers.
+        self._due: dict[int, tuple[float, float]] = {}
+        self._lowered: dict[int, int] = {}
         if dedupe_ttl <= 0:
             raise ValidationError(f"dedupe_ttl must be a positive number of seconds, not {dedupe_ttl!r}")
         self.retention: Final = check_retention("retention", retention)
@@ -585,6 +592,15 @@ class RedisStateStore(IStateStore):
             packed = [(p, *pack([writes[i] for i in at])) for p, at in groups.items()]
         except orjson.JSONEncodeError as exc:  # an id
             raise ValidationError(f"a write cannot be encoded: {exc}") from exc
+        # The timers written lower what claim_due_timers knows of their partition's earliest one.
+        due, lowered = self._due, self._lowered
+        for p, at in groups.items():
+            for i in at:
+                for timer in writes[i].timers:
+                    first, asked = due.get(p, (math.inf, -math.inf))
+                    if timer.due_at < first:
+                        due[p] = (timer.due_at, asked)
+                        lowered[p] = lowered.get(p, 0) + 1
         # Each call also carries the acknowledgements held for its partition (HeldAcks).
         taken: list[Held] = []
         calls = []
@@ -694,7 +710,10 @@ class RedisStateStore(IStateStore):
         """Claim up to ``limit`` timers due by ``now``, earliest first.
 
         Each claimed timer is rescheduled to ``now + lease``: hidden from other claims until then, and
-        due again if whoever claimed it dies. Only a write's ``cancel_timers`` deletes it.
+        due again if whoever claimed it dies. Only a write's ``cancel_timers`` deletes it. A partition
+        whose earliest timer this store knows (from its last claim there and the timers it wrote since)
+        is not due is skipped for up to ``TIMER_RECHECK_SECONDS``, so a timer written by another store
+        may fire up to that much late.
 
         Raises:
             StateStoreError: Redis failed; nothing was claimed.
@@ -706,12 +725,24 @@ class RedisStateStore(IStateStore):
         # Partition by partition until the limit, from a different one each time, so that a partition
         # with many due timers does not hold back the others' for good.
         start, self._next_claim = self._next_claim, self._next_claim + 1
+        now = float(now)
         for k in range(count):
             p = (start + k) % count
+            # A partition whose earliest timer is known not to be due is asked again only after
+            # TIMER_RECHECK_SECONDS: a timer this store writes lowers what it knows (apply), and one another
+            # store wrote (another orchestrator, during a handover) is found by then. Idle, an
+            # orchestrator then makes a call per partition a second, not one per partition a tick.
+            due, asked = self._due.get(p, (-math.inf, -math.inf))
+            if due > now and asked <= now < asked + TIMER_RECHECK_SECONDS:
+                continue
             left = int(limit) - len(entries)
-            entries.extend(
-                await self._script("claim", p, repr(float(now)), left, repr(float(now) + float(lease)))
-            )
+            lowered = self._lowered.get(p, 0)
+            reply = await self._script("claim", p, repr(now), left, repr(now + float(lease)))
+            first = float(reply[0]) if reply and reply[0] else math.inf
+            if self._lowered.get(p, 0) != lowered:  # a timer written meanwhile may not be in the reply
+                first = min(first, self._due[p][0])
+            self._due[p] = (first, now)
+            entries.extend(reply[1:])
             if len(entries) >= limit:
                 break
         try:
