@@ -5,9 +5,13 @@ usage: scripts/bench --cluster [--sagas N] [--inflight 500,1000] [--partitions 8
 
 This machine has two cores, so two orchestrators cannot run faster than one here: every process of the
 run (broker JVMs, Redis nodes, the worker, the driver) shares them. What scales on more machines is
-shown instead: the orchestrators' CPU per saga step does not grow with their number, and the work
-splits evenly between them (each one's share of the orchestrators' CPU). Topics get replication factor
-3, as the orchestrator gives them on three brokers, so every figure includes replication.
+shown instead: the work splits evenly between the orchestrators (each one's share of their CPU), and
+their CPU per saga step does not grow at the same load per orchestrator. Each level L runs three rows:
+one orchestrator with L sagas in flight; two sharing the same L (each sees half the load, so its
+batches are half as big and the fixed cost of a batch, a Redis call and a Kafka request, weighs more:
+the price of splitting a load that one process could carry); and two with 2L in flight, the same load
+per process, as N machines carrying N times the load would be. Topics get replication factor 3, as the
+orchestrator gives them on three brokers, so every figure includes replication.
 """
 
 from __future__ import annotations
@@ -49,8 +53,11 @@ async def main(args: argparse.Namespace) -> None:
     )
     await run_echo(2000, 200, args.partitions)  # warm-up, not reported
     for level in levels:
-        for orchestrators in (1, 2):
-            result = await run_sagas(args.sagas, level, args.partitions, orchestrators=orchestrators)
+        # One orchestrator; two sharing the same load; two with twice the load, the same per process.
+        for orchestrators, inflight in ((1, level), (2, level), (2, 2 * level)):
+            result = await run_sagas(
+                args.sagas * inflight // level, inflight, args.partitions, orchestrators=orchestrators
+            )
             print(row(result, orchestrators), flush=True)
     for prefix in USED_PREFIXES:
         await drop(prefix)
