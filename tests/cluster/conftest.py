@@ -100,3 +100,10 @@ def delete_cluster_test_topics() -> Iterator[None]:
     """The session's topics on the cluster go at its end, as those on the single node do."""
     yield
     delete_session_topics(CLUSTER_KAFKA)
+
+
+@pytest.fixture
+def whole_cluster_after() -> Iterator[None]:
+    """Whatever a fault test does, the cluster is whole again after it (for the tests that follow)."""
+    yield
+    services("up")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -41,13 +41,6 @@ async def world(cluster_kafka: str, cluster_redis: str, tmp_path: Path) -> Async
         yield made
     finally:
         await made.close()
-
-
-@pytest.fixture
-def whole_cluster_after() -> Iterator[None]:
-    """Whatever a fault test does, the cluster is whole again after it."""
-    yield
-    services("up", "redis")
 
 
 async def shares(world: World) -> list[int]:

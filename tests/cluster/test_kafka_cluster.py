@@ -7,7 +7,7 @@ The Redis Cluster store is tested where it is built; here the saga state stays o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -135,13 +135,6 @@ async def leader_of(bootstrap: str, topic: str) -> int:
         return int(next(b["port"] for b in cluster["brokers"] if b["node_id"] == leader))
     finally:
         await admin.close()
-
-
-@pytest.fixture
-def whole_cluster_after() -> Iterator[None]:
-    """Whatever a fault test does, the cluster is whole again after it (for the tests that follow)."""
-    yield
-    services("up", "kafka")
 
 
 @pytest.mark.redis

@@ -44,6 +44,18 @@ def failed_saga(**retry: Any) -> Driver:
     return d
 
 
+def compensating_a_late_success() -> Driver:
+    """A saga whose step a timed out for good and was compensated (the saga compensated), and whose
+    timed-out attempt then succeeded after all: the compensation of that late success is under way."""
+    d = Driver(timeout_workflow(max_retries=0))
+    d.start()
+    a1 = d.command("a")
+    d.fire(d.timer("a"))  # a times out for good: the saga rolls back
+    d.succeed("a", kind="compensate")
+    d.feed(result_event(a1, result={}))  # a's late success: an extra compensation
+    return d
+
+
 # ====================================================================== retry
 
 
@@ -108,12 +120,7 @@ def test_retry_resends_a_stuck_compensation() -> None:
 
 
 def test_retry_of_a_failed_late_compensation_ends_the_saga_once_it_is_undone() -> None:
-    d = Driver(timeout_workflow(max_retries=0))
-    d.start()
-    a1 = d.command("a")
-    d.fire(d.timer("a"))  # a times out for good: the saga rolls back
-    d.succeed("a", kind="compensate")
-    d.feed(result_event(a1, result={}))  # a's late success: an extra compensation
+    d = compensating_a_late_success()
     d.fail("a", kind="compensate", attempt="late-1.1")
     assert d.state == "failed"
     t = repair(d, "retry")
@@ -257,12 +264,7 @@ def test_a_client_side_check_needs_no_definition() -> None:
 
 
 def test_skip_of_a_failed_late_compensation_ends_the_failed_saga_as_its_rollback_did() -> None:
-    d = Driver(timeout_workflow(max_retries=0))
-    d.start()
-    a1 = d.command("a")
-    d.fire(d.timer("a"))
-    d.succeed("a", kind="compensate")
-    d.feed(result_event(a1, result={}))
+    d = compensating_a_late_success()
     d.fail("a", kind="compensate", attempt="late-1.1")
     assert d.state == "failed"
     t = repair(d, "skip_compensation", step="a", reason="undone by hand")
@@ -329,12 +331,7 @@ def test_retry_of_one_step_leaves_the_saga_failed_while_another_step_s_compensat
 def test_retry_ends_a_failed_saga_whose_failure_was_undone_after_all() -> None:
     # The late compensation that failed the saga succeeded after all: a retry was refused (nothing
     # failed) and the saga stayed failed for ever.
-    d = Driver(timeout_workflow(max_retries=0))
-    d.start()
-    a1 = d.command("a")
-    d.fire(d.timer("a"))
-    d.succeed("a", kind="compensate")
-    d.feed(result_event(a1, result={}))
+    d = compensating_a_late_success()
     late = d.command("a", "compensate", "late-1.1")
     d.fire(d.timer("a"))  # the late compensation times out, for good
     assert d.state == "failed"
