@@ -1,8 +1,8 @@
 """Sagas on the whole cluster (three brokers and the Redis Cluster of ``scripts/services up --cluster``):
 several orchestrator processes sharing the load, and under load a Redis primary SIGKILLed (its replica
-promoted), and an orchestrator killed -9. After each, World.verify checks the promise: every saga ends
-in its state, each transition was applied once (the audit against the versions in Redis), and each
-command ran in a handler once.
+promoted), a Kafka broker SIGKILLed and restarted, and an orchestrator killed -9. After each,
+World.verify checks the promise: every saga ends in its state, each transition was applied once (the
+audit against the versions in Redis), and each command ran in a handler once.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -143,3 +144,38 @@ async def test_an_orchestrator_killed_9_under_load_is_taken_over(world: World) -
     report = await world.verify([*ids, *more])
     assert sum(report.states.values()) == 240
     assert survivor.alive(), world.tails()
+
+
+async def leader_of(bootstrap: str, topic: str) -> int:
+    """The broker port that leads partition 0 of ``topic``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+        leader = next(p["leader"] for p in described["partitions"] if p["partition"] == 0)
+        cluster: Any = await admin.describe_cluster()
+        return int(next(b["port"] for b in cluster["brokers"] if b["node_id"] == leader))
+    finally:
+        await admin.close()
+
+
+@pytest.mark.timeout(420)
+async def test_a_broker_killed_under_load_loses_and_repeats_no_transition(
+    world: World, whole_cluster_after: None
+) -> None:
+    """SIGKILL the broker leading the results' partition 0 while two orchestrators run sagas, start
+    more while it is down (two of three replicas in sync suffice for acks=all), bring it back: every
+    saga ends, and each transition was applied once (World.verify reads the audit topic against the
+    saga versions)."""
+    await world.up(orchestrators=2, workers=1)
+    ids = await world.submit(mix(200))
+    await world.wait_progress(ids, at_least=40)
+    victim = await leader_of(world.bootstrap, f"{world.prefix}.results")
+    await asyncio.to_thread(services, "kill", f"kafka-{victim}")
+    more = await world.submit(mix(50))  # published with one broker of three down
+    await world.wait_progress(more, at_least=10)
+    await asyncio.to_thread(services, "up", "kafka")
+    await cancel_holds(world, [*ids, *more])
+    report = await world.verify([*ids, *more])
+    assert sum(report.states.values()) == 250
+    assert all(p.alive() for p in world.procs), world.tails()

@@ -1,15 +1,14 @@
 """The Kafka backend on three brokers (``scripts/services up --cluster``), with the single-node Redis: the
-event-bus contract, the topics' replication, sagas end to end, and a broker SIGKILLed under load.
+event-bus contract, the topics' replication, and sagas end to end.
 
-The Redis Cluster store is tested where it is built; here the saga state stays on the single Redis.
+The Redis Cluster store's contract is in tests/contract; sagas on the whole cluster, and the faults, in
+test_cluster_faults.py and test_behaviour_on_cluster.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
@@ -22,7 +21,7 @@ from ..conftest import require_redis, unique
 from ..contract import test_event_bus as contract
 from ..reliability.harness import World
 from ..reliability.test_crash import cancel_holds, mix
-from .conftest import BROKERS, services
+from .conftest import BROKERS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kafka]
 
@@ -122,39 +121,3 @@ async def test_sagas_run_end_to_end_on_three_brokers(world: World) -> None:
     # Every topic the orchestrator, the workers and the client made: three copies, two in sync.
     got = await layout(world.bootstrap, topics)
     assert all(replicas == ({3}, "2") for replicas in got.values()), got
-
-
-async def leader_of(bootstrap: str, topic: str) -> int:
-    """The broker port that leads partition 0 of ``topic``."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (described,) = await admin.describe_topics([topic])
-        leader = next(p["leader"] for p in described["partitions"] if p["partition"] == 0)
-        cluster: Any = await admin.describe_cluster()
-        return int(next(b["port"] for b in cluster["brokers"] if b["node_id"] == leader))
-    finally:
-        await admin.close()
-
-
-@pytest.mark.redis
-@pytest.mark.reliability
-@pytest.mark.timeout(420)
-async def test_a_broker_killed_under_load_loses_and_repeats_no_transition(
-    world: World, whole_cluster_after: None
-) -> None:
-    """SIGKILL the broker leading the results' partition 0 while sagas run, start more while it is down
-    (two of three replicas in sync suffice for acks=all), bring it back: every saga ends, and each
-    transition was applied once (World.verify reads the audit topic against the saga versions)."""
-    await world.up(orchestrators=1, workers=1)
-    ids = await world.submit(mix(200))
-    await world.wait_progress(ids, at_least=40)
-    victim = await leader_of(world.bootstrap, f"{world.prefix}.results")
-    await asyncio.to_thread(services, "kill", f"kafka-{victim}")
-    more = await world.submit(mix(50))  # published with one broker of three down
-    await world.wait_progress(more, at_least=10)
-    await asyncio.to_thread(services, "up", "kafka")
-    await cancel_holds(world, [*ids, *more])
-    report = await world.verify([*ids, *more])
-    assert sum(report.states.values()) == 250
-    assert all(p.alive() for p in world.procs), world.tails()

@@ -446,9 +446,9 @@ elseif op == 'pending' then
 elseif op == 'claim' then
   -- ARGV[3..5] = now, limit, lease end. Each due timer is pushed to the lease end (hidden from other
   -- claims until then, and due again if its claimer dies) and returned. Reply: the due time of the
-  -- partition's earliest timer after the claim ('' for none), then the claimed timers' entries.
+  -- partition's earliest timer after the claim (nil for none), then the claimed timers' entries.
   local ids = redis.call('ZRANGEBYSCORE', K.timers, '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
-  local out = {''}
+  local out = {false}
   for i = 1, #ids do
     local entry = redis.call('HGET', K.timer_entries, ids[i])
     if entry then
