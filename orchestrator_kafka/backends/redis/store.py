@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -44,6 +43,7 @@ from ...values import ApplyResult, PendingOutbox, Timer, TransitionWrite
 from ..retention import check_retention
 from .acks import HOLD_SECONDS, Held, HeldAcks
 from .connect import FAILURES, Client, close_client, connect, is_cluster, parse_target, server_client
+from .due import DueTimes
 from .keys import RedisKeys
 from .packing import (
     STATUS,
@@ -166,11 +166,8 @@ class RedisStateStore(IStateStore):
         self._wanted = partitions
         self._count: int | None = None
         self._next_claim = 0
-        # Per partition, the earliest due time of a timer known to this store and when it last asked
-        # (both on the clock claim_due_timers is given), and how often apply has lowered the first
-        # since (it writes timers while a claim is out): see claim_due_timers.
-        self._due: dict[int, tuple[float, float]] = {}
-        self._lowered: dict[int, int] = {}
+        # What this store knows of each partition's earliest timer: see claim_due_timers.
+        self._due = DueTimes(TIMER_RECHECK_SECONDS)
         if dedupe_ttl <= 0:
             raise ValidationError(f"dedupe_ttl must be a positive number of seconds, not {dedupe_ttl!r}")
         self.retention: Final = check_retention("retention", retention)
@@ -593,14 +590,10 @@ class RedisStateStore(IStateStore):
         except orjson.JSONEncodeError as exc:  # an id
             raise ValidationError(f"a write cannot be encoded: {exc}") from exc
         # The timers written lower what claim_due_timers knows of their partition's earliest one.
-        due, lowered = self._due, self._lowered
         for p, at in groups.items():
             for i in at:
-                for timer in writes[i].timers:
-                    first, asked = due.get(p, (math.inf, -math.inf))
-                    if timer.due_at < first:
-                        due[p] = (timer.due_at, asked)
-                        lowered[p] = lowered.get(p, 0) + 1
+                if writes[i].timers:
+                    self._due.wrote(p, writes[i].timers)
         # Each call also carries the acknowledgements held for its partition (HeldAcks).
         taken: list[Held] = []
         calls = []
@@ -732,16 +725,12 @@ class RedisStateStore(IStateStore):
             # TIMER_RECHECK_SECONDS: a timer this store writes lowers what it knows (apply), and one another
             # store wrote (another orchestrator, during a handover) is found by then. Idle, an
             # orchestrator then makes a call per partition a second, not one per partition a tick.
-            due, asked = self._due.get(p, (-math.inf, -math.inf))
-            if due > now and asked <= now < asked + TIMER_RECHECK_SECONDS:
+            if not self._due.to_ask(p, now):
                 continue
             left = int(limit) - len(entries)
-            lowered = self._lowered.get(p, 0)
+            self._due.asking(p)
             reply = await self._script("claim", p, repr(now), left, repr(now + float(lease)))
-            first = float(reply[0]) if reply and reply[0] else math.inf
-            if self._lowered.get(p, 0) != lowered:  # a timer written meanwhile may not be in the reply
-                first = min(first, self._due[p][0])
-            self._due[p] = (first, now)
+            self._due.answered(p, float(reply[0]) if reply and reply[0] else None, now)
             entries.extend(reply[1:])
             if len(entries) >= limit:
                 break
