@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -25,13 +26,11 @@ pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.redis]
 
 def free_ports(count: int) -> int:
     """The first of ``count`` consecutive loopback ports free now (Kafka takes its port and the next,
-    for its controller), so that test suites running side by side on one machine do not collide."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = int(probe.getsockname()[1])
-        if first + count > 65535:
-            continue
+    for its controller), so that test suites running side by side on one machine do not collide. Drawn
+    below the kernel's ephemeral range (32768 up here), which the suite's own client connections take
+    their local ports from: one could take a port between this check and the server's bind."""
+    for _ in range(200):
+        first = random.randrange(20000, 32000 - count)
         try:
             with contextlib.ExitStack() as held:
                 for port in range(first, first + count):
@@ -43,8 +42,9 @@ def free_ports(count: int) -> int:
     raise AssertionError(f"no {count} consecutive free ports")
 
 
-KAFKA_PORT = int(os.environ.get("REL_KAFKA_PORT") or free_ports(2))
-REDIS_PORT = int(os.environ.get("REL_REDIS_PORT") or free_ports(1))
+_BASE = free_ports(3)  # Kafka, its controller, Redis
+KAFKA_PORT = int(os.environ.get("REL_KAFKA_PORT") or _BASE)
+REDIS_PORT = int(os.environ.get("REL_REDIS_PORT") or _BASE + 2)
 
 
 def services(command: str, which: str) -> None:
