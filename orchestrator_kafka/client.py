@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import pydantic
+
 from . import codec
 from .checks import check_context, check_id
 from .constants import DEFAULT_TOPIC_PREFIX, Topics
@@ -174,7 +176,10 @@ class SagaClient:
         if step is not None:
             check_id("step", step)
         saga = await self._load(transaction_id)
-        body = RepairBody(action=action, run_id=saga.run_id or None, step=step, reason=reason)
+        try:
+            body = RepairBody(action=action, run_id=saga.run_id or None, step=step, reason=reason)
+        except pydantic.ValidationError as exc:  # a reason too long, say: one line of the error tree's
+            raise ValidationError(f"a bad {action} request: {exc.errors()[0]['msg']}") from None
         refused = refusal(saga, body)
         if refused is not None:
             raise WorkflowExecutionError(f"cannot {action} {transaction_id!r}: {refused}")

@@ -566,15 +566,19 @@ class _Run:
         self.saga.cancel_requested = True
         self.saga.error = reason or "cancelled by request"
         self.set_state(WorkflowState.COMPENSATING, action, error=self.saga.error)
+        self.stop_waiting()
+        self.start_compensations()
+        return self.done()
+
+    def stop_waiting(self) -> None:
+        """Stop waiting for the current stage's steps in flight or waiting to retry: their outcome is
+        unknown, so they count as failed and are compensated first."""
         for step in self.stage_steps():
             rt = self.saga.step(step.name)
             if rt.status in AWAITING_EXECUTE:
-                # In flight or waiting to retry: its outcome is unknown, so it is compensated first.
                 self.drop_timer(rt)
                 rt.status = StepStatus.FAILED
                 rt.command_id = None
-        self.start_compensations()
-        return self.done()
 
     def start_compensations(self) -> None:
         # A failed step whose condition raised never ran: it has nothing to undo.

@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator_kafka import NonRetryableError, SagaClient, StepContext, WorkflowBuilder
 from orchestrator_kafka.codec import encode
-from orchestrator_kafka.errors import WorkflowExecutionError
+from orchestrator_kafka.errors import ValidationError, WorkflowExecutionError
 from orchestrator_kafka.models import RepairBody, RepairSaga, SagaEvent
 from orchestrator_kafka.ports import OutboxMessage
 
@@ -120,6 +120,8 @@ async def test_skip_counts_a_failed_compensation_done_by_hand_and_the_rollback_g
         assert (await h.wait_final(tx))["state"] == "failed"
         with pytest.raises(WorkflowExecutionError, match="step 'a' has no compensation failed"):
             await client.skip_compensation(tx, "a", "nothing to undo")
+        with pytest.raises(ValidationError, match="at most 1000 characters"):
+            await client.skip_compensation(tx, "b", "x" * 1001)
         await client.skip_compensation(tx, "b", "refunded by hand, ticket OPS-1")
         done = await h.wait_state(tx, {"compensated"})
         assert done["steps"] == {"a": "compensated", "b": "compensated"}
